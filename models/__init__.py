@@ -1,0 +1,1 @@
+"""Models: encoder registry, multitask training heads, slide-level classifiers."""
