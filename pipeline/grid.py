@@ -1,0 +1,96 @@
+"""The compression grid: patch cells on a slide, chunk-aligned blocks of cells, µm coordinates.
+
+A slide of ``width x height`` level-0 px at ``slide_mpp`` µm/px is cut into cells of ``stride``
+px at the encoder's ``mpp``; cell ``(i, j)`` is encoded from the ``patch_size`` px patch whose
+top-left corner is the cell's top-left corner. Only cells whose patch lies fully inside the slide
+are kept (NIC: a slide of H x W px becomes a grid of H/128 x W/128 cells).
+
+Blocks are rectangles of ``block`` x ``block`` cells that coincide with the Zarr chunks of the
+output arrays, so each block is one task that writes chunks no other task touches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Cells of ``stride`` px at ``mpp`` µm/px over a ``width x height`` px slide at ``slide_mpp``."""
+
+    width: int
+    height: int
+    slide_mpp: float
+    mpp: float
+    patch_size: int
+    stride: int
+
+    @property
+    def scale(self) -> float:
+        """Level-0 px per grid px (2.0 for a 0.25 µm/px scan read at 0.5 µm/px)."""
+        return self.mpp / self.slide_mpp
+
+    @property
+    def cell_um(self) -> float:
+        """Side of one cell in µm."""
+        return self.stride * self.mpp
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(ny, nx): the cells whose whole patch lies inside the slide."""
+        return (self._cells_along(self.height), self._cells_along(self.width))
+
+    def _cells_along(self, length_px: int) -> int:
+        length = length_px / self.scale  # in grid px
+        if length < self.patch_size:
+            return 0
+        return int((length - self.patch_size) // self.stride) + 1
+
+    def cell_origin_px(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Level-0 (x, y) px of the top-left corner of cells (rows, cols)."""
+        step = self.stride * self.scale
+        return np.round(cols * step).astype(np.int64), np.round(rows * step).astype(np.int64)
+
+    def coords_um(self) -> tuple[np.ndarray, np.ndarray]:
+        """(y, x) µm coordinates of the cell centres, for the store's coordinate variables."""
+        ny, nx = self.shape
+        centre = self.patch_size / 2 * self.mpp
+        return (np.arange(ny) * self.cell_um + centre, np.arange(nx) * self.cell_um + centre)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A chunk-aligned rectangle of cells: rows [y0, y1) and columns [x0, x1)."""
+
+    index: tuple[int, int]
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.y1 - self.y0, self.x1 - self.x0)
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        return (slice(self.y0, self.y1), slice(self.x0, self.x1))
+
+
+def block_grid_shape(grid_shape: tuple[int, int], block: int) -> tuple[int, int]:
+    """How many blocks of ``block`` cells cover a grid of ``grid_shape`` cells."""
+    return (math.ceil(grid_shape[0] / block), math.ceil(grid_shape[1] / block))
+
+
+def iter_blocks(grid_shape: tuple[int, int], block: int) -> Iterator[Block]:
+    """Every block of the grid, row-major, clipped at the grid's edge."""
+    ny, nx = grid_shape
+    nby, nbx = block_grid_shape(grid_shape, block)
+    for by in range(nby):
+        for bx in range(nbx):
+            y0, x0 = by * block, bx * block
+            yield Block((by, bx), y0, min(y0 + block, ny), x0, min(x0 + block, nx))
