@@ -288,14 +288,8 @@ def create_encoder(name_or_path: str, weights: str | Path | None = None, random_
     if random_init and weights is not None:
         raise NicError(f"encoder {spec.name!r}: give either weights= or random_init=True, not both")
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = entry.factory()
-
-    if random_init:
-        sha = f"random-init-seed{seed}"
-    else:
-        path = weights or sibling_weights or spec.weights
+    path = None if random_init else (weights or sibling_weights or spec.weights)
+    if not random_init:
         if path is None:
             raise NicError(
                 f"encoder {spec.name!r} needs a local weights file: "
@@ -303,6 +297,16 @@ def create_encoder(name_or_path: str, weights: str | Path | None = None, random_
                 "(only the NIC entries ship weights; nothing is downloaded), "
                 "or random_init=True for a seeded random network"
             )
+        if not Path(path).is_file():
+            raise NicError(f"{path}: weights file not found (encoder {spec.name!r})")
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = entry.factory()
+
+    if random_init:
+        sha = f"random-init-seed{seed}"
+    else:
         sha = file_sha256(path)
         if weights is None and spec.weights_sha256 and sha != spec.weights_sha256:
             raise NicError(

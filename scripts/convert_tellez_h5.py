@@ -152,7 +152,8 @@ def write(name: str, src: Path, out: Path) -> Path:
     for i in range(4):  # so the file loads strictly into nn.BatchNorm2d
         tensors[f"blocks.{i}.bn.num_batches_tracked"] = torch.tensor(0, dtype=torch.int64)
     st_path = out / f"{name}.safetensors"
-    save_file(dict(sorted(tensors.items())), str(st_path), metadata={"name": name, "source_sha256": sha256(h5_path)})
+    save_file(dict(sorted(tensors.items())), str(st_path), metadata={"nic": json.dumps(  # one key: safetensors' Rust writer orders keys at random
+        {"name": name, "source_file": info["file"], "source_sha256": sha256(h5_path)}, sort_keys=True)})
     licence_lines = (src / "LICENSE").read_text().splitlines()
     card = {
         "name": name,
