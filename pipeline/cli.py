@@ -106,3 +106,141 @@ def synth(out_dir, n_slides, width, height, mpp, lesion_fraction, positive_fract
     )
     labels = write_cohort(out_dir, spec, progress=True)
     click.echo(f"wrote {len(labels)} slides and labels.csv to {out_dir}")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "store", required=True, type=click.Path(path_type=Path), help="Output Zarr store (one per cohort).")
+@click.option("--workers", type=int, default=None, help="Workers of the embedded local cluster (default: one per core, or per GPU).")
+@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler, e.g. tcp://node1:8786.")
+@click.option("--scheduler-file", type=click.Path(exists=True), default=None, help="Scheduler file of an existing cluster.")
+@click.option("--encoder", default="nic", show_default=True, help="Encoder name from the registry (see `nic encoders`).")
+@click.option("--weights", type=click.Path(exists=True), default=None, help="Local weights file for the encoder.")
+@click.option("--random-init", is_flag=True, help="Seeded random weights instead of trained ones.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-init.")
+@click.option("--mpp", type=float, default=None, help="µm/px for slides whose metadata has none.")
+@click.option("--mpp-csv", type=click.Path(exists=True), default=None, help="CSV of slide_id,mpp overrides.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: fp16 autocast on GPU, bf16 autocast on CPU.")
+@click.option("--dihedral-mean", is_flag=True, help="Encode each patch as the mean code of its 8 rotations/flips.")
+@click.option("--block", type=int, default=32, show_default=True, help="Cells per block side = Zarr chunk side.")
+@click.option("--min-tissue", type=float, default=0.1, show_default=True, help="Tissue fraction a cell needs to be encoded.")
+def compress(paths, store, workers, scheduler, scheduler_file, encoder, weights, random_init, seed, mpp, mpp_csv,
+             precision, dihedral_mean, block, min_tissue):
+    """Compress slides (files or folders) into a Zarr store of per-slide code grids."""
+    from .cluster import connect
+    from .compress import compress as run_compress
+    from .compress import plan_jobs
+    from .encode import EncoderSettings
+
+    jobs = plan_jobs(paths, mpp=mpp, mpp_csv=mpp_csv)
+    if not jobs:
+        raise click.UsageError("no slides found under the given paths")
+    settings = EncoderSettings(encoder, weights, random_init, seed, precision, dihedral_mean)
+    with connect(scheduler, scheduler_file, workers) as client:
+        click.echo(f"dashboard: {client.dashboard_link}")
+        report = run_compress(jobs, store, client, settings, block=block, min_tissue=min_tissue)
+    _print_compress_report(report)
+    if report.failed:
+        sys.exit(1)
+
+
+def _print_compress_report(report) -> None:
+    done = sum(s.status in ("complete", "skipped") for s in report.slides)
+    click.echo(f"{done}/{len(report.slides)} slides complete in {report.store} "
+               f"({report.patches} patches encoded in {report.blocks_encoded} blocks this run)")
+    for failed in report.failed:
+        click.echo(f"FAILED {failed.path}: {failed.error}", err=True)
+
+
+@main.command()
+@click.argument("store", type=EXISTING_PATH)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def inspect(store, as_json):
+    """List the slides of a store: status, grid shape, tissue cells, encoder."""
+    from .store import describe_store
+
+    rows = describe_store(store)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    header = f"{'slide_id':<32} {'status':<12} {'grid (y x)':<12} {'tissue cells':>12}  encoder"
+    click.echo(header)
+    for row in rows:
+        grid = "x".join(str(n) for n in row["grid_shape"])
+        click.echo(f"{row['slide_id']:<32} {row['status']:<12} {grid:<12} {row['tissue_cells']:>12}  {row['encoder']}")
+
+
+@main.command("train-encoder")
+@click.argument("config", type=EXISTING_PATH)
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder for <name>.safetensors, <name>.heads.safetensors and the card <name>.json.")
+@click.option("--data-root", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Where the config's relative data paths point (default: the config's data_root).")
+@click.option("--exclude-task", multiple=True, help="Leave a task out (leave-one-task-out runs); repeatable.")
+@click.option("--name", default=None, help="Override the model name in the config.")
+@click.option("--init", default=None, help="Override init: 'scratch' or an encoder name/card to fine-tune.")
+@click.option("--epochs", type=int, default=None, help="Override training.epochs.")
+@click.option("--lr", type=float, default=None, help="Override training.lr.")
+@click.option("--seed", type=int, default=None, help="Override the seed.")
+def train_encoder_cmd(config, out_dir, data_root, exclude_task, name, init, epochs, lr, seed):
+    """Train the NIC encoder by supervised multitask learning on the tasks of CONFIG (YAML)."""
+    from .train_encoder import train_encoder
+
+    overrides = {k: v for k, v in {"name": name, "init": init, "seed": seed,
+                                    "exclude_tasks": list(exclude_task) or None}.items() if v is not None}
+    training = {k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None}
+    if training:
+        overrides["training"] = training
+    command = "nic " + " ".join(sys.argv[1:])
+    card = train_encoder(config, out_dir, command=command, data_root=data_root, overrides=overrides)
+    click.echo(f"wrote {Path(out_dir) / card['weights']} and {card['name']}.json "
+               f"(best epoch {card['validation']['best_epoch']}, score {card['validation']['score']:.4f})")
+
+
+@main.command()
+@click.argument("tiles", type=EXISTING_PATH)
+@click.option("--out", "out_file", required=True, type=click.Path(path_type=Path), help="Output .npz.")
+@click.option("--encoder", default="nic", show_default=True, help="Registry name, alias or model card / checkpoint path.")
+@click.option("--weights", type=click.Path(exists=True, path_type=Path), default=None, help="Local weights file.")
+@click.option("--random-init", is_flag=True, help="Seeded random weights (baseline).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--mpp", type=float, default=None, help="µm/px of the tiles (default: the encoder's).")
+@click.option("--crops", type=int, default=1, show_default=True,
+              help="Average the codes of CROPS x CROPS patches spread over each tile (1: centre patch).")
+@click.option("--path-column", default="path", show_default=True, help="Path column when TILES is a CSV.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+def embed(tiles, out_file, encoder, weights, random_init, seed, mpp, crops, path_column, batch_size):
+    """Encode tiles (a folder, recursive, or a CSV with a path column) into FILE.npz (features, paths)."""
+    import torch
+
+    from models.registry import create_encoder
+
+    from .tiles import embed_tiles, read_tile_list, write_features
+
+    root, paths = read_tile_list(tiles, path_column)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    enc = create_encoder(encoder, weights=weights, random_init=random_init, seed=seed, device=device)
+    features = embed_tiles(root, paths, enc, mpp=mpp, crops=crops, batch_size=batch_size)
+    write_features(out_file, features, paths, encoder=enc.spec.name, encoder_sha256=enc.weights_sha256,
+                   mpp=mpp if mpp else enc.spec.mpp, crops=crops)
+    click.echo(f"wrote {features.shape[0]} x {features.shape[1]} features to {out_file}")
+
+
+@main.command()
+@click.argument("features", type=EXISTING_PATH)
+@click.option("--labels", required=True, type=EXISTING_PATH, help="CSV with path and label columns.")
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--group-column", default="group", show_default=True,
+              help="Group column for group-aware CV (missing column: every tile its own group).")
+@click.option("--kind", type=click.Choice(["auto", "classification", "regression"]), default="auto", show_default=True)
+@click.option("--folds", type=int, default=5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "out_json", type=click.Path(path_type=Path), default=None, help="Also write the result here.")
+def probe(features, labels, label_column, group_column, kind, folds, seed, out_json):
+    """Linear probe of FEATURES.npz against --labels with group-aware cross-validation."""
+    from .probe import format_table, run_probe
+
+    result = run_probe(features, labels, label_column=label_column, group_column=group_column or None,
+                       kind=kind, n_splits=folds, seed=seed, out_json=out_json)
+    click.echo(format_table({Path(features).name: result}))

@@ -1,0 +1,5 @@
+"""`python -m pipeline` is the `nic` command."""
+
+from .cli import main
+
+main()
