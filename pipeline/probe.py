@@ -22,7 +22,10 @@ from .errors import NicError
 def load_features(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """``(features (N, C), paths (N,))`` from an ``nic embed`` .npz."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with z:
             return z["features"], z["paths"].astype(str)
     except (OSError, KeyError, ValueError) as exc:
         raise NicError(f"{path}: not an nic embed feature file ({exc})") from exc
