@@ -206,6 +206,19 @@ def test_synthetic_pyramid_geometry_and_mpp(synthetic, reader):
         assert slide.mpp == pytest.approx(0.5)
 
 
+def test_teammate_synthetic_slide_reads_the_same_in_both_readers(tmp_path):
+    synth = pytest.importorskip("pipeline.synth")
+    path = tmp_path / "synth-slide.tif"
+    synth.write_synthetic_slide(path, 1536, 1024, mpp=0.5, seed=0)
+    with open_slide(path, reader="cucim") as cu, open_slide(path, reader="openslide") as osl:
+        assert cu.describe() | {"reader": None} == osl.describe() | {"reader": None}
+        assert cu.level_dimensions == synth.level_dimensions(1536, 1024) and cu.mpp == 0.5
+        for level in range(cu.level_count):
+            a = cu.read_regions([(100, 100), (600, 300)], (120, 90), level)
+            b = osl.read_regions([(100, 100), (600, 300)], (120, 90), level)
+            assert diff(a, b).max() <= 2 and a.std() > 5
+
+
 @pytest.mark.parametrize("level", [0, 1, 2])
 def test_synthetic_same_pixels_in_both_readers_and_close_to_truth(synthetic, level):
     path, image = synthetic
