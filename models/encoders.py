@@ -128,7 +128,7 @@ def build_timm(architecture: str, **kwargs) -> nn.Module:
     """Any timm architecture, classifier removed (``num_classes=0``): pooled features."""
     import timm
 
-    if architecture not in timm.list_models():
+    if not timm.is_model(architecture):
         raise NicError(f"unknown timm architecture {architecture!r} (see timm.list_models())")
     kwargs.setdefault("num_classes", 0)
     return timm.create_model(architecture, pretrained=False, **kwargs)

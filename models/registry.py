@@ -183,6 +183,36 @@ def register_from_card(path: str | Path, *, overwrite: bool = False) -> EncoderS
     return spec
 
 
+def save_encoder(net: nn.Module, out_dir: str | Path, name: str, *, architecture: str = "nic-cnn",
+                 architecture_kwargs: dict | None = None, patch_size: int = 128, stride: int | None = None,
+                 mpp: float = 0.5, code_dim: int = 128, normalisation: str | tuple = "nic",
+                 licence: str = "", source: str | dict = "", citation: str = "", register: bool = True,
+                 overwrite: bool = False, **extra) -> Path:
+    """Write ``<out_dir>/<name>.safetensors`` + ``<name>.json`` card for a trained bare network.
+
+    Cards in ``models/weights/`` are registered at import; ``register=True`` also registers this
+    one now. ``extra`` keys (training config, metrics, ...) go into the card verbatim.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / f"{name}.safetensors"
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(dict(sorted(state.items())), str(weights))
+    card = {
+        "name": name, "architecture": architecture, "architecture_kwargs": architecture_kwargs or {},
+        "patch_size": patch_size, "stride": stride or patch_size, "mpp": mpp, "code_dim": code_dim,
+        "normalisation": normalisation, "weights": weights.name, "weights_sha256": file_sha256(weights),
+        "licence": licence, "source": source, "citation": citation, **extra,
+    }
+    card_path = out_dir / f"{name}.json"
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    if register:
+        register_from_card(card_path, overwrite=overwrite)
+    return card_path
+
+
 def register_timm_encoder(name: str, architecture: str, *, weights: str | Path | None = None,
                           patch_size: int = 224, stride: int | None = None, mpp: float = 0.5,
                           normalisation: str | tuple = "imagenet", licence: str = "", source: str = "",
@@ -354,5 +384,5 @@ _register_builtins()
 __all__ = [
     "DEFAULT_ENCODER", "EncoderSpec", "Encoder", "DihedralMean", "create_encoder", "get_spec",
     "list_encoders", "register_encoder", "register_from_card", "register_timm_encoder",
-    "resolve_architecture", "read_card", "resolve_name", "weights_dir",
+    "resolve_architecture", "read_card", "resolve_name", "save_encoder", "weights_dir",
 ]

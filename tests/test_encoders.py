@@ -32,6 +32,7 @@ from models.registry import (
     register_encoder,
     register_from_card,
     register_timm_encoder,
+    save_encoder,
     weights_dir,
 )
 from pipeline.errors import NicError
@@ -297,9 +298,16 @@ def test_user_registers_a_foundation_model_on_disk(tmp_path, scratch_registry):
     enc = create_encoder("my-fm")
     assert enc.weights_sha256 == sha256(path) and enc.spec.licence == "CC-BY-NC-ND-4.0"
     # the generic form: a spec and a factory for the bare network
-    register_encoder("tiny-nic", EncoderSpec("tiny-nic", 64, 64, 1.0, 16, "imagenet"),
+    mean, std = (0.7, 0.5, 0.6), (0.2, 0.1, 0.3)
+    register_encoder("tiny-nic", EncoderSpec("tiny-nic", 64, 64, 1.0, 16, (mean, std)),
                      lambda: NicCNN(patch_size=64, input_pool=1, channels=8, n_blocks=2, code_dim=16))
-    assert codes(create_encoder("tiny-nic", random_init=True), random_patches(2, 64)).shape == (2, 16)
+    enc, x = create_encoder("tiny-nic", random_init=True), random_patches(2, 64)
+    with torch.inference_mode():
+        t = (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) \
+            / torch.tensor(std).view(1, 3, 1, 1)
+        expected = enc.net(t).numpy()
+    assert expected.shape == (2, 16)
+    np.testing.assert_allclose(codes(enc, x), expected, atol=1e-5)
 
 
 def test_register_from_card(tmp_path, scratch_registry):
@@ -328,6 +336,20 @@ def test_register_from_card(tmp_path, scratch_registry):
     bad.write_text(json.dumps(card))
     with pytest.raises(NicError, match="does not match the card"):
         create_encoder(str(bad))
+
+
+def test_save_encoder_writes_a_card_that_registers(tmp_path, scratch_registry):
+    torch.manual_seed(5)
+    net = NicCNN().eval()
+    card_path = save_encoder(net, tmp_path, "nic-mtl-v0", licence="MIT", source={"config": "x.yaml"},
+                             architecture_kwargs={"patch_size": 128}, metrics={"val_auc": 0.9})
+    card = json.loads(card_path.read_text())
+    assert card["weights_sha256"] == sha256(tmp_path / "nic-mtl-v0.safetensors") and card["metrics"]["val_auc"] == 0.9
+    enc = create_encoder("nic-mtl-v0")
+    x = random_patches(1, 128)
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 * 2 - 1).numpy()
+    np.testing.assert_allclose(codes(enc, x), expected, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- dihedral mean
