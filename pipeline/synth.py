@@ -592,6 +592,8 @@ class _TilePools:
         source = f"{directory} {tile_labels or ''}"
         self.tile_mpp = tile_mpp if tile_mpp else _guess_tile_mpp(source)
         roles = {"normal": [], "lesion": []}
+        classes = {path: label for path, label in entries}
+        self.classes: dict[str, np.ndarray] = {}
         for path, label in entries:
             if _is_lesion(label, lesion_classes):
                 roles["lesion"].append(path)
@@ -610,6 +612,8 @@ class _TilePools:
                 continue
             chosen = [paths[i] for i in sorted(rng.choice(len(paths), min(MAX_POOL, len(paths)), replace=False))]
             self.images[role] = {1: [], 4: []}
+            names = sorted({classes[p] for p in chosen})
+            self.classes[role] = np.array([names.index(classes[p]) for p in chosen])
             for path in chosen:
                 with Image.open(path) as im:
                     im = im.convert("RGB")
@@ -621,6 +625,22 @@ class _TilePools:
                         sd = max(2, int(round(self.size0 / d)))
                         self.images[role][d].append(np.asarray(im.resize((sd, sd), Image.Resampling.LANCZOS), np.float32))
         self.stride0 = max(4, int(round(self.size0 * (1 - self.OVERLAP))))
+
+    def _pick(self, role, gi, gj, key) -> np.ndarray:
+        """Tile index per mosaic cell: classes form patches a few tiles wide, tiles vary within."""
+        cls = self.classes[role]
+        n_cls = int(cls.max()) + 1
+        yc = (gi.ravel() + 0.5) * 1.0
+        xc = (gj.ravel() + 0.5) * 1.0
+        score = np.stack([value_noise(yc, xc, 3.5, key + np.uint64(100 + c)) for c in range(n_cls)])
+        chosen_cls = score.argmax(axis=0)
+        u = _hash01(gi, gj, key)
+        members = [np.nonzero(cls == c)[0] for c in range(n_cls)]
+        counts = np.array([len(m) for m in members])
+        k = (u * counts[chosen_cls]).astype(int)
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        order = np.concatenate(members)
+        return order[offsets[chosen_cls] + k]
 
     def mosaic(self, role, ys0, xs0, d, key) -> np.ndarray:
         """Feather-blended mosaic of this role's tiles over the pixels ys0 x xs0 (level-0 coords)."""
@@ -643,7 +663,7 @@ class _TilePools:
         j_hi = int(np.floor((xs0[-1] + margin) / st))
         gi = np.arange(i_lo, i_hi + 1)[:, None]
         gj = np.arange(j_lo, j_hi + 1)[None, :]
-        pick = (_hash01(gi, gj, key) * len(images)).astype(int)
+        pick = self._pick(role, gi, gj, key)
         flip = (_hash01(gi, gj, key + np.uint64(1)) * 8).astype(int)
         for a, i in enumerate(range(i_lo, i_hi + 1)):
             top = int(np.floor((i * st - margin) / d))
