@@ -86,8 +86,12 @@ def info(slide, as_json, mpp):
 @click.option("--lesion-classes", default=None,
               help="Comma-separated tile classes that count as lesion (default: a guess from the class names).")
 @click.option("--pen-marks/--no-pen-marks", default=False, show_default=True, help="Draw pen-mark artifacts.")
+@click.option("--artifacts/--no-artifacts", default=False, show_default=True,
+              help="Draw tissue folds (darker double-thickness bands).")
+@click.option("--tile-mpp", type=float, default=None,
+              help="µm/px of the --texture tiles (default: known datasets, else 0.5).")
 def synth(out_dir, n_slides, width, height, mpp, lesion_fraction, positive_fraction, seed, texture,
-          tile_labels, lesion_classes, pen_marks):
+          tile_labels, lesion_classes, pen_marks, artifacts, tile_mpp):
     """Write a synthetic cohort of pyramidal H&E-like slides, lesion masks and labels.csv."""
     from .synth import CohortSpec, write_cohort
 
@@ -103,6 +107,8 @@ def synth(out_dir, n_slides, width, height, mpp, lesion_fraction, positive_fract
         tile_labels=tile_labels,
         lesion_classes=tuple(lesion_classes.split(",")) if lesion_classes else None,
         pen_marks=pen_marks,
+        artifacts=artifacts,
+        tile_mpp=tile_mpp,
     )
     labels = write_cohort(out_dir, spec, progress=True)
     click.echo(f"wrote {len(labels)} slides and labels.csv to {out_dir}")
