@@ -77,19 +77,28 @@ def make_splitter(kind: str, y, groups, n_splits: int, seed: int):
     return GroupKFold(n_splits=n_splits)
 
 
-def make_model(kind: str, C: float = 1.0, alpha: float = 1.0, seed: int = 0):
-    """Standardisation + LogisticRegression (classification) or Ridge (regression)."""
-    from sklearn.linear_model import LogisticRegression, Ridge
+RIDGE_ALPHAS = tuple(np.logspace(-2, 4, 13))
+
+
+def make_model(kind: str, C: float = 1.0, alpha: float | None = None, seed: int = 0):
+    """Standardisation + LogisticRegression (classification) or ridge regression.
+
+    The ridge penalty is chosen per training fold by efficient leave-one-out (``RidgeCV`` over
+    1e-2..1e4) unless ``alpha`` is given: codes of 128 to 1024 dimensions on a few hundred
+    patches need it.
+    """
+    from sklearn.linear_model import LogisticRegression, Ridge, RidgeCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     if kind == "classification":
         return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000, random_state=seed))
-    return make_pipeline(StandardScaler(), Ridge(alpha=alpha))
+    ridge = RidgeCV(alphas=RIDGE_ALPHAS) if alpha is None else Ridge(alpha=alpha)
+    return make_pipeline(StandardScaler(), ridge)
 
 
 def out_of_fold(X, y, groups, kind: str, n_splits: int = 5, seed: int = 0, C: float = 1.0,
-                alpha: float = 1.0) -> tuple[np.ndarray, list]:
+                alpha: float | None = None) -> tuple[np.ndarray, list]:
     """Out-of-fold predictions: class probabilities ``(N, K)`` (classes sorted) or values ``(N,)``."""
     from sklearn.base import clone
 
@@ -133,7 +142,7 @@ def score(kind: str, y, pred) -> dict:
 
 
 def probe(X, y, groups=None, kind: str = "auto", n_splits: int = 5, seed: int = 0, C: float = 1.0,
-          alpha: float = 1.0) -> dict:
+          alpha: float | None = None) -> dict:
     """Linear probe of features ``X`` for labels ``y`` with group-aware CV: a dict of metrics."""
     y = np.asarray(y)
     groups = np.asarray(groups) if groups is not None else np.arange(len(y)).astype(str)

@@ -41,7 +41,7 @@ DEFAULTS = {
     "training": {
         "epochs": 20, "steps_per_epoch": 50, "batch_per_task": 16, "lr": 1e-3,
         "weight_decay": 1e-4, "patience": 5, "val_fraction": 0.2, "val_grid": 2,
-        "balance_classes": True, "min_epochs": 1,
+        "balance_classes": True, "min_epochs": 1, "max_minutes": None, "save_every_improvement": True,
     },
     "augment": {
         "dihedral": True, "hed_sigma": 0.05, "brightness": 0.1, "contrast": 0.1,
@@ -399,10 +399,17 @@ def train_encoder(config_path: str | Path, out_dir: str | Path, command: str | N
             best, bad_epochs = score, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             best_epoch = epoch + 1
+            if tr.get("save_every_improvement", True):  # an interrupted run still leaves its best model
+                _write_outputs(model, tasks, config, config_path, out_dir, command, history, best_epoch,
+                               time.time() - t_start, device, save_file, file_sha256, head_state, nic_cnn_kwargs)
         else:
             bad_epochs += 1
             if bad_epochs >= int(tr["patience"]) and epoch + 1 >= int(tr["min_epochs"]):
                 break
+        if tr.get("max_minutes") and time.time() - t_start > 60 * float(tr["max_minutes"]):
+            if progress:
+                print(f"stopping: time budget of {tr['max_minutes']} min reached", flush=True)
+            break
     model.load_state_dict(best_state)
     return _write_outputs(model, tasks, config, config_path, out_dir, command, history, best_epoch,
                           time.time() - t_start, device, save_file, file_sha256, head_state, nic_cnn_kwargs)
