@@ -18,7 +18,7 @@ import numpy as np
 from distributed import WorkerPlugin
 
 from .grid import Block, Grid
-from .slides import array_namespace, resample_to
+from .slides import array_namespace
 from .store import CompressionConfig, write_block
 
 
@@ -116,32 +116,12 @@ def read_cells(slide, grid: Grid, block: Block, rows: np.ndarray, cols: np.ndarr
     height = (block.shape[0] - 1) * grid.stride + grid.patch_size
     width = (block.shape[1] - 1) * grid.stride + grid.patch_size
     x0, y0 = grid.cell_origin_px(np.array([block.y0]), np.array([block.x0]))
-    region = read_region_at_mpp(slide, (int(x0[0]), int(y0[0])), (width, height), grid.mpp)
+    region = slide.read_regions_at_mpp([(int(x0[0]), int(y0[0]))], (width, height), grid.mpp)[0]
     xp = array_namespace(region)
     offsets = xp.arange(grid.patch_size)
     ys = xp.asarray(rows * grid.stride)[:, None] + offsets
     xs = xp.asarray(cols * grid.stride)[:, None] + offsets
     return region[ys[:, :, None], xs[:, None, :]]
-
-
-SCALE_TOLERANCE = 0.02
-"""Scale differences below 2% (a 0.499 µm/px scan read at 0.5) are not resampled: that is within
-scanner calibration error, and resampling would cost more than decoding."""
-
-
-def read_region_at_mpp(slide, location, size, mpp: float):
-    """uint8 (h, w, 3) of ``size`` (w, h) px at ``mpp`` µm/px, top-left ``location`` in level-0 px.
-
-    Reads the finest level not coarser than ``mpp`` and resamples; integer factors (within
-    :data:`SCALE_TOLERANCE`) use an exact block mean.
-    """
-    level = slide.level_for_mpp(mpp)
-    factor = mpp / slide.level_mpp(level)
-    if abs(factor - round(factor)) <= SCALE_TOLERANCE * factor:
-        factor = round(factor)
-    source = (max(1, round(size[0] * factor)), max(1, round(size[1] * factor)))
-    region = slide.read_region(location, source, level)
-    return resample_to(region[None], (size[1], size[0]))[0]
 
 
 class EncoderPlugin(WorkerPlugin):

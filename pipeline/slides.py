@@ -170,13 +170,14 @@ class Slide:
         fine_enough = [lvl for lvl in range(self.level_count) if self.level_mpp(lvl) <= target]
         return max(fine_enough, key=lambda lvl: self.level_downsamples[lvl], default=0)
 
-    def read_regions_at_mpp(self, locations: Sequence, size_px: int, target_mpp: float):
-        """(n, size_px, size_px, 3) uint8 at ``target_mpp``; ``locations`` are level-0 px (top-left)."""
+    def read_regions_at_mpp(self, locations: Sequence, size_px, target_mpp: float):
+        """(n, h, w, 3) uint8 at ``target_mpp``; ``size_px`` is a side or (w, h) at the target,
+        ``locations`` are level-0 px (top-left)."""
+        width, height = (size_px, size_px) if np.isscalar(size_px) else size_px
         level = self.level_for_mpp(target_mpp)
         factor = target_mpp / self.level_mpp(level)
-        read_px = _source_size(size_px, factor)
-        batch = self.read_regions(locations, (read_px, read_px), level)
-        return resample(batch, size_px)
+        batch = self.read_regions(locations, (_source_size(width, factor), _source_size(height, factor)), level)
+        return resample_to(batch, (height, width))
 
     def thumbnail(self, max_size: int = 1024) -> np.ndarray:
         """Whole slide as numpy (h, w, 3) uint8 with the longer side at most ``max_size``."""
@@ -266,10 +267,16 @@ def _transform_module(xp):
     return transform
 
 
+SCALE_TOLERANCE = 0.02
+"""Scale factors within 2% of an integer are taken as that integer: a 0.499 µm/px scan read at
+0.5 µm/px is not resampled (that is within scanner calibration error, and resampling costs more
+than decoding)."""
+
+
 def _source_size(size_px: int, factor: float) -> int:
     """Pixels to read at the source level to cover ``size_px`` at ``factor`` times coarser."""
     nearest = round(factor)
-    if nearest >= 1 and abs(factor - nearest) < 1e-3:
+    if nearest >= 1 and abs(factor - nearest) <= SCALE_TOLERANCE * factor:
         return size_px * nearest
     return max(1, round(size_px * factor))
 

@@ -452,3 +452,10 @@ def test_gpu_openslide_reader_returns_cupy(synthetic):
 
     with open_slide(synthetic[0], reader="openslide", device="cuda") as slide:
         assert isinstance(slide.read_regions([(0, 0)], (16, 16)), cupy.ndarray)
+
+
+def test_a_scan_within_two_percent_of_the_target_is_read_without_resampling():
+    """CMU-1 is 0.499 µm/px: read at 0.5 it gives the level-0 pixels unchanged, (w, h) sized."""
+    with open_slide(shared_path("slides", "CMU-1-Small-Region.svs")) as slide:
+        region = slide.read_regions_at_mpp([(100, 200)], (300, 200), 0.5)[0]
+        np.testing.assert_array_equal(region, slide.read_region((100, 200), (300, 200), 0))
