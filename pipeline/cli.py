@@ -161,6 +161,19 @@ def _print_compress_report(report) -> None:
 
 @main.command()
 @click.argument("store", type=EXISTING_PATH)
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for the PNGs.")
+@click.option("--slides", "slides_dir", type=EXISTING_PATH, multiple=True,
+              help="Folder (or file) of the slides, to draw their thumbnails alongside.")
+def view(store, out_dir, slides_dir):
+    """Draw each compressed slide as a PCA-RGB picture beside its thumbnail."""
+    from .views import save_store_views
+
+    for path in save_store_views(store, out_dir, list(slides_dir)):
+        click.echo(str(path))
+
+
+@main.command()
+@click.argument("store", type=EXISTING_PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def inspect(store, as_json):
     """List the slides of a store: status, grid shape, tissue cells, encoder."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes.util
 import glob
+import logging
 import os
 from typing import Iterator
 
@@ -61,7 +62,7 @@ def start_local_cluster(workers: int | None = None, threads_per_worker: int = 1,
         if LocalCUDACluster is not None:
             return LocalCUDACluster(
                 n_workers=workers or gpus, threads_per_worker=threads_per_worker,
-                resources={"GPU": 1}, dashboard_address=address,
+                resources={"GPU": 1}, dashboard_address=address, silence_logs=logging.ERROR,
             )
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **_worker_environment()}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
@@ -70,6 +71,7 @@ def start_local_cluster(workers: int | None = None, threads_per_worker: int = 1,
             threads_per_worker=threads_per_worker,
             processes=True,
             dashboard_address=address,
+            silence_logs=logging.ERROR,
         )
 
 
