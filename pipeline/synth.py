@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,7 @@ class CohortSpec:
     tile_mpp: float | None = None
     artifacts: bool = False
     jpeg_quality: int = 90
+    workers: int | None = None       # rendering threads per slide (None: up to 2 cores)
 
 
 @dataclass
@@ -433,9 +435,9 @@ class _Renderer:
         self.bg_od = (-np.log(np.array(BACKGROUND_RGB, np.float32) / 255)).astype(np.float32)
 
     # -- helpers
-    def _noise(self, ys_um, xs_um, spacing, salt):
-        """Value noise at this spacing (µm), or 0 where the pixels are too coarse to show it."""
-        if spacing < 1.5 * self._px_um:
+    def _noise(self, px_um, ys_um, xs_um, spacing, salt):
+        """Value noise at this spacing (µm), or 0 where pixels of px_um are too coarse to show it."""
+        if spacing < 1.5 * px_um:
             return np.float32(0)
         return value_noise(ys_um, xs_um, spacing, self.key + np.uint64(salt))
 
@@ -452,18 +454,18 @@ class _Renderer:
             return np.array(self.background(h, w))
         mpp = self.mpp
         ys, xs = ys0 * mpp, xs0 * mpp                # µm
-        px_um = self._px_um = d * mpp
+        px_um = d * mpp
         edge_um = max(1.5, 0.7 * px_um)
-        ragged = 5.0 * self._noise(ys, xs, 12.0, 1)
+        ragged = 5.0 * self._noise(px_um, ys, xs, 12.0, 1)
         tissue_a = np.clip((fl[0] + ragged) / edge_um + 0.5, 0, 1)
-        lesion_sd = fl[1] + 10.0 * self._noise(ys, xs, 25.0, 2)
+        lesion_sd = fl[1] + 10.0 * self._noise(px_um, ys, xs, 25.0, 2)
         lesion_a = np.clip(lesion_sd / edge_um + 0.5, 0, 1) * tissue_a
         if self.tiles is not None:
             rgb = self._render_tiles(ys0, xs0, d, tissue_a, lesion_a)
         else:
             rgb = self._render_he(ys, xs, px_um, fl, tissue_a, lesion_a)
         if pen.max() > 0:
-            ink = pen * (0.75 + 0.25 * self._noise(ys, xs, 40.0, 3))
+            ink = pen * (0.75 + 0.25 * self._noise(px_um, ys, xs, 40.0, 3))
             rgb = rgb * np.exp(-ink[..., None] * self.fields.pen_color)
         return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
 
@@ -473,16 +475,16 @@ class _Renderer:
         detail = min(1.0, 1.2 / px_um)               # fine texture fades at coarse levels
         # domain warp so nuclei do not sit on a visible grid
         ys32, xs32 = ys.astype(np.float32), xs.astype(np.float32)
-        wy = ys32[:, None] + 4.0 * self._noise(ys, xs, 18.0, 10)
-        wx = xs32[None, :] + 4.0 * self._noise(ys, xs, 18.0, 11)
+        wy = ys32[:, None] + 4.0 * self._noise(px_um, ys, xs, 18.0, 10)
+        wx = xs32[None, :] + 4.0 * self._noise(px_um, ys, xs, 18.0, 11)
         edge_um = max(0.6, 0.7 * px_um)
         # stroma: wavy eosinophilic fibres
-        warp = (70.0 * self._noise(ys, xs, 160.0, 12) + 25.0 * self._noise(ys, xs, 45.0, 15)
-                + 5.0 * self._noise(ys, xs, 14.0, 13))
+        warp = (70.0 * self._noise(px_um, ys, xs, 160.0, 12) + 25.0 * self._noise(px_um, ys, xs, 45.0, 15)
+                + 5.0 * self._noise(px_um, ys, xs, 14.0, 13))
         fib = 0.5 + 0.5 * np.sin(np.float32(2 * np.pi / 7.0) * (ys32[:, None] + warp))
-        gaps = _smoothstep((self._noise(ys, xs, 11.0, 14) + 0.5 * self._noise(ys, xs, 5.0, 16) + 0.7) * 2.0)
+        gaps = _smoothstep((self._noise(px_um, ys, xs, 11.0, 14) + 0.5 * self._noise(px_um, ys, xs, 5.0, 16) + 0.7) * 2.0)
         e = (0.42 + 0.38 * (1 - detail * 0.6 * (1 - fib))) * (0.7 + 0.3 * (gaps * detail + (1 - detail) * 0.8))
-        e *= 0.85 + 0.15 * self._noise(ys, xs, 300.0, 19)
+        e *= 0.85 + 0.15 * self._noise(px_um, ys, xs, 300.0, 19)
         hcon = np.full_like(e, 0.07)
         # fibroblast nuclei (elongated, sparse) and lymphocytes (small, round, dark)
         cov, dark = _blob_layer(wy, wx, 14.0, self.key + np.uint64(100), (2.2, 3.0), (2.5, 4.0), 0.35, edge_um)
@@ -494,18 +496,18 @@ class _Renderer:
         e *= 1 - 0.6 * cov
         # fat: polygonal clear adipocytes (Voronoi cells) with thin pink septa
         if fat_w.max() > 0.02:
-            fy = wy + 12.0 * self._noise(ys, xs, 90.0, 17)
-            fx = wx + 12.0 * self._noise(ys, xs, 90.0, 18)
+            fy = wy + 12.0 * self._noise(px_um, ys, xs, 90.0, 17)
+            fx = wx + 12.0 * self._noise(px_um, ys, xs, 90.0, 18)
             border, u = _voronoi(fy, fx, 55.0, self.key + np.uint64(300))
             clear = (u < fat_w) * _smoothstep((border - 1.2) / max(1.0, px_um))
             e *= 1 - 0.95 * clear
             hcon *= 1 - 0.95 * clear
         # tumour: sheets of large, crowded, pleomorphic, hyperchromatic nuclei
         if lesion_a.max() > 0:
-            ecyt = 0.42 + 0.08 * self._noise(ys, xs, 30.0, 20)
+            ecyt = 0.42 + 0.08 * self._noise(px_um, ys, xs, 30.0, 20)
             hcyt = np.full_like(ecyt, 0.28)
             cov, dark = _blob_layer(wy, wx, 12.0, self.key + np.uint64(400), (3.6, 5.6), (1.0, 1.7), 0.9, edge_um, (0.8, 1.35))
-            chrom = 0.8 + 0.4 * detail * self._noise(ys, xs, 1.2, 21)
+            chrom = 0.8 + 0.4 * detail * self._noise(px_um, ys, xs, 1.2, 21)
             hcyt += cov * 1.55 * dark * chrom
             ecyt *= 1 - 0.5 * cov
             cov2, dark2 = _blob_layer(wy + 5.0, wx + 5.0, 12.0, self.key + np.uint64(450), (3.4, 5.0), (1.0, 1.6), 0.35, edge_um, (0.8, 1.3))
@@ -716,32 +718,60 @@ def aperio_description(width: int, height: int, mpp: float, quality: int = 90) -
             f"({TILE}x{TILE}) JPEG Q={quality}|AppMag = 20|MPP = {mpp}")
 
 
-def _level_tiles(renderer: _Renderer, d: int, lw: int, lh: int, bar):
-    """Yield the (256, 256, 3) tiles of one level in row-major order, rendering each one.
+def _render_tile(renderer: _Renderer, d: int, lw: int, lh: int, ty: int, tx: int) -> np.ndarray:
+    """One (256, 256, 3) tile of the level with downsample d; only its part inside the level is drawn.
 
     Levels coarser than 4 are rendered at downsample 4 and box-averaged, in blocks of
-    256 x 256 render px (cache-sized), so fine texture is anti-aliased and memory stays bounded.
+    256 x 256 render px (cache-sized), so fine texture is anti-aliased and memory bounded.
     """
     d_r = min(d, LEVEL_FACTOR)
     f = d // d_r
-    block = max(1, 256 // f)
-    for ty in range(0, lh, TILE):
-        for tx in range(0, lw, TILE):
-            if f == 1:
-                tile = renderer.render(ty, tx, TILE, TILE, d)
-            else:
-                tile = np.empty((TILE, TILE, 3), np.uint8)
-                for by in range(0, TILE, block):
-                    for bx in range(0, TILE, block):
-                        big = renderer.render((ty + by) * f, (tx + bx) * f, block * f, block * f, d_r)
-                        small = big.reshape(block, f, block, f, 3).mean(axis=(1, 3))
-                        tile[by:by + block, bx:bx + block] = np.clip(small + 0.5, 0, 255).astype(np.uint8)
+    block = max(1, TILE // f)
+    th, tw = min(TILE, lh - ty), min(TILE, lw - tx)
+    tile = np.zeros((TILE, TILE, 3), np.uint8)
+    if f == 1:
+        tile[:th, :tw] = renderer.render(ty, tx, th, tw, d)
+        return tile
+    for by in range(0, th, block):
+        for bx in range(0, tw, block):
+            bh, bw = min(block, th - by), min(block, tw - bx)
+            big = renderer.render((ty + by) * f, (tx + bx) * f, bh * f, bw * f, d_r)
+            small = big.reshape(bh, f, bw, f, 3).mean(axis=(1, 3))
+            tile[by:by + bh, bx:bx + bw] = np.clip(small + 0.5, 0, 255).astype(np.uint8)
+    return tile
+
+
+def _level_tiles(renderer: _Renderer, d: int, lw: int, lh: int, bar, workers: int = 1):
+    """Yield the tiles of one level in row-major order, rendered by `workers` threads.
+
+    At most 2 x workers tiles are in flight, so memory does not grow with the slide.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    coords = ((ty, tx) for ty in range(0, lh, TILE) for tx in range(0, lw, TILE))
+    if workers <= 1:
+        for ty, tx in coords:
+            tile = _render_tile(renderer, d, lw, lh, ty, tx)
             if bar is not None:
                 bar.update(1)
             yield tile
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending = deque()
+        for ty, tx in coords:
+            pending.append(pool.submit(_render_tile, renderer, d, lw, lh, ty, tx))
+            if len(pending) >= 2 * workers:
+                if bar is not None:
+                    bar.update(1)
+                yield pending.popleft().result()
+        while pending:
+            if bar is not None:
+                bar.update(1)
+            yield pending.popleft().result()
 
 
-def _write_pyramid(path: Path, renderer: _Renderer, quality: int, progress: bool, desc: str | None = None):
+def _write_pyramid(path: Path, renderer: _Renderer, quality: int, progress: bool, workers: int = 1):
     import tifffile
     from tqdm import tqdm
 
@@ -749,18 +779,18 @@ def _write_pyramid(path: Path, renderer: _Renderer, quality: int, progress: bool
     dims = level_dimensions(width, height)
     downs = pyramid_downsamples(width, height)
     n_tiles = sum(-(-w // TILE) * -(-h // TILE) for w, h in dims)
-    bar = tqdm(total=n_tiles, unit="tile", desc=desc or path.name, leave=False) if progress else None
+    bar = tqdm(total=n_tiles, unit="tile", desc=path.name, leave=False) if progress else None
     try:
         with tifffile.TiffWriter(path, bigtiff=width * height * 3 > 2**32 - 2**28) as tw:
             for level, ((lw, lh), d) in enumerate(zip(dims, downs)):
                 res = 1e4 / (mpp * d)                       # px per cm
                 tw.write(
-                    _level_tiles(renderer, d, lw, lh, bar),
+                    _level_tiles(renderer, d, lw, lh, bar, workers),
                     shape=(lh, lw, 3), dtype=np.uint8, tile=(TILE, TILE),
                     photometric="rgb", compression="jpeg", compressionargs={"level": quality},
                     description=aperio_description(width, height, mpp, quality) if level == 0 else None,
                     resolution=(res, res), resolutionunit="CENTIMETER", metadata=None,
-                    subfiletype=0,
+                    subfiletype=0, maxworkers=1,
                 )
     finally:
         if bar is not None:
@@ -773,11 +803,12 @@ def write_synthetic_slide(path, width: int, height: int, mpp: float = 0.5, seed:
                           pen_marks: bool = False, *, tile_labels: Path | None = None,
                           lesion_classes: tuple[str, ...] | None = None, tile_mpp: float | None = None,
                           artifacts: bool = False, jpeg_quality: int = 90,
-                          progress: bool = False) -> SlideTruth:
+                          progress: bool = False, workers: int | None = None) -> SlideTruth:
     """Write one pyramidal tiled-JPEG Aperio-style TIFF and return its ground truth.
 
     ``lesion_fraction`` is the lesion area as a share of the tissue area (0 = negative
-    slide). Same arguments -> byte-identical file.
+    slide). Same arguments -> byte-identical file (whatever ``workers``, the number of
+    rendering threads; default: up to 2 CPU cores).
     """
     if width < 1 or height < 1:
         raise NicError(f"{path}: width and height must be positive (got {width} x {height})")
@@ -791,11 +822,12 @@ def write_synthetic_slide(path, width: int, height: int, mpp: float = 0.5, seed:
     path.parent.mkdir(parents=True, exist_ok=True)
     with threadpool_limits(limits=1, user_api="blas"):     # tiny matmuls: threads only cost
         return _write_slide(path, width, height, mpp, seed, lesion_fraction, texture, pen_marks,
-                            tile_labels, lesion_classes, tile_mpp, artifacts, jpeg_quality, progress)
+                            tile_labels, lesion_classes, tile_mpp, artifacts, jpeg_quality, progress,
+                            workers if workers is not None else min(2, os.cpu_count() or 1))
 
 
 def _write_slide(path, width, height, mpp, seed, lesion_fraction, texture, pen_marks,
-                 tile_labels, lesion_classes, tile_mpp, artifacts, jpeg_quality, progress) -> SlideTruth:
+                 tile_labels, lesion_classes, tile_mpp, artifacts, jpeg_quality, progress, workers) -> SlideTruth:
     fields = build_fields(width, height, mpp, seed, lesion_fraction, pen_marks, artifacts)
     tile_dir = parse_texture(texture, tile_labels)
     pools = None
@@ -803,7 +835,7 @@ def _write_slide(path, width, height, mpp, seed, lesion_fraction, texture, pen_m
         pools = _TilePools(tile_dir, tile_labels, lesion_classes, tile_mpp, mpp, seed,
                            need_lesion=bool(fields.lesion_mask.any()))
     renderer = _Renderer(fields, width, height, mpp, seed, pools)
-    dims = _write_pyramid(path, renderer, jpeg_quality, progress)
+    dims = _write_pyramid(path, renderer, jpeg_quality, progress, workers)
     tissue_px = int(fields.tissue_mask.sum())
     realized = float(fields.lesion_mask.sum() / tissue_px) if tissue_px else 0.0
     return SlideTruth(
@@ -887,6 +919,7 @@ def write_cohort(out_dir, spec: CohortSpec, progress: bool = False):
             spec.lesion_fraction if labels[i] else 0.0, spec.texture, spec.pen_marks,
             tile_labels=spec.tile_labels, lesion_classes=spec.lesion_classes, tile_mpp=spec.tile_mpp,
             artifacts=spec.artifacts, jpeg_quality=spec.jpeg_quality, progress=progress,
+            workers=spec.workers,
         )
         write_masks(truth)
         rows.append({"slide_id": slide_id, "label": truth.label, "lesion_fraction": truth.lesion_fraction})
