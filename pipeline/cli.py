@@ -129,10 +129,12 @@ def synth(out_dir, n_slides, width, height, mpp, lesion_fraction, positive_fract
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: fp16 autocast on GPU, bf16 autocast on CPU.")
 @click.option("--dihedral-mean", is_flag=True, help="Encode each patch as the mean code of its 8 rotations/flips.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where workers decode and encode: auto = the worker's GPU when it has one.")
 @click.option("--block", type=int, default=32, show_default=True, help="Cells per block side = Zarr chunk side.")
 @click.option("--min-tissue", type=float, default=0.1, show_default=True, help="Tissue fraction a cell needs to be encoded.")
 def compress(paths, store, workers, scheduler, scheduler_file, encoder, weights, random_init, seed, mpp, mpp_csv,
-             precision, dihedral_mean, block, min_tissue):
+             precision, dihedral_mean, device, block, min_tissue):
     """Compress slides (files or folders) into a Zarr store of per-slide code grids."""
     from .cluster import connect
     from .compress import compress as run_compress
@@ -142,7 +144,7 @@ def compress(paths, store, workers, scheduler, scheduler_file, encoder, weights,
     jobs = plan_jobs(paths, mpp=mpp, mpp_csv=mpp_csv)
     if not jobs:
         raise click.UsageError("no slides found under the given paths")
-    settings = EncoderSettings(encoder, weights, random_init, seed, precision, dihedral_mean)
+    settings = EncoderSettings(encoder, weights, random_init, seed, precision, dihedral_mean, device=device)
     with connect(scheduler, scheduler_file, workers) as client:
         click.echo(f"dashboard: {client.dashboard_link}")
         report = run_compress(jobs, store, client, settings, block=block, min_tissue=min_tissue)

@@ -33,6 +33,7 @@ class EncoderSettings:
     precision: str = "auto"
     dihedral_mean: bool = False
     batch_size: int = 256
+    device: str = "auto"
 
     @property
     def plugin_name(self) -> str:
@@ -41,10 +42,12 @@ class EncoderSettings:
         return f"nic-encoder-{digest}"
 
 
-def pick_device() -> str:
+def pick_device(wanted: str = "auto") -> str:
     """``cuda`` when this process sees a GPU (dask-cuda pins one per worker), else ``cpu``."""
     import torch
 
+    if wanted != "auto":
+        return wanted
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -139,7 +142,7 @@ class EncoderPlugin(WorkerPlugin):
     def setup(self, worker=None):
         import torch
 
-        self.device = pick_device()
+        self.device = pick_device(self.settings.device)
         if self.device == "cpu" and worker is not None:
             torch.set_num_threads(max(1, worker.state.nthreads))
         self.precision = resolve_precision(self.settings.precision, self.device)

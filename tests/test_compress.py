@@ -223,3 +223,23 @@ def test_cli_reports_bad_slides_and_finishes_the_rest(tmp_path, synthetic_slide)
     listing = subprocess.run([sys.executable, "-m", "pipeline", "inspect", str(store)], capture_output=True,
                              text=True)
     assert "TCGA-CR-7395-01A-01-TS1" in listing.stdout and "complete" in listing.stdout
+
+
+@pytest.mark.gpu
+def test_gpu_worker_matches_cpu_within_half_precision(tmp_path, synthetic_slide):
+    """The same functions on a GPU worker (cuCIM device='cuda', CuPy, fp16 autocast) give the
+    codes the CPU path gives, within half-precision rounding."""
+    from pipeline.encode import pick_device
+
+    assert pick_device() == "cuda"
+    jobs = plan_jobs([synthetic_slide])
+    stores = {}
+    for name, settings in (("gpu", EncoderSettings(precision="fp16")),
+                           ("cpu", EncoderSettings(precision="fp32", device="cpu"))):
+        stores[name] = tmp_path / f"{name}.zarr"
+        with connect(workers=1, dashboard=False) as client:
+            report = compress(jobs, stores[name], client, settings, progress=False)
+        assert report.slides[0].status == "complete"
+    gpu, cpu = (xr.open_zarr(stores[n], group="synth_kill", consolidated=False)["features"].values.astype(np.float32)
+                for n in ("gpu", "cpu"))
+    np.testing.assert_allclose(gpu, cpu, rtol=2e-2, atol=2e-2)
