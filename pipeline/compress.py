@@ -265,4 +265,5 @@ def _with_cluster_precision(settings: EncoderSettings, gpu: bool) -> EncoderSett
     """Resolve ``auto`` precision once for the whole cluster, so the store records what ran."""
     from dataclasses import replace
 
-    return replace(settings, precision=resolve_precision(settings.precision, "cuda" if gpu else "cpu"))
+    device = settings.device if settings.device != "auto" else ("cuda" if gpu else "cpu")
+    return replace(settings, precision=resolve_precision(settings.precision, device))
