@@ -39,7 +39,7 @@ IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"}
 LESION_WORDS = ("tumor", "tumour", "tum", "aca", "scc", "carcinoma", "cancer", "malignant")
 BACKGROUND_WORDS = ("empty", "back", "background", "blank", "glass")
 KNOWN_TILE_MPP = {"kather2016": 0.495, "nct_crc": 0.5, "nct-crc": 0.5, "lc25000": 1.7}
-MAX_POOL = 48                 # real tiles kept per role (normal / lesion) per slide
+MAX_POOL = 32                 # real tiles kept per role (normal / lesion) per slide
 
 # Stain optical-density vectors (rows: R, G, B absorbance per unit concentration).
 _HEMATOXYLIN = np.array([0.651, 0.701, 0.290], np.float32)
@@ -498,7 +498,7 @@ class _Renderer:
         if fat_w.max() > 0.02:
             fy = wy + 12.0 * self._noise(px_um, ys, xs, 90.0, 17)
             fx = wx + 12.0 * self._noise(px_um, ys, xs, 90.0, 18)
-            border, u = _voronoi(fy, fx, 55.0, self.key + np.uint64(300))
+            border, u = _voronoi(fy, fx, 75.0, self.key + np.uint64(300))
             clear = (u < fat_w) * _smoothstep((border - 1.2) / max(1.0, px_um))
             e *= 1 - 0.95 * clear
             hcon *= 1 - 0.95 * clear
@@ -583,7 +583,7 @@ def list_tiles(directory: Path, tile_labels: Path | None = None) -> list[tuple[P
 
 
 class _TilePools:
-    """Normal and lesion tiles rescaled to the slide's µm/px at downsamples 1 and 4."""
+    """Normal and lesion tiles (uint8) rescaled to the slide's µm/px at downsamples 1 and 4."""
 
     OVERLAP = 0.12
 
@@ -625,7 +625,7 @@ class _TilePools:
                     self.size0 = s0 if self.size0 is None else self.size0
                     for d in (1, 4):
                         sd = max(2, int(round(self.size0 / d)))
-                        self.images[role][d].append(np.asarray(im.resize((sd, sd), Image.Resampling.LANCZOS), np.float32))
+                        self.images[role][d].append(np.asarray(im.resize((sd, sd), Image.Resampling.BICUBIC)))
         self.stride0 = max(4, int(round(self.size0 * (1 - self.OVERLAP))))
 
     def _pick(self, role, gi, gj, key) -> np.ndarray:

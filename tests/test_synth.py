@@ -251,3 +251,15 @@ def test_lesion_class_guess():
     assert not synth._is_lesion("02_STROMA", None) and synth._is_background("08_EMPTY")
     assert synth._guess_tile_mpp("/data/tiles/kather2016_samples") == 0.495
     assert synth._guess_tile_mpp("/data/lc25000_lung/labels.csv") == 1.7
+
+
+def test_tiles_texture_from_labels_csv(tmp_path):
+    """LC25000 lung: lung_aca/lung_scc guessed as lesion, tiles at 1.7 µm/px upscaled."""
+    labels = shared_path("lc25000_lung", "labels.csv")
+    truth = synth.write_synthetic_slide(tmp_path / "lung.tif", 1600, 1200, seed=8, lesion_fraction=0.2,
+                                        texture="tiles", tile_labels=labels)
+    assert truth.lesion_fraction == pytest.approx(0.2, rel=0.1)
+    level0 = tifffile.imread(truth.path).astype(np.float32)
+    cells = _block_mean(level0, synth.MASK_DOWNSAMPLE)
+    h, w = cells.shape[:2]
+    assert cells[truth.tissue_mask[:h, :w]].mean() < cells[~truth.tissue_mask[:h, :w]].mean() - 20
