@@ -227,3 +227,17 @@ def test_real_tiles_tiny_run(tmp_path):
     assert kather["n_tiles"] == 24 and len(kather["classes"]) == 8
     assert set(tissue["classes"]) == {"no-tissue", "tissue"}
     assert (tmp_path / "out" / "real-tiny.safetensors").is_file()
+
+
+def test_validation_score_weights_tasks_by_sqrt_validation_groups():
+    from types import SimpleNamespace
+
+    from pipeline.train_encoder import validation_score
+
+    big = SimpleNamespace(name="big", head_kind="classification", groups=np.arange(200).astype(str),
+                          val_idx=np.arange(100))
+    small = SimpleNamespace(name="small", head_kind="regression", groups=np.arange(8).astype(str),
+                            val_idx=np.arange(4))
+    metrics = {"big": {"balanced_accuracy": 0.9}, "small": {"spearman": 0.1}}
+    assert validation_score([big, small], metrics, {}) == pytest.approx((10 * 0.9 + 2 * 0.1) / 12)
+    assert validation_score([big], {}, {"big": 0.7}) == pytest.approx(-0.7)
