@@ -33,7 +33,7 @@ def machine() -> str:
         mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         mem_gib = float("nan")
-    return f"{os.cpu_count()} cores {platform.machine()}, {mem_gib:.0f} GiB RAM, no GPU, {platform.python_version()}"
+    return f"{os.cpu_count()} cores {platform.machine()}, {mem_gib:.0f} GiB RAM, no GPU, Python {platform.python_version()}"
 
 
 def bench(size: int, seed: int) -> dict:
@@ -108,7 +108,7 @@ def _overlay(thumb, lesion):
     return out
 
 
-def _panel(truth, close_up_px=768, thumb_px=720):
+def _panel(truth, close_up_px=768, thumb_px=480):
     """[thumbnail with lesion outline | lesion mask | level-0 lesion close-up | level-0 normal close-up]."""
     import numpy as np
     import openslide
