@@ -2,9 +2,9 @@
 
 A pixel is tissue when it is coloured (HSV saturation above an Otsu threshold that is clamped
 to an absolute range, and optical density above a floor), its colour is one that H&E can make
-(not red, green or blue marker ink), and it survives a morphological clean-up (closing,
-removal of small specks, filling of small holes). The method and its parameters are described
-in docs/tissue.md.
+(not red, green, blue or black marker ink, judged by ratios of optical density), and it
+survives a morphological clean-up (closing, removal of small specks, filling of small holes).
+The method, its parameters and its measured accuracy are in docs/tissue.md.
 
 The array functions are written once for NumPy and CuPy: the namespace comes from the input
 (``array_namespace``) and the image operations from skimage/scipy.ndimage or
@@ -28,7 +28,7 @@ DEFAULT_MASK_MPP = 8.0
 # Foreground (coloured, not white) thresholds. Saturation is HSV S = (max - min) / max.
 MIN_SATURATION = 0.05  # absolute floor: glass/background stays below it (near-white guard)
 MAX_SATURATION = 0.10  # absolute ceiling: pale tissue is above it even if Otsu splits tissue
-MIN_OD = 0.05  # mean optical density floor, -ln(I/255): ~243/255 and brighter is background
+MIN_OD = 0.05  # mean optical density floor, -ln((I+1)/256): I > ~242 is background
 
 # Marker ink: H&E absorbs green most. Green/blue ink absorbs red more than green, red ink
 # absorbs blue about as much as green (eosin transmits blue). Ratios of optical density.
@@ -133,13 +133,13 @@ def pen_mask(rgb, mpp: float = DEFAULT_MASK_MPP, od=None):
     """Pixels whose colour H&E cannot make: red, green, blue or black marker ink (bool (h, w)).
 
     H&E absorbs green light most (haematoxylin purple, eosin pink). Green and blue inks absorb
-    red more than green (OD_R / OD_G > 1.15); red ink absorbs blue nearly as much as green
-    (OD_B / OD_G > 0.75; H&E tissue, a mix of the two stains, stays below ~0.7); thick ink of
-    any colour is darker than tissue at low resolution (mean OD > 2). These rules are applied
-    to OD smoothed over PEN_SMOOTH_UM (regions, not pixel noise), and stricter ones
-    (ratios 1.3 / 0.85, mean OD > 0.3) to the raw OD to catch thin lines, keeping only
-    raw-rule components of at least PEN_MIN_UM2. Only pixels with mean OD > PEN_MIN_OD are
-    judged.
+    red more than green (OD_R / OD_G > 1.0); red ink absorbs blue nearly as much as green
+    (OD_B / OD_G > 0.75; H&E tissue on the fixtures stays at 0.45-0.7); thick ink of any
+    colour is darker than tissue at low resolution (mean OD > 2). The glass OD
+    (:func:`glass_od`) is subtracted first. These rules are applied to OD smoothed over
+    PEN_SMOOTH_UM (regions, not pixel noise), and stricter ones (ratios 1.3 / 0.85, mean
+    OD > 0.3) to the raw OD to catch thin lines, keeping only raw-rule components of at least
+    PEN_MIN_UM2. Only pixels with mean OD > PEN_MIN_OD are judged. ``mpp``: µm/px of ``rgb``.
     """
     xp = array_namespace(rgb)
     if od is None:

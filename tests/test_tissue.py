@@ -18,9 +18,7 @@ from pipeline.tissue import (
     slide_tissue_mask,
     tissue_mask,
 )
-from tests.conftest import DATA, shared_path
-
-FIXTURES = DATA / "tiles" / "tissue_fixtures"
+from tests.conftest import shared_path
 
 
 def fixture_mpp(name: str) -> float:
