@@ -3,8 +3,8 @@
 The encoder lives in an :class:`EncoderPlugin` registered on every worker, so it is loaded once
 per worker (on the worker's GPU when it has one) and shared by all the tasks that run there.
 Pixels go from the reader to the encoder on the worker's device (cuCIM ``device="cuda"``, CuPy,
-torch via DLPack) and only the block's codes are written out: nothing but small metadata leaves
-the task.
+torch through the CUDA array interface, zero-copy) and only the block's codes are written out:
+nothing but small metadata leaves the task.
 """
 
 from __future__ import annotations
@@ -86,25 +86,18 @@ def _autocast(device: str, precision: str):
     return torch.autocast(device_type=device, dtype=dtype)
 
 
-def to_torch(patches, device: str):
-    """A NumPy or CuPy uint8 array as a torch tensor on ``device``, without a host copy for CuPy."""
-    import torch
-
-    if isinstance(patches, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(patches)).to(device)
-    return torch.from_dlpack(patches).to(device)
-
-
 def encode_patches(encoder, patches, precision: str = "fp32", batch_size: int = 256) -> np.ndarray:
-    """Codes (n, code_dim) float16 of uint8 NHWC patches (NumPy or CuPy), in batches."""
+    """Codes (n, code_dim) float16 of uint8 NHWC patches (NumPy or CuPy), in batches.
+
+    The encoder takes the arrays as they are (CuPy zero-copy on the GPU) and normalises inside.
+    """
     import torch
 
     device = next(encoder.parameters()).device
     codes = []
     with torch.inference_mode(), _autocast(device.type, precision):
         for start in range(0, len(patches), batch_size):
-            batch = to_torch(patches[start : start + batch_size], device)
-            codes.append(encoder(batch).float().cpu().numpy())
+            codes.append(encoder(patches[start : start + batch_size]).float().cpu().numpy())
     if not codes:
         return np.zeros((0, encoder.spec.code_dim), np.float16)
     return np.concatenate(codes).astype(np.float16)
