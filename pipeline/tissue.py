@@ -33,7 +33,10 @@ MIN_OD = 0.05  # mean optical density floor, -ln((I+1)/256): I > ~242 is backgro
 # Marker ink: H&E absorbs green most. Green/blue ink absorbs red more than green, red ink
 # absorbs blue about as much as green (eosin transmits blue). Ratios of optical density.
 PEN_RED_OVER_GREEN = 1.0  # OD_R / OD_G above this: green or blue ink
-PEN_BLUE_OVER_GREEN = 0.75  # OD_B / OD_G above this: red ink
+PEN_BLUE_OVER_GREEN = 0.75  # OD_B / OD_G above this: red ink, if it also absorbs little red
+PEN_RED_MAX_R = 0.3  # ... (OD_R / OD_G below this: no haematoxylin in it) or is dark:
+PEN_RED_DARK_OD = 0.9  # ... mean OD above this
+PEN_RED_EXTRA = 0.05  # OD_B / OD_G above PEN_BLUE_OVER_GREEN + this: red ink whatever else
 PEN_STRICT_RED_OVER_GREEN = 1.3  # the same rules on unsmoothed OD, for thin lines
 PEN_STRICT_BLUE_OVER_GREEN = 0.85
 PEN_STRICT_MIN_OD = 0.3  # ... on pixels this dark: ink lines are dense, pale membranes are not
@@ -133,9 +136,11 @@ def pen_mask(rgb, mpp: float = DEFAULT_MASK_MPP, od=None):
     """Pixels whose colour H&E cannot make: red, green, blue or black marker ink (bool (h, w)).
 
     H&E absorbs green light most (haematoxylin purple, eosin pink). Green and blue inks absorb
-    red more than green (OD_R / OD_G > 1.0); red ink absorbs blue nearly as much as green
-    (OD_B / OD_G > 0.75; H&E tissue on the fixtures stays at 0.45-0.7); thick ink of any
-    colour is darker than tissue at low resolution (mean OD > 2). The glass OD
+    red more than green (OD_R / OD_G > 1.0). Red ink absorbs blue nearly as much as green:
+    OD_B / OD_G > 0.8, or > 0.75 where it also absorbs little red (OD_R / OD_G < 0.3, no
+    haematoxylin) or is dark (mean OD > 0.9); H&E tissue on the fixtures stays at 0.45-0.7,
+    eosin-rich tissue with a blue-absorbing eosin up to ~0.78. Thick ink of any colour is
+    darker than tissue at low resolution (mean OD > 2). The glass OD
     (:func:`glass_od`) is subtracted first. These rules are applied to OD smoothed over
     PEN_SMOOTH_UM (regions, not pixel noise), and stricter ones (ratios 1.3 / 0.85, mean
     OD > 0.3) to the raw OD to catch thin lines, keeping only raw-rule components of at least
@@ -176,7 +181,9 @@ def _ink(od, red_over_green: float, blue_over_green: float, min_od: float = PEN_
     r, g, b = od[..., 0], od[..., 1], od[..., 2]
     mean = od.mean(axis=-1)
     g = xp.maximum(g, 1e-3)
-    ratio = (r > red_over_green * g) | (b > blue_over_green * g)
+    red_hue = (r < PEN_RED_MAX_R * g) | (mean > PEN_RED_DARK_OD)
+    red = ((b > blue_over_green * g) & red_hue) | (b > (blue_over_green + PEN_RED_EXTRA) * g)
+    ratio = (r > red_over_green * g) | red
     return (mean > min_od) & (ratio | (mean > PEN_MAX_OD))
 
 
