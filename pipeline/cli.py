@@ -265,3 +265,76 @@ def probe(features, labels, label_column, group_column, kind, folds, seed, out_j
     result = run_probe(features, labels, label_column=label_column, group_column=group_column or None,
                        kind=kind, n_splits=folds, seed=seed, out_json=out_json)
     click.echo(format_table({Path(features).name: result}))
+
+
+# --------------------------------------------------------------------------- slide-level models
+
+
+def _parse_params(pairs) -> dict:
+    """KEY=VALUE pairs -> dict; values parsed as JSON where they can be (numbers, true/false)."""
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise NicError(f"--param {pair!r}: expected KEY=VALUE, e.g. steps=500")
+        try:
+            params[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.strip()] = value
+    return params
+
+
+@main.command("train")
+@click.argument("store", type=EXISTING_PATH)
+@click.option("--labels", required=True, type=EXISTING_PATH,
+              help="CSV slide_id,label[,group] (survival: slide_id,time,event[,group]).")
+@click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
+@click.option("--model", type=click.Choice(["nic-cnn", "abmil", "mean", "max"]), default="nic-cnn", show_default=True)
+@click.option("--task", type=click.Choice(["binary", "multiclass", "regression", "survival"]), default="binary",
+              show_default=True)
+@click.option("--folds", type=int, default=5, show_default=True, help="Cross-validation folds (<2: final model only).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--param", "params", multiple=True, help="Override a hyper-parameter, KEY=VALUE (e.g. steps=500); repeatable.")
+@click.option("--scheduler", default=None, help="Address of a running Dask scheduler.")
+@click.option("--scheduler-file", type=click.Path(path_type=Path), default=None, help="Dask scheduler file.")
+@click.option("--workers", type=int, default=None, help="Workers of the local cluster (no scheduler named).")
+def train_cmd(store, labels, run_dir, model, task, folds, seed, params, scheduler, scheduler_file, workers):
+    """Cross-validate a slide-level model on compressed STORE, then train the final model."""
+    from .classify import metrics_summary, train_cohort
+
+    metrics = train_cohort(store, labels, run_dir, model=model, task=task, folds=folds, seed=seed,
+                           params=_parse_params(params), scheduler=scheduler,
+                           scheduler_file=str(scheduler_file) if scheduler_file else None, workers=workers)
+    click.echo(metrics_summary(metrics))
+    click.echo(f"wrote {run_dir}/metrics.json, oof_predictions.csv and the final model")
+
+
+@main.command("predict")
+@click.argument("store", type=EXISTING_PATH)
+@click.option("--model", "run_dir", required=True, type=EXISTING_PATH, help="Run directory from `nic train`.")
+@click.option("--out", "out_csv", required=True, type=click.Path(path_type=Path), help="Predictions CSV.")
+def predict_cmd(store, run_dir, out_csv):
+    """Score the complete slides of STORE with the final model of a run."""
+    from .classify import predict_cohort
+
+    frame = predict_cohort(store, run_dir, out_csv)
+    click.echo(f"scored {len(frame)} slides -> {out_csv}")
+
+
+@main.command("heatmap")
+@click.argument("store", type=EXISTING_PATH)
+@click.option("--model", "run_dir", required=True, type=EXISTING_PATH, help="Run directory from `nic train`.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--slides", "slides_dir", type=EXISTING_PATH, default=None,
+              help="Directory of the slide files (thumbnails; <slide_id>_lesion.png masks for heatmap AUC).")
+@click.option("--masks", "masks_dir", type=EXISTING_PATH, default=None,
+              help="Directory of <slide_id>_lesion.png masks (default: --slides).")
+def heatmap_cmd(store, run_dir, out_dir, slides_dir, masks_dir):
+    """Explanation heatmap PNG per slide (Grad-CAM / attention / linear contribution) beside PCA-RGB."""
+    from .heatmap import explain_cohort
+
+    frame = explain_cohort(store, run_dir, out_dir, slides_dir=slides_dir, masks_dir=masks_dir)
+    line = f"wrote {len(frame)} heatmaps to {out_dir}"
+    if "heatmap_auc" in frame.columns and frame["heatmap_auc"].notna().any():
+        line += f"; heatmap AUC vs lesion: median {frame['heatmap_auc'].median():.3f}"
+    click.echo(line)
