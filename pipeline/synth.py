@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -772,6 +772,7 @@ def _level_tiles(renderer: _Renderer, d: int, lw: int, lh: int, bar, workers: in
 
 
 def _write_pyramid(path: Path, renderer: _Renderer, quality: int, progress: bool, workers: int = 1):
+    """Stream every level into its own tiled-JPEG IFD; return the level dimensions."""
     import tifffile
     from tqdm import tqdm
 
