@@ -76,8 +76,9 @@ so wall time is an upper bound; CPU time is the work done).
 | {r['size']:,} x {r['size']:,} px @ 0.5 µm/px | {levels} | {r['tiles']:,} | {r['wall_s']:.0f} s | {r['cpu_s']:.0f} s | {r['peak_rss_mib']:.0f} MiB | {r['file_mib']:.0f} MiB |
 
 Peak RSS is the whole `nic synth` process (`getrusage(RUSAGE_CHILDREN).ru_maxrss`). Memory does
-not grow with the slide: tiles are rendered and JPEG-encoded one at a time (at most 4 in flight)
-and only the low-resolution fields (one value per 32 x 32 px, {r['size'] // 32}² per field) are kept.
+not grow with the slide: tiles are rendered by 2 threads (at most 4 in flight) and JPEG-encoded
+one at a time,
+and only the low-resolution fields (one value per 32 x 32 px, {-(-r['size'] // 32)}² per field) are kept.
 """
     path = DOCS / "benchmarks.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
