@@ -18,7 +18,7 @@ import numpy as np
 from distributed import WorkerPlugin
 
 from .grid import Block, Grid
-from .slides import array_namespace
+from .arrays import array_namespace
 from .store import CompressionConfig, write_block
 
 

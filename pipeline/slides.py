@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .arrays import array_namespace, skimage
 from .errors import NicError, SlideError
 
 SUFFIXES = frozenset(
@@ -242,29 +243,11 @@ def resample_to(batch, shape: tuple[int, int]):
         k = height // out_h
         out = batch.reshape(n, out_h, k, out_w, k, channels).mean(axis=(2, 4))
     else:
-        transform = _transform_module(xp)
+        transform = skimage(xp, "transform")
         out = transform.resize(
             batch.astype(xp.float32), (n, out_h, out_w, channels), order=1, anti_aliasing=True, preserve_range=True
         )
     return xp.clip(xp.rint(out), 0, 255).astype(xp.uint8)
-
-
-def array_namespace(array):
-    """``cupy`` for a CuPy array, else ``numpy`` (without importing cupy for numpy input)."""
-    if type(array).__module__.startswith("cupy"):
-        import cupy
-
-        return cupy
-    return np
-
-
-def _transform_module(xp):
-    """skimage.transform, or cucim.skimage.transform for CuPy arrays."""
-    if xp is np:
-        from skimage import transform
-    else:
-        from cucim.skimage import transform
-    return transform
 
 
 SCALE_TOLERANCE = 0.02

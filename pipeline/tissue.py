@@ -8,18 +8,17 @@ The method, its parameters and its measured accuracy are in docs/tissue.md.
 
 The array functions are written once for NumPy and CuPy: the namespace comes from the input
 (``array_namespace``) and the image operations from skimage/scipy.ndimage or
-cucim.skimage/cupyx.scipy.ndimage (``_ndi``, ``_morphology``, ``_filters``), so CPU tests
-exercise the code that runs on the GPU.
+cucim.skimage/cupyx.scipy.ndimage (:mod:`pipeline.arrays`), so CPU tests exercise the code that
+runs on the GPU.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from types import ModuleType
-
 import numpy as np
 
+from pipeline.arrays import array_namespace, is_cupy, ndimage, skimage, to_numpy
 from pipeline.errors import SlideError
 
 DEFAULT_MASK_MPP = 8.0
@@ -51,54 +50,6 @@ PEN_MARGIN_UM = 16.0  # pen masks are grown by this much to take the blended ink
 CLOSING_UM = 16.0  # radius of the closing disk: joins tissue split by a pixel or two of gap
 MIN_OBJECT_UM2 = 10_000.0  # 0.01 mm², about 100 x 100 µm: smaller specks are dust or debris
 MAX_HOLE_UM2 = 20_000.0  # holes smaller than this (vessels, fat cells) count as tissue
-
-
-# --- namespace dispatch -------------------------------------------------------------------------
-
-
-def array_namespace(x) -> ModuleType:
-    """numpy or cupy, whichever module the array ``x`` belongs to (numpy if cupy is absent)."""
-    if type(x).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy
-    return np
-
-
-def _is_cupy(xp: ModuleType) -> bool:
-    return xp.__name__ == "cupy"
-
-
-def _ndi(xp: ModuleType) -> ModuleType:
-    """scipy.ndimage for NumPy, cupyx.scipy.ndimage for CuPy."""
-    if _is_cupy(xp):
-        import cupyx.scipy.ndimage as ndi
-    else:
-        import scipy.ndimage as ndi
-    return ndi
-
-
-def _morphology(xp: ModuleType) -> ModuleType:
-    """skimage.morphology for NumPy, cucim.skimage.morphology for CuPy."""
-    if _is_cupy(xp):
-        import cucim.skimage.morphology as morphology
-    else:
-        import skimage.morphology as morphology
-    return morphology
-
-
-def _filters(xp: ModuleType) -> ModuleType:
-    """skimage.filters for NumPy, cucim.skimage.filters for CuPy."""
-    if _is_cupy(xp):
-        import cucim.skimage.filters as filters
-    else:
-        import skimage.filters as filters
-    return filters
-
-
-def to_numpy(x) -> np.ndarray:
-    """A NumPy copy of a NumPy or CuPy array (for results that leave the device)."""
-    return x.get() if _is_cupy(array_namespace(x)) else np.asarray(x)
 
 
 def _remove_small(func, mask, n_px: int):
@@ -154,8 +105,8 @@ def pen_mask(rgb, mpp: float = DEFAULT_MASK_MPP, od=None):
     sigma = PEN_SMOOTH_UM / mpp
     if sigma >= 0.5:
         thin = _ink(od, PEN_STRICT_RED_OVER_GREEN, PEN_STRICT_BLUE_OVER_GREEN, PEN_STRICT_MIN_OD)
-        thin = _remove_small(_morphology(xp).remove_small_objects, thin, int(PEN_MIN_UM2 / mpp**2))
-        smooth = _ndi(xp).gaussian_filter(od, sigma=(sigma, sigma, 0), mode="nearest")
+        thin = _remove_small(skimage(xp, "morphology").remove_small_objects, thin, int(PEN_MIN_UM2 / mpp**2))
+        smooth = ndimage(xp).gaussian_filter(od, sigma=(sigma, sigma, 0), mode="nearest")
         pen = _ink(smooth, PEN_RED_OVER_GREEN, PEN_BLUE_OVER_GREEN) | thin
     return pen
 
@@ -197,7 +148,7 @@ def _saturation_threshold(sat, valid) -> float:
     values = sat[valid] if valid is not None else sat.ravel()
     if values.size == 0 or float(values.max() - values.min()) < 1e-3:
         return MIN_SATURATION
-    t = float(_filters(xp).threshold_otsu(values))
+    t = float(skimage(xp, "filters").threshold_otsu(values))
     return min(max(t, MIN_SATURATION), MAX_SATURATION)
 
 
@@ -218,7 +169,7 @@ def tissue_mask(rgb, mpp: float = DEFAULT_MASK_MPP, *, remove_pen: bool = True):
     rgb = rgb[..., :3]
 
     od = optical_density(rgb)
-    sat = _ndi(xp).median_filter(saturation(rgb), size=3)  # as CLAM: denoise before Otsu
+    sat = ndimage(xp).median_filter(saturation(rgb), size=3)  # as CLAM: denoise before Otsu
     t = _saturation_threshold(sat, valid)
     mask = (sat > t) & (od.mean(axis=-1) > MIN_OD)
     if valid is not None:
@@ -230,7 +181,7 @@ def tissue_mask(rgb, mpp: float = DEFAULT_MASK_MPP, *, remove_pen: bool = True):
         pen = _dilate(pen, PEN_MARGIN_UM / mpp)
         mask &= ~pen
 
-    morphology = _morphology(xp)
+    morphology = skimage(xp, "morphology")
     mask = _close(mask, CLOSING_UM / mpp)
 
     mask = _remove_small(morphology.remove_small_objects, mask, int(MIN_OBJECT_UM2 / mpp**2))
@@ -246,7 +197,7 @@ def _dilate(mask, radius: float):
     """Binary dilation by a disk of ``radius`` px (Euclidean distance transform: any radius)."""
     if radius < 1 or not bool(mask.any()):
         return mask
-    return _ndi(array_namespace(mask)).distance_transform_edt(~mask) <= radius
+    return ndimage(array_namespace(mask)).distance_transform_edt(~mask) <= radius
 
 
 def _close(mask, radius: float):
@@ -255,7 +206,7 @@ def _close(mask, radius: float):
     if radius < 1 or not bool(mask.any()):
         return mask
     dilated = _dilate(mask, radius)
-    return _ndi(array_namespace(mask)).distance_transform_edt(dilated) > radius
+    return ndimage(array_namespace(mask)).distance_transform_edt(dilated) > radius
 
 
 # --- slides ---------------------------------------------------------------------------------------
