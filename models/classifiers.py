@@ -147,32 +147,31 @@ class NicCNN(nn.Module):
 
 
 def predict_dihedral(model: nn.Module, crops: torch.Tensor, task: str) -> torch.Tensor:
-    """Scores of crops (n, C, H, W) averaged over the 8 rotations/flips -> (n, n_out)."""
-    return torch.stack([scores_from_outputs(task, model(dihedral(crops, k))) for k in range(8)]).mean(0)
+    """Scores of crops (n, C, H, W) averaged over the 8 rotations/flips -> (n, n_out).
+
+    The 8 transforms go through the model as one batch (the model must be in eval mode, so
+    BatchNorm treats samples independently)."""
+    n = crops.shape[0]
+    if crops.shape[-1] != crops.shape[-2]:  # rotations of a non-square crop change its shape
+        return torch.stack([scores_from_outputs(task, model(dihedral(crops, k))) for k in range(8)]).mean(0)
+    batch = torch.cat([dihedral(crops, k) for k in range(8)])
+    return scores_from_outputs(task, model(batch)).reshape(8, n, -1).mean(0)
 
 
 def grad_cam(model: NicCNN, crop: torch.Tensor, layer: int, output_index: int = 0,
              hires: bool = False) -> torch.Tensor:
     """Grad-CAM (Selvaraju et al. 2017) of one crop (C, H, W) at conv block ``layer``, averaged
     over the 8 rotations/flips, upsampled to (H, W). ``hires`` uses gradient x activation
-    per position (HiResCAM) instead of channel-averaged gradients."""
-    h, w = crop.shape[-2:]
-    total = torch.zeros(h, w, dtype=torch.float32, device=crop.device)
-    for k in range(8):
-        x = dihedral(crop[None], k)
-        with torch.enable_grad():
-            maps, kept = model.trunk(x, keep=layer)
-            kept.retain_grad()
-            out = model.head_from_maps(maps)[0, output_index]
-            (grad,) = torch.autograd.grad(out, kept)
-        if hires:
-            cam = (grad * kept).sum(1)
-        else:
-            cam = (grad.mean(dim=(-2, -1), keepdim=True) * kept).sum(1)
-        cam = F.relu(cam)[None]  # (1, 1, h', w')
-        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
-        total += dihedral_inverse(cam.detach(), k)
-    return total / 8
+    per position (HiResCAM) instead of channel-averaged gradients. Eval mode expected."""
+    x = torch.stack([dihedral(crop, k) for k in range(8)])
+    with torch.enable_grad():
+        maps, kept = model.trunk(x, keep=layer)
+        out = model.head_from_maps(maps)[:, output_index]
+        (grad,) = torch.autograd.grad(out.sum(), kept)  # samples are independent in eval mode
+    weights = grad if hires else grad.mean(dim=(-2, -1), keepdim=True)
+    cam = F.relu((weights * kept).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return torch.stack([dihedral_inverse(cam[k], k) for k in range(8)]).mean(0).detach()
 
 
 # --------------------------------------------------------------------------- set models

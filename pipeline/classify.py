@@ -389,10 +389,10 @@ class SlideModel:
                 raise NicError(f"{source.store}: slide {slide_id!r} has no tissue cells")
             return scores_from_outputs(self.task, self.module(self.bag_input(codes)))[0].cpu().numpy()
 
-    def predict_row(self, source: SlideSource, slide_id: str) -> dict:
+    def predict_row(self, source: SlideSource, slide_id: str, scores: np.ndarray | None = None) -> dict:
         """One prediction row: score (binary: P(positive); regression: value; survival: risk),
         or score_<class> and pred for multiclass."""
-        scores = self.raw_scores(source, slide_id)
+        scores = self.raw_scores(source, slide_id) if scores is None else scores
         task = self.task
         if task == "multiclass":
             classes = self.config["target"]["classes"]
@@ -403,9 +403,10 @@ class SlideModel:
             return {"score": float(scores[0] * self.config["target"]["std"] + self.config["target"]["mean"])}
         return {"score": float(scores[0])}
 
-    def explain(self, source: SlideSource, slide_id: str) -> np.ndarray:
+    def explain(self, source: SlideSource, slide_id: str, scores: np.ndarray | None = None) -> np.ndarray:
         """Per-cell relevance (ny, nx) float32, NaN off tissue: Grad-CAM (nic-cnn), attention
-        relative to uniform (abmil: 1 = average cell), per-cell linear contribution (mean/max)."""
+        relative to uniform (abmil: 1 = average cell), per-cell linear contribution (mean/max).
+        Multiclass maps explain the predicted class (``scores`` from raw_scores, if at hand)."""
         import torch
 
         from models.classifiers import grad_cam
@@ -413,7 +414,8 @@ class SlideModel:
         _, ny, nx = source.meta(slide_id)["shape"]
         valid = source.valid_cells(slide_id)
         heat = np.full((ny, nx), np.nan, np.float32)
-        scores = self.raw_scores(source, slide_id)
+        if scores is None and self.task == "multiclass":
+            scores = self.raw_scores(source, slide_id)
         index = int(np.argmax(scores)) if self.task == "multiclass" else 0
         self.module.eval()
         if self.name == "nic-cnn":

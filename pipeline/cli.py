@@ -335,6 +335,6 @@ def heatmap_cmd(store, run_dir, out_dir, slides_dir, masks_dir):
 
     frame = explain_cohort(store, run_dir, out_dir, slides_dir=slides_dir, masks_dir=masks_dir)
     line = f"wrote {len(frame)} heatmaps to {out_dir}"
-    if "heatmap_auc" in frame.columns and frame["heatmap_auc"].notna().any():
-        line += f"; heatmap AUC vs lesion: median {frame['heatmap_auc'].median():.3f}"
+    if "lesion_auc" in frame.columns and frame["lesion_auc"].notna().any():
+        line += f"; heatmap AUC vs lesion: median {frame['lesion_auc'].median():.3f}"
     click.echo(line)

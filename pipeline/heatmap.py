@@ -200,8 +200,6 @@ def explain_cohort(store, run_dir, out_dir, slides_dir=None, masks_dir=None, sli
     Lesion masks ``<slide_id>_lesion.png`` are looked up in ``masks_dir`` (default:
     ``slides_dir``); where found, the heatmap AUC against lesion cells is reported.
     """
-    import torch
-
     from .classify import SlideModel, SlideSource, check_store_matches, list_store_slides
 
     bundle = SlideModel.load(run_dir)
@@ -216,9 +214,9 @@ def explain_cohort(store, run_dir, out_dir, slides_dir=None, masks_dir=None, sli
     for sid in slide_ids:
         check_store_matches(bundle, source, sid)
         meta = source.meta(sid)
-        heat = bundle.explain(source, sid)
-        with torch.no_grad():
-            prediction = bundle.predict_row(source, sid)
+        scores = bundle.raw_scores(source, sid)
+        prediction = bundle.predict_row(source, sid, scores)
+        heat = bundle.explain(source, sid, scores)
         rgb = pca_rgb(source.features(sid), source.tissue(sid))
         thumbnail, extent_um = _slide_view(_find_slide(slides_dir, sid), meta)
         mask_path = masks_dir / f"{sid}_lesion.png" if masks_dir is not None else None
@@ -229,7 +227,7 @@ def explain_cohort(store, run_dir, out_dir, slides_dir=None, masks_dir=None, sli
         row = {"slide_id": sid, **prediction, "n_tissue_cells": int(np.isfinite(heat).sum())}
         if lesion is not None:
             row["n_lesion_cells"] = int(((lesion >= 0.5) & np.isfinite(heat)).sum())
-            row["heatmap_auc"] = heatmap_auc(heat, lesion)
+            row["lesion_auc"] = heatmap_auc(heat, lesion)
         score = prediction.get("score", prediction.get("pred"))
         title = f"{sid} — {bundle.name}, score {score:.3f}" if isinstance(score, float) else f"{sid} — {bundle.name}, {score}"
         render(out_dir / f"{sid}.png", heat, rgb, meta, thumbnail, extent_um, lesion, title)
@@ -239,10 +237,10 @@ def explain_cohort(store, run_dir, out_dir, slides_dir=None, masks_dir=None, sli
     frame = pd.DataFrame(rows)
     frame.to_csv(out_dir / "heatmaps.csv", index=False)
     summary = {"model": bundle.name, "task": bundle.task, "method": _method(bundle.name), "n_slides": len(frame)}
-    if "heatmap_auc" in frame.columns:
-        aucs = frame["heatmap_auc"].dropna()
-        summary.update(heatmap_auc_mean=float(aucs.mean()) if len(aucs) else None,
-                       heatmap_auc_min=float(aucs.min()) if len(aucs) else None,
+    if "lesion_auc" in frame.columns:
+        aucs = frame["lesion_auc"].dropna()
+        summary.update(lesion_auc_mean=float(aucs.mean()) if len(aucs) else None,
+                       lesion_auc_min=float(aucs.min()) if len(aucs) else None,
                        n_slides_with_lesion=int(len(aucs)))
     (out_dir / "heatmaps.json").write_text(json.dumps(summary, indent=2))
     return frame

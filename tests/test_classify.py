@@ -180,7 +180,7 @@ def test_cross_validation_in_parallel_finds_lesion_slides(cohort, client, tmp_pa
     assert (tmp_path / "heat" / "slide-001.png").exists()
     summary = json.loads((tmp_path / "heat" / "heatmaps.json").read_text())
     assert summary["n_slides_with_lesion"] == 6
-    assert heat["heatmap_auc"].median() >= 0.85, heat[["slide_id", "score", "heatmap_auc"]]
+    assert heat["lesion_auc"].median() >= 0.85, heat[["slide_id", "score", "lesion_auc"]]
 
 
 @pytest.mark.parametrize("task", ["multiclass", "regression", "survival"])
