@@ -72,7 +72,10 @@ def list_store_slides(store) -> list[str]:
     except ImportError:  # store.py not there yet: read group attributes directly
         list_slides = None
     if list_slides is not None:
-        return list(list_slides(store, complete_only=True))
+        try:
+            return list(list_slides(store, complete_only=True))
+        except Exception as err:  # noqa: BLE001 - zarr raises several types for a missing store
+            raise NicError(f"{store}: not a readable Zarr store ({err})") from err
     import zarr
 
     try:
@@ -187,13 +190,19 @@ class SlideSource:
 
 
 def load_labels(path, task: str) -> pd.DataFrame:
-    """Read a labels CSV (slide_id,label[,group] or slide_id,time,event[,group]); NicError if malformed."""
+    """Read a labels CSV (slide_id,label[,group] or slide_id,time,event[,group]) or check a
+    DataFrame of the same columns; NicError if malformed. Rows without a label are dropped."""
     if task not in TASKS:
         raise NicError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-    try:
-        frame = pd.read_csv(path, dtype={"slide_id": str, "group": str})
-    except (OSError, pd.errors.ParserError) as err:
-        raise NicError(f"{path}: cannot read labels CSV ({err})") from err
+    if isinstance(path, pd.DataFrame):
+        frame, path = path.copy(), "labels"
+        if "slide_id" in frame.columns:
+            frame["slide_id"] = frame["slide_id"].astype(str)
+    else:
+        try:
+            frame = pd.read_csv(path, dtype={"slide_id": str, "group": str})
+        except (OSError, pd.errors.ParserError) as err:
+            raise NicError(f"{path}: cannot read labels CSV ({err})") from err
     needed = ["slide_id"] + (["time", "event"] if task == "survival" else ["label"])
     missing = [c for c in needed if c not in frame.columns]
     if missing:
@@ -456,12 +465,15 @@ def _axis_origins(n: int, size: int) -> list[int]:
 # --------------------------------------------------------------------------- training
 
 
-def _normaliser(source: SlideSource, slide_ids) -> tuple[list[float], list[float]]:
-    """Per-channel mean/std of the codes over tissue cells of the training slides (streamed)."""
+def _normaliser(source: SlideSource, slide_ids) -> tuple[list[float], list[float], list[int]]:
+    """Per-channel mean/std of the codes over tissue cells of the training slides (streamed),
+    and the number of tissue cells of each slide."""
     total = sq = None
     n = 0
+    counts = []
     for sid in slide_ids:
         codes, _ = source.bag(sid)
+        counts.append(len(codes))
         codes = codes.astype(np.float64)
         total = codes.sum(0) if total is None else total + codes.sum(0)
         sq = (codes**2).sum(0) if sq is None else sq + (codes**2).sum(0)
@@ -471,7 +483,7 @@ def _normaliser(source: SlideSource, slide_ids) -> tuple[list[float], list[float
     mean = total / n
     std = np.sqrt(np.maximum(sq / n - mean**2, 0)) + 1e-6
     std[std < 1e-3] = 1.0  # constant channels stay unscaled
-    return mean.tolist(), std.tolist()
+    return mean.tolist(), std.tolist(), counts
 
 
 def _class_weights(task: str, target: np.ndarray, n_classes: int):
@@ -495,7 +507,11 @@ def fit(model: str, task: str, source: SlideSource, slide_ids: list[str], target
     torch.manual_seed(params["seed"])
     rng = np.random.default_rng(params["seed"])
     device = _device()
-    mean, std = _normaliser(source, slide_ids)
+    mean, std, counts = _normaliser(source, slide_ids)
+    if model != "nic-cnn" and min(counts) == 0:  # a bag model cannot pool an empty bag
+        keep = [i for i, c in enumerate(counts) if c > 0]
+        slide_ids = [slide_ids[i] for i in keep]
+        targets = {k: np.asarray(v)[keep] for k, v in targets.items()}
     n_classes = len(spec.get("classes", [])) or 2
     n_out = n_outputs_for(task, n_classes)
     in_channels = len(mean) + (1 if model == "nic-cnn" else 0)
@@ -722,7 +738,7 @@ def _store_info(source: SlideSource, slide_ids) -> dict:
 
 def _cohort(store, labels, task) -> tuple[pd.DataFrame, list[str]]:
     """Labels of the complete slides in the store; NicError naming labelled slides not in it."""
-    frame = labels if isinstance(labels, pd.DataFrame) else load_labels(labels, task)
+    frame = load_labels(labels, task)
     available = set(list_store_slides(store))
     missing = [s for s in frame["slide_id"] if s not in available]
     if missing:

@@ -15,16 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .arrays import array_namespace
 from .errors import NicError
-
-
-def _namespace(x):
-    """numpy or cupy, after the array's type (the same code runs on CPU and GPU)."""
-    if type(x).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy
-    return np
 
 
 def pca_rgb(features, tissue, background: str = "white", percentiles=(1.0, 99.0)):
@@ -35,7 +27,7 @@ def pca_rgb(features, tissue, background: str = "white", percentiles=(1.0, 99.0)
     signs are fixed (largest loading positive) so the colours are reproducible. Cells without
     tissue codes are white (``background="white"``) or black.
     """
-    xp = _namespace(features)
+    xp = array_namespace(features)
     feats = xp.asarray(features, dtype=xp.float32)
     if feats.ndim != 3:
         raise ValueError(f"features must be (C, y, x), got shape {feats.shape}")

@@ -17,8 +17,11 @@ import pytest
 from pipeline.classify import (
     SlideSource,
     assign_folds,
+    encode_targets,
+    fit,
     load_labels,
     predict_cohort,
+    target_spec,
     train_cohort,
 )
 from pipeline.errors import NicError
@@ -118,6 +121,14 @@ def test_crops_stream_from_zarr_with_zero_padding(tmp_path):
     assert codes.shape == (len(cells), 4)
     assert np.all(np.any(codes != 0, axis=1))
 
+    # training with no cache at all: every crop / bag is read from Zarr when needed
+    labels = pd.DataFrame({"slide_id": ["slide-000", "slide-001"], "label": [0, 1]})
+    spec = target_spec(labels, "binary")
+    for model, params in [("nic-cnn", dict(crop=8, steps=2, batch_size=2, width=8)), ("abmil", dict(epochs=1))]:
+        bundle = fit(model, "binary", streaming, ["slide-000", "slide-001"], encode_targets(labels, spec), spec, params)
+        assert 0 <= bundle.predict_row(streaming, "slide-001")["score"] <= 1
+    assert streaming._cached_bytes == 0
+
 
 # --------------------------------------------------------------------------- end to end on a 2-worker cluster
 
@@ -210,12 +221,12 @@ def test_other_tasks_with_the_mean_pooling_baseline(cohort, client, tmp_path, ta
         assert metrics["pooled"]["c_index"] > 0.75
 
 
-def test_cli_train_predict_heatmap(cohort, client, tmp_path):
+def test_cli_train_predict_heatmap(client, tmp_path):
     from click.testing import CliRunner
 
     from pipeline.cli import main
 
-    store, labels, masks = cohort
+    store, labels, masks = make_cohort(tmp_path / "small", n_slides=12)
     runner = CliRunner()
     run = tmp_path / "run"
     address = client.scheduler.address
@@ -225,11 +236,12 @@ def test_cli_train_predict_heatmap(cohort, client, tmp_path):
     assert "auc=" in result.output and (run / "metrics.json").exists()
     result = runner.invoke(main, ["predict", str(store), "--model", str(run), "--out", str(tmp_path / "p.csv")])
     assert result.exit_code == 0, result.output
-    assert len(pd.read_csv(tmp_path / "p.csv")) == N_SLIDES
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 12
     result = runner.invoke(main, ["heatmap", str(store), "--model", str(run), "--out", str(tmp_path / "h"),
                                   "--masks", str(masks)])
     assert result.exit_code == 0, result.output
-    assert len(list((tmp_path / "h").glob("slide-*.png"))) == N_SLIDES
+    assert len(list((tmp_path / "h").glob("slide-*.png"))) == 12
+    assert "heatmap AUC vs lesion" in result.output
 
     # expected failures: one line, exit 2, naming the slide and the fix
     bad = tmp_path / "bad.csv"
@@ -240,3 +252,38 @@ def test_cli_train_predict_heatmap(cohort, client, tmp_path):
     result = runner.invoke(main, ["train", str(store), "--labels", str(labels), "--out", str(tmp_path / "x"),
                                   "--param", "stepz=3", "--scheduler", address])
     assert result.exit_code == 2 and "stepz" in result.output
+
+
+def test_pca_rgb_separates_code_populations_on_white_background():
+    from pipeline.heatmap import pca_rgb
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(16, 20, 20)).astype(np.float16)
+    feats[:, 5:10, 5:10] += 4  # a second population of codes
+    tissue = np.ones((20, 20), np.float32)
+    tissue[:, :3] = 0
+    feats[:, :, :3] = 0
+    rgb = pca_rgb(feats, tissue)
+    assert rgb.shape == (20, 20, 3) and rgb.dtype == np.uint8
+    assert np.all(rgb[:, :3] == 255)
+    inside, outside = rgb[5:10, 5:10].reshape(-1, 3).astype(float), rgb[12:, 12:].reshape(-1, 3).astype(float)
+    assert np.abs(inside.mean(0) - outside.mean(0)).max() > 100  # the first component splits them
+    np.testing.assert_array_equal(pca_rgb(feats, tissue), rgb)  # deterministic colours
+    assert np.all(pca_rgb(feats[:2], tissue, background="black")[:, :3] == 0)  # fewer than 3 codes
+
+
+def test_lesion_mask_to_grid_fractions():
+    from pipeline.heatmap import heatmap_auc, mask_to_grid
+
+    meta = {"shape": (4, 4, 6), "attrs": {}, "y": (np.arange(4) + 0.5) * 64.0, "x": (np.arange(6) + 0.5) * 64.0}
+    mask = np.zeros((16, 24), bool)  # 16 µm per mask px: 4 px per 64 µm cell
+    mask[4:8, 8:16] = True  # cells (1, 2) and (1, 3)
+    mask[8:10, 0:4] = True  # half of cell (2, 0)
+    grid = mask_to_grid(mask, meta, (16.0, 16.0))
+    expected = np.zeros((4, 6))
+    expected[1, 2:4] = 1
+    expected[2, 0] = 0.5
+    np.testing.assert_allclose(grid, expected)
+    heat = np.where(expected >= 0.5, 2.0, 0.0)  # cells at least half lesion count as lesion
+    heat[0, 0] = np.nan  # off tissue: ignored
+    assert heatmap_auc(heat, grid) == 1.0
