@@ -175,6 +175,8 @@ def main(argv=None) -> None:
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--crops", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--merge", type=Path, action="append", default=[],
+                        help="Earlier --out-json results to include in the table (cells recomputed here win).")
     parser.add_argument("--out-json", type=Path, default=None)
     parser.add_argument("--out-md", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -184,6 +186,14 @@ def main(argv=None) -> None:
     encoders = args.encoder + ([] if args.no_defaults else DEFAULT_ENCODERS)
     sets = args.sets.split(",")
     results = run(encoders, args.data_root, sets, crops=args.crops)
+    merged: dict[str, dict] = {}
+    for earlier in args.merge:
+        for label, cells in json.loads(earlier.read_text())["results"].items():
+            merged.setdefault(label, {}).update(cells)
+    for label, cells in results.items():
+        merged.setdefault(label, {}).update(cells)
+    results = merged
+    sets = list(dict.fromkeys(sets + [k for r in results.values() for k in r if isinstance(r[k], dict)]))
     for name in sets:
         print(f"\n{name}\n" + format_table({k: v[name] for k, v in results.items() if name in v}))
     table = markdown(results, sets)
