@@ -33,12 +33,24 @@ FIGURE = ROOT / "docs" / "img" / "haystack_auc.png"
 BEGIN, END = "<!-- haystack:results -->", "<!-- /haystack:results -->"
 
 MODELS = ("mean", "max", "abmil", "nic-cnn")
+# extra runs of a pipeline model with other settings (name -> model, overrides), chosen with --models
+VARIANTS = {"abmil-long": ("abmil", dict(epochs=200, lr=5e-4))}
 KATHER = "/work/shared/data/tiles/kather2016_samples"
 TEXTURES = {"synthetic": "synthetic", "kather2016": f"tiles:{KATHER}"}
 # nic-cnn on a shared CPU: the defaults (crop 128, width 128, 2000 steps) cost ~25 min per fold,
-# so the study uses a shortened, narrower schedule (stated in docs/haystack.md). crop 64 covers
-# a whole 8192² slide (64 x 64 cells) and a 4096² slide with margin.
-PARAMS = {"nic-cnn": dict(crop=64, steps=300, width=64, lr=2e-3, lr_final_ratio=0.05)}
+# so the study uses a shortened, narrower schedule (stated in docs/haystack.md); the crop is the
+# slide's grid plus 16 cells (capped at 64), so a training crop holds (nearly) the whole slide
+# without paying for a mostly empty 64 x 64 crop on a 32 x 32 grid.
+PARAMS = {"nic-cnn": dict(steps=300, width=64, lr=2e-3, lr_final_ratio=0.05)}
+
+
+def model_params(model: str, cohort: "Cohort") -> dict | None:
+    """The study's overrides of the pipeline defaults for ``model`` (or a variant) on ``cohort``."""
+    if model in VARIANTS:
+        return VARIANTS[model][1]
+    if model != "nic-cnn":
+        return PARAMS.get(model)
+    return dict(PARAMS[model], crop=min(64, cohort.size // CELL_PX + 16))
 FOLDS = 4
 CELL_PX = 128                         # compressed cell = one 128 px patch at 0.5 µm/px
 MASK_PX = 32                          # synth mask pixel (pipeline.synth.MASK_DOWNSAMPLE)
@@ -60,7 +72,7 @@ class Cohort:
 
 
 SWEEP = (0.5, 0.2, 0.05, 0.02, 0.01, 0.005, 0.002)
-PLANS: dict[str, list[Cohort]] = {
+PLANS: dict[str, list["Cohort"]] = {
     "dry": [Cohort("synthetic", f, 8, 2048) for f in (0.2, 0.01)],
     # the aim: ~2,000 tissue cells per slide, one 256 px (2 x 2 cell) lesion = ~0.2 % of tissue
     "aim": [Cohort("kather2016", 0.002, 40, 8192)],
@@ -68,8 +80,8 @@ PLANS: dict[str, list[Cohort]] = {
     # coarse to fine, so that whatever finishes first already spans the range
     "study": [Cohort("synthetic", f, 24, 4096) for f in (0.5, 0.02, 0.002)]
     + [Cohort("kather2016", 0.002, 40, 8192)]
-    + [Cohort("synthetic", f, 24, 4096) for f in (0.2, 0.05, 0.01, 0.005)]
-    + [Cohort("kather2016", f, 24, 4096) for f in (0.2, 0.02, 0.005)],
+    + [Cohort("synthetic", f, 24, 4096) for f in (0.05, 0.01, 0.005)]
+    + [Cohort("kather2016", f, 24, 4096) for f in (0.02, 0.005)],
     "tiles": [Cohort("kather2016", f, 24, 4096) for f in (0.2, 0.02, 0.005)],
 }
 
@@ -155,11 +167,13 @@ def run_cohort(cohort: Cohort, work: Path, client, models=MODELS, folds: int = F
                      synth_s=round(t1 - t0, 1), compress_s=round(t2 - t1, 1))
     for model in todo:
         t = time.time()
-        metrics = train_cohort(store, labels, base / "runs" / model, model=model, folds=folds, client=client,
-                               params=PARAMS.get(model), seed=cohort.seed)
+        metrics = train_cohort(store, labels, base / "runs" / model, model=VARIANTS.get(model, (model,))[0],
+                               folds=folds, client=client,
+                               params=model_params(model, cohort), seed=cohort.seed)
         pooled = metrics["pooled"]
         entry["models"][model] = {"auc": pooled.get("auc"), "balanced_accuracy": pooled.get("balanced_accuracy"),
                                   "fold_auc": [f.get("auc") for f in metrics["per_fold"]],
+                                  "params": model_params(model, cohort),
                                   "seconds": round(time.time() - t, 1)}
         results = load_results(work)
         results[cohort.name] = entry
@@ -200,13 +214,13 @@ def plot(results: dict, path: Path = FIGURE) -> None:
     if not textures:
         return
     fig, axes = plt.subplots(1, len(textures), figsize=(5.2 * len(textures), 4.2), squeeze=False, sharey=True)
-    colors = dict(zip(MODELS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
+    colors = dict(zip(MODELS + tuple(VARIANTS), ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:olive")))
     for ax, texture in zip(axes[0], textures):
         groups = sorted({(r["slides"], r["size"]) for r in table if r["texture"] == texture})
         for slides, size in groups:
             sub = [r for r in table if r["texture"] == texture and r["slides"] == slides and r["size"] == size]
             line = len(sub) > 1
-            for model in MODELS:
+            for model in columns(table):
                 pts = sorted((r["fraction"], r["aucs"][model]) for r in sub if r["aucs"].get(model) is not None)
                 if not pts:
                     continue
@@ -233,16 +247,22 @@ def _fmt(value) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
 
+def columns(table: list[dict]) -> tuple[str, ...]:
+    """The models, then the variants that were run on some cohort."""
+    return MODELS + tuple(v for v in VARIANTS if any(v in r["aucs"] for r in table))
+
+
 def markdown(results: dict) -> str:
     """The results block of docs/haystack.md: AUC table, cohort sizes, limits."""
     table = rows(results)
+    cols = columns(table)
     lines = [f"_Generated by `benchmarks/haystack.py report` at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
              f" from {len(table)} cohort(s)._", "",
-             "| texture | slides × size | lesion fraction | lesion cells (mean) | " + " | ".join(MODELS) + " |",
-             "|---|---|---|---|" + "---|" * len(MODELS)]
+             "| texture | slides × size | lesion fraction | lesion cells (mean) | " + " | ".join(cols) + " |",
+             "|---|---|---|---|" + "---|" * len(cols)]
     for r in table:
         lines.append(f"| {r['texture']} | {r['slides']} × {r['size']}² | {r['fraction']:g} | "
-                     f"{r['lesion_cells_mean']:.1f} | " + " | ".join(_fmt(r["aucs"].get(m)) for m in MODELS) + " |")
+                     f"{r['lesion_cells_mean']:.1f} | " + " | ".join(_fmt(r["aucs"].get(m)) for m in cols) + " |")
     lines += ["", "Cohort sizes (tissue cells = compressed cells with tissue, 128 px = 64 µm each; lesion "
               "from the synth masks, on the positive slides):", "",
               "| cohort | positives | tissue cells per slide, mean (min–max) | lesion cells, mean | "
@@ -278,6 +298,51 @@ def write_report(work: Path) -> None:
             _, tail = rest.split(END, 1)
             DOC.write_text(f"{head}{BEGIN}\n{markdown(results)}\n{END}{tail}")
     (work / "results.md").write_text(markdown(results) + "\n")
+
+
+def lesion_picture(slides_dir: Path, out: Path, context_px: int = 1024) -> Path:
+    """Thumbnail of the first positive slide with its lesion boxed, beside a level-0 view around it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    from matplotlib.patches import Rectangle
+
+    from pipeline.slides import open_slide
+    from pipeline.synth import read_lesion_mask
+
+    labels = pd.read_csv(slides_dir / "labels.csv", dtype={"slide_id": str})
+    row = labels[labels["label"] == 1].iloc[0]
+    path = slides_dir / f"{row.slide_id}.tif"
+    mask = read_lesion_mask(path)
+    ys, xs = np.nonzero(mask)
+    y0, y1 = ys.min() * MASK_PX, (ys.max() + 1) * MASK_PX          # lesion box, level-0 px
+    x0, x1 = xs.min() * MASK_PX, (xs.max() + 1) * MASK_PX
+    cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
+    with open_slide(path) as slide:
+        thumb = slide.thumbnail(1024)
+        w, h = slide.dimensions
+        left = int(np.clip(cx - context_px // 2, 0, w - context_px))
+        top = int(np.clip(cy - context_px // 2, 0, h - context_px))
+        view = slide.read_region((left, top), (context_px, context_px))
+    scale = thumb.shape[1] / w
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5))
+    axes[0].imshow(thumb)
+    axes[0].add_patch(Rectangle((left * scale, top * scale), context_px * scale, context_px * scale,
+                                fill=False, ec="lime", lw=1.5))
+    axes[0].set_title(f"{row.slide_id}: {w:,} × {h:,} px, lesion {row.lesion_fraction:.2%} of the tissue", fontsize=9)
+    axes[1].imshow(view)
+    axes[1].add_patch(Rectangle((x0 - left, y0 - top), x1 - x0, y1 - y0, fill=False, ec="lime", lw=1.5))
+    axes[1].set_title(f"level 0 around the lesion ({context_px} px = {context_px // 2} µm; green: lesion mask box)",
+                      fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 # --------------------------------------------------------------------------- CLI
@@ -320,6 +385,14 @@ def report(work: Path):
     """Redraw docs/img/haystack_auc.png and the results block of docs/haystack.md."""
     write_report(work)
     click.echo(markdown(load_results(work)))
+
+
+@cli.command()
+@click.option("--slides", "slides_dir", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option("--out", type=click.Path(path_type=Path), default=ROOT / "docs" / "img" / "haystack_lesion.png")
+def picture(slides_dir: Path, out: Path):
+    """Draw where the lesion of a cohort's first positive slide is (docs/img/haystack_lesion.png)."""
+    click.echo(lesion_picture(slides_dir, out))
 
 
 if __name__ == "__main__":
