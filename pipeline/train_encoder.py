@@ -469,7 +469,10 @@ def _write_outputs(model, tasks, config, config_path, out_dir, command, history,
         "weights_sha256": file_sha256(weights),
         "heads": heads_path.name,
         "licence": {
-            "weights": config.get("licence", "MIT (code); see data licences"),
+            "spdx": config.get("licence_spdx", "NOASSERTION"),
+            **({"copyright": config["copyright"]} if config.get("copyright") else {}),
+            **({"file": config["licence_file"]} if config.get("licence_file") else {}),
+            "weights": config.get("licence", "see the data licences"),
             "data": "; ".join(licences),
         },
         "source": {
@@ -500,6 +503,8 @@ def _write_outputs(model, tasks, config, config_path, out_dir, command, history,
         "config": _jsonable(config),
     }
     (out_dir / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
+    for path in (weights, heads_path):  # safetensors writes 0600; weights are package data
+        path.chmod(0o644)
     return card
 
 
