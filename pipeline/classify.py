@@ -18,7 +18,6 @@ metrics.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -31,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .cluster import connect, gpu_resources
 from .errors import NicError
+from .store import list_slides, open_slide_tensor
 
 MODELS = ("nic-cnn", "abmil", "mean", "max")
 TASKS = ("binary", "multiclass", "regression", "survival")
@@ -68,34 +69,9 @@ def resolve_params(model: str, overrides: dict | None = None) -> dict:
 def list_store_slides(store) -> list[str]:
     """Slide ids of the complete slides in a store."""
     try:
-        from .store import list_slides
-    except ImportError:  # store.py not there yet: read group attributes directly
-        list_slides = None
-    if list_slides is not None:
-        try:
-            return list(list_slides(store, complete_only=True))
-        except Exception as err:  # noqa: BLE001 - zarr raises several types for a missing store
-            raise NicError(f"{store}: not a readable Zarr store ({err})") from err
-    import zarr
-
-    try:
-        root = zarr.open_group(str(store), mode="r")
+        return list_slides(store, complete_only=True)
     except Exception as err:  # noqa: BLE001 - zarr raises several types for a missing store
         raise NicError(f"{store}: not a readable Zarr store ({err})") from err
-    return sorted(name for name, group in root.groups() if group.attrs.get("status") == "complete")
-
-
-def open_tensor(store, slide_id: str):
-    """The xarray Dataset of one slide (lazy: nothing is read until indexed)."""
-    try:
-        from .store import open_slide_tensor
-    except ImportError:
-        open_slide_tensor = None
-    if open_slide_tensor is not None:
-        return open_slide_tensor(store, slide_id)
-    import xarray as xr
-
-    return xr.open_zarr(str(store), group=slide_id, chunks=None, zarr_format=3)
 
 
 def _values(array) -> np.ndarray:
@@ -123,7 +99,7 @@ class SlideSource:
         self._meta: dict[str, dict] = {}
 
     def dataset(self, slide_id: str):
-        return open_tensor(self.store, slide_id)
+        return open_slide_tensor(self.store, slide_id)
 
     def meta(self, slide_id: str) -> dict:
         """Shape (C, ny, nx), attrs and cell-centre coordinates of a slide."""
@@ -694,34 +670,6 @@ def _worker_address() -> str:
 # --------------------------------------------------------------------------- the task graph
 
 
-@contextlib.contextmanager
-def connect(scheduler=None, scheduler_file=None, workers=None):
-    """A Dask client: the named scheduler, or a local process cluster (pipeline.cluster when present)."""
-    try:
-        from .cluster import connect as cluster_connect
-    except ImportError:
-        cluster_connect = None
-    if cluster_connect is not None:
-        with cluster_connect(scheduler=scheduler, scheduler_file=scheduler_file, workers=workers) as client:
-            yield client
-        return
-    from distributed import Client, LocalCluster
-
-    if scheduler or scheduler_file:
-        with Client(scheduler, scheduler_file=scheduler_file) as client:
-            yield client
-        return
-    with LocalCluster(n_workers=workers or 2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
-        yield client
-
-
-def _gpu_resources(client) -> dict | None:
-    """{"GPU": 1} when the workers declare GPU resources, else None."""
-    workers = client.scheduler_info(n_workers=-1).get("workers", {})
-    return {"GPU": 1} if any("GPU" in (w.get("resources") or {}) for w in workers.values()) else None
-
-
 def _store_info(source: SlideSource, slide_ids) -> dict:
     """Encoder and geometry of the store; NicError when the slides do not share a code size."""
     dims = {}
@@ -777,7 +725,7 @@ def train_cohort(store, labels, out, model: str = "nic-cnn", task: str = "binary
 def _run_graph(client, store, out, model, task, spec, params, info, slide_ids, fold_of, records, token):
     from distributed import wait
 
-    resources = _gpu_resources(client)
+    resources = gpu_resources(client)
     futures = []
     jobs = [(int(k), [s for s, f in zip(slide_ids, fold_of) if f != k], [s for s, f in zip(slide_ids, fold_of) if f == k])
             for k in sorted(set(fold_of.tolist())) if k >= 0]

@@ -101,8 +101,7 @@ def connect(
 
 
 def gpu_resources(client) -> dict | None:
-    """``{"GPU": 1}`` when every worker declares a GPU resource, for pinning tasks; else None."""
-    workers = client.scheduler_info()["workers"].values()
-    if workers and all(w.get("resources", {}).get("GPU") for w in workers):
-        return {"GPU": 1}
-    return None
+    """``{"GPU": 1}`` when workers declare a GPU resource (dask-cuda-worker --resources GPU=1),
+    for pinning encode and training tasks to them; else None."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else None

@@ -32,7 +32,7 @@ class EncoderSettings:
     seed: int = 0
     precision: str = "auto"
     dihedral_mean: bool = False
-    batch_size: int = 256
+    batch_size: int | None = None  # None: 256 patches of 128 px, fewer of larger patches
     device: str = "auto"
 
     @property
@@ -56,6 +56,12 @@ def resolve_precision(precision: str, device: str) -> str:
     if precision != "auto":
         return precision
     return "fp16" if device == "cuda" else "bf16"
+
+
+def default_batch_size(patch_size: int) -> int:
+    """256 patches of 128 px, scaled by area for larger patches (64 of 224 px): activations of a
+    batch stay around the same few hundred MB whatever the encoder."""
+    return max(16, int(256 * (128 / patch_size) ** 2) // 16 * 16)
 
 
 def build_encoder(settings: EncoderSettings, device: str):
@@ -103,25 +109,55 @@ def encode_patches(encoder, patches, precision: str = "fp32", batch_size: int = 
     return np.concatenate(codes).astype(np.float16)
 
 
-def read_cells(slide, grid: Grid, block: Block, rows: np.ndarray, cols: np.ndarray):
-    """uint8 patches (n, P, P, 3) of cells (rows, cols) of ``block``, at the grid's µm/px.
+BAND_PX = 512
+"""Height of the strips a block is read in, at the grid's µm/px: a multiple of the usual 256 and
+512 px tiles, so that each JPEG tile is decoded once."""
 
-    The block's whole extent is read once (tile-aligned decoding beats many small reads), then
-    the tissue cells are gathered from it by fancy indexing, on the reader's device.
+
+def read_cells(slide, grid: Grid, block: Block, rows: np.ndarray, cols: np.ndarray):
+    """uint8 patches (n, P, P, 3) of cells (rows, cols) of ``block`` (row-major, as np.nonzero
+    gives them), at the grid's µm/px.
+
+    The block is read in horizontal bands of about :data:`BAND_PX`, each one region spanning
+    only the columns where that band has tissue: tile-aligned decoding without the background
+    beside the tissue. Cells are then gathered by fancy indexing, on the reader's device.
     """
-    height = (block.shape[0] - 1) * grid.stride + grid.patch_size
-    width = (block.shape[1] - 1) * grid.stride + grid.patch_size
-    x0, y0 = grid.cell_origin_px(np.array([block.y0]), np.array([block.x0]))
+    band = max(1, BAND_PX // grid.stride)
+    pieces = []
+    for first in range(0, block.shape[0], band):
+        in_band = (rows >= first) & (rows < first + band)
+        if in_band.any():
+            pieces.append(_read_span(slide, grid, block, rows[in_band], cols[in_band]))
+    xp = array_namespace(pieces[0])
+    return pieces[0] if len(pieces) == 1 else xp.concatenate(pieces)
+
+
+def _read_span(slide, grid: Grid, block: Block, rows: np.ndarray, cols: np.ndarray):
+    """The cells (rows, cols) of a block, from one region covering their bounding box."""
+    r0, c0 = int(rows.min()), int(cols.min())
+    height = int(rows.max() - r0) * grid.stride + grid.patch_size
+    width = int(cols.max() - c0) * grid.stride + grid.patch_size
+    x0, y0 = grid.cell_origin_px(np.array([block.y0 + r0]), np.array([block.x0 + c0]))
     region = slide.read_regions_at_mpp([(int(x0[0]), int(y0[0]))], (width, height), grid.mpp)[0]
     xp = array_namespace(region)
+    if grid.stride == grid.patch_size:  # abutting patches: a view of whole patches, then one gather
+        size = grid.patch_size
+        patches = region.reshape(height // size, size, width // size, size, 3).swapaxes(1, 2)
+        return patches[xp.asarray(rows - r0), xp.asarray(cols - c0)]
     offsets = xp.arange(grid.patch_size)
-    ys = xp.asarray(rows * grid.stride)[:, None] + offsets
-    xs = xp.asarray(cols * grid.stride)[:, None] + offsets
+    ys = xp.asarray((rows - r0) * grid.stride)[:, None] + offsets
+    xs = xp.asarray((cols - c0) * grid.stride)[:, None] + offsets
     return region[ys[:, :, None], xs[:, None, :]]
 
 
 class EncoderPlugin(WorkerPlugin):
-    """Worker plugin holding the encoder and a small cache of open slides on each worker."""
+    """Worker plugin holding the encoder and a small cache of open slides on each worker.
+
+    Idempotent: its name is derived from the settings, so later jobs on the same cluster with
+    the same encoder reuse the model already loaded on each worker.
+    """
+
+    idempotent = True
 
     def __init__(self, settings: EncoderSettings, max_open_slides: int = 8):
         self.settings = settings
@@ -140,6 +176,7 @@ class EncoderPlugin(WorkerPlugin):
             torch.set_num_threads(max(1, worker.state.nthreads))
         self.precision = resolve_precision(self.settings.precision, self.device)
         self.encoder = build_encoder(self.settings, self.device)
+        self.batch_size = self.settings.batch_size or default_batch_size(self.encoder.spec.patch_size)
 
     def teardown(self, worker=None):
         for slide in self._slides.values():
@@ -161,7 +198,7 @@ class EncoderPlugin(WorkerPlugin):
         return slide
 
     def encode(self, patches) -> np.ndarray:
-        return encode_patches(self.encoder, patches, self.precision, self.settings.batch_size)
+        return encode_patches(self.encoder, patches, self.precision, self.batch_size)
 
 
 def worker_plugin(settings: EncoderSettings) -> EncoderPlugin:
