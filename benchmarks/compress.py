@@ -10,6 +10,7 @@ On one synthetic slide at 0.5 µm/px with about 40% tissue it measures, in one r
 * the encoder floor: the encoder alone on random batches in its fastest setting;
 * the floor: on CPU both stages share the cores, so 1 / (1/decode + 1/encode); on a GPU, where
   they overlap, the smaller of the two;
+* the cost of ``--dihedral-mean`` (codes averaged over the 8 rotations/flips): row ``nic+dihedral``;
 * a worker's peak memory, on this slide and on a slide twice as wide and high.
 
 Results are appended to docs/benchmarks.md (section "Compression").
@@ -146,7 +147,7 @@ def end_to_end(slide_path: Path, store: Path, encoder: str, client) -> dict:
     from pipeline.encode import EncoderSettings
 
     shutil.rmtree(store, ignore_errors=True)
-    settings = EncoderSettings(encoder, random_init=encoder != "nic", precision="auto")
+    settings = EncoderSettings(encoder, random_init=not encoder.startswith("nic"), precision="auto")
     warm_up = store.parent / "warm-up"  # loads the encoder on every worker, as a previous job would
     make_slide(warm_up / "warm_up.tif", 2048)
     shutil.rmtree(warm_up / "warm-up.zarr", ignore_errors=True)
@@ -184,7 +185,7 @@ def main() -> None:
     slide = make_slide(args.workdir / f"bench_{args.size}.tif", args.size)
     rows = []
     with connect(dashboard=False) as client:
-        for encoder, patch in (("nic", 128), ("resnet50-trunc", 224)):
+        for encoder, patch in (("nic", 128), ("nic+dihedral", 128), ("resnet50-trunc", 224)):
             xs, ys = tissue_cells(slide, patch)
             decoders = {"cuCIM batched read_region": decode_floor_cucim(slide, xs, ys, patch),
                         "tifffile + imagecodecs raw tiles": decode_floor_tifffile(slide, xs, ys, patch)}

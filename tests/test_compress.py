@@ -209,8 +209,8 @@ def test_cli_reports_bad_slides_and_finishes_the_rest(tmp_path, synthetic_slide)
     base = [sys.executable, "-m", "pipeline", "compress", "--out", str(store), "--workers", "2"]
     first = subprocess.run(base + [str(synthetic_slide), str(tcga), str(empty)], capture_output=True, text=True)
     assert first.returncode == 1, first.stderr
-    assert f"FAILED {tcga}" in first.stderr and "--mpp" in first.stderr
-    assert f"FAILED {empty}" in first.stderr and "empty" in first.stderr.lower()
+    assert f"FAILED {tcga.resolve()}" in first.stderr and "--mpp" in first.stderr
+    assert f"FAILED {empty.resolve()}" in first.stderr and "empty" in first.stderr.lower()
     assert "dashboard: http" in first.stdout
     assert list_slides(store) == ["synth_kill"]
 
