@@ -115,6 +115,19 @@ def synth(out_dir, n_slides, width, height, mpp, lesion_fraction, positive_fract
 
 
 @main.command()
+def encoders():
+    """List the registry's encoders: patch size, stride, µm/px, code size, licence."""
+    from models.registry import DEFAULT_ALIAS, DEFAULT_ENCODER, get_spec, list_encoders
+
+    click.echo(f"{'name':<24} {'patch':>5} {'stride':>6} {'µm/px':>6} {'code':>5}  licence")
+    for name in list_encoders(include_aliases=False):
+        spec = get_spec(name)
+        marker = f"  (= {DEFAULT_ALIAS})" if name == DEFAULT_ENCODER else ""
+        click.echo(f"{name:<24} {spec.patch_size:>5} {spec.stride:>6} {spec.mpp:>6g} {spec.code_dim:>5}  "
+                   f"{(spec.licence or 'weights from your own file').split(';')[0][:60]}{marker}")
+
+
+@main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "store", required=True, type=click.Path(path_type=Path), help="Output Zarr store (one per cohort).")
 @click.option("--workers", type=int, default=None, help="Workers of the embedded local cluster (default: one per core, or per GPU).")
