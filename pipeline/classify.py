@@ -722,8 +722,10 @@ def train_cohort(store, labels, out, model: str = "nic-cnn", task: str = "binary
     return _write_outputs(out, model, task, spec, params, info, results, unlabelled, folds)
 
 
-def _run_graph(client, store, out, model, task, spec, params, info, slide_ids, fold_of, records, token):
-    from distributed import wait
+def _run_graph(client, store, out, model, task, spec, params, info, slide_ids, fold_of, records, token,
+               progress=True):
+    from distributed import as_completed
+    from tqdm.auto import tqdm
 
     resources = gpu_resources(client)
     futures = []
@@ -734,11 +736,10 @@ def _run_graph(client, store, out, model, task, spec, params, info, slide_ids, f
         key = f"train-{'final' if fold == 'final' else f'fold-{fold}'}-{model}-{token}"
         futures.append(client.submit(run_fold, str(store), str(out), fold, train_ids, test_ids, records, model,
                                      task, spec, params, info, key=key, pure=False, resources=resources))
-    wait(futures)
-    results = []
-    for future in futures:
-        results.append(future.result() | {"key": future.key})
-    return results
+    with tqdm(total=len(futures), desc=f"{model} folds + final model", unit="task", disable=not progress) as bar:
+        for _ in as_completed(futures):
+            bar.update(1)
+    return [future.result() | {"key": future.key} for future in futures]
 
 
 def _write_outputs(out, model, task, spec, params, info, results, unlabelled, folds) -> dict:
