@@ -213,19 +213,22 @@ def plot(results: dict, path: Path = FIGURE, probes: dict | None = None) -> None
     textures = [t for t in TEXTURES if any(r["texture"] == t for r in table)]
     if not textures:
         return
-    fig, axes = plt.subplots(1, len(textures), figsize=(5.2 * len(textures), 4.2), squeeze=False, sharey=True, sharex=True)
+    fig, axes = plt.subplots(1, len(textures), figsize=(5.6 * len(textures), 5.6), squeeze=False,
+                             sharey=True, sharex=True)
     colors = dict(zip(MODELS + tuple(VARIANTS), ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:olive")))
     for ax, texture in zip(axes[0], textures):
         groups = sorted({(r["slides"], r["size"]) for r in table if r["texture"] == texture})
+        single = iter(("*", "D", "s", "^", "v", "P"))
         for slides, size in groups:
             sub = [r for r in table if r["texture"] == texture and r["slides"] == slides and r["size"] == size]
             line = len(sub) > 1
+            marker = "o" if line else next(single)
             for model in columns(table):
                 pts = sorted((r["fraction"], r["aucs"][model]) for r in sub if r["aucs"].get(model) is not None)
                 if not pts:
                     continue
                 x, y = zip(*pts)
-                style = dict(color=colors[model], marker="o" if line else "*", ms=5 if line else 12,
+                style = dict(color=colors[model], marker=marker, ms=5 if line else (12 if marker == "*" else 7),
                              ls="-" if line else "none", alpha=1.0 if line else 0.9)
                 ax.plot(x, y, label=f"{model} ({slides}×{size}²)", **style)
             pts = sorted((r["fraction"], (probes or {})[r["name"]]["slide_auc_max_cell"]) for r in sub
@@ -242,7 +245,7 @@ def plot(results: dict, path: Path = FIGURE, probes: dict | None = None) -> None
         ax.set_ylim(0.3, 1.02)
         ax.set_xlim(1.5e-3, 0.7)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     axes[0][0].set_ylabel(f"pooled out-of-fold AUC ({FOLDS}-fold CV)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -285,13 +288,13 @@ def markdown(results: dict, probes: dict | None = None) -> str:
                      f"{r['lesion_um2_mean']:,.0f} | {r['realized_fraction_mean']:.4f} |")
     lines += ["", "Smallest tested lesion fraction down to which each model keeps AUC ≥ 0.9 at every tested "
               "fraction (sweeps with 3 or more fractions; – = not even at the largest):", "",
-              "| sweep | " + " | ".join(MODELS) + " |", "|---|" + "---|" * len(MODELS)]
+              "| sweep | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for key in sorted({(r["texture"], r["slides"], r["size"]) for r in table}):
         sub = [r for r in table if (r["texture"], r["slides"], r["size"]) == key]
         if len(sub) < 3:
             continue
         cells = []
-        for m in MODELS:
+        for m in cols:
             series = [(r["fraction"], r["aucs"].get(m)) for r in sub if m in r["aucs"]]
             value = limit(series) if series else None
             cells.append("not run" if not series else ("–" if value is None else f"{value:g}"))
