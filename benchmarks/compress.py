@@ -115,7 +115,7 @@ print(json.dumps(out))
 """
 
 
-def encoder_floor(name: str, patch: int, seconds: float = 20.0) -> dict:
+def encoder_floor(name: str, patch: int, seconds: float = 12.0) -> dict:
     """Patches/s of the encoder alone on random uint8 batches, fp32 and bf16 (channels-last),
     in fresh processes with tcmalloc preloaded as the workers have it: one process using every
     core, and one single-threaded process per core side by side (rates added). The best of the
