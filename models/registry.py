@@ -44,7 +44,7 @@ from models.encoders import (
 )
 from pipeline.errors import NicError
 
-DEFAULT_ENCODER = "nic-mtl4-tellez2020"
+DEFAULT_ENCODER = "nic-mtl-v1"
 """The encoder behind the ``nic`` alias (switch it here, and only here)."""
 
 DEFAULT_ALIAS = "nic"

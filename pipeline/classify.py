@@ -42,7 +42,7 @@ DEFAULTS: dict[str, dict] = {
     "nic-cnn": dict(crop=128, steps=2000, batch_size=16, lr=1e-3, lr_final_ratio=0.01,
                     weight_decay=1e-5, dropout=0.2, width=128, depth=8, n_strided=6,
                     pooling="max", hidden=128, cam_layer=1, cam_hires=False),
-    "abmil": dict(epochs=50, batch_size=8, lr=1e-4, weight_decay=5e-4, dropout=0.25, embed=128,
+    "abmil": dict(epochs=200, batch_size=8, lr=5e-4, weight_decay=5e-4, dropout=0.25, embed=128,
                   attention=64, max_cells=8192),
     "mean": dict(epochs=300, lr=1e-2, weight_decay=1e-3),
     "max": dict(epochs=300, lr=1e-2, weight_decay=1e-3),

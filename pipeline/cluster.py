@@ -52,7 +52,7 @@ def start_local_cluster(workers: int | None = None, threads_per_worker: int = 1,
     import dask
     from distributed import LocalCluster
 
-    address = ":8787" if dashboard else None
+    address = ":8787" if dashboard else ":0"  # ":0": a free port, never a clash with a running dashboard
     gpus = gpu_count()
     if gpus:
         try:

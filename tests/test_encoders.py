@@ -150,8 +150,8 @@ def test_registry_names_specs_and_default_alias():
     assert {"nic", "nic-mtl4-tellez2020", "nic-bigan-tellez2019", "resnet50-trunc"} <= set(names)
     enc = create_encoder("nic")
     assert isinstance(enc, Encoder) and not enc.training
-    assert enc.spec.name == DEFAULT_ENCODER == "nic-mtl4-tellez2020"
-    assert enc.weights_sha256 == sha256(weights_dir() / "nic-mtl4-tellez2020.safetensors")
+    assert enc.spec.name == DEFAULT_ENCODER == "nic-mtl-v1"
+    assert enc.weights_sha256 == sha256(weights_dir() / "nic-mtl-v1.safetensors")
     for name in H5:
         s = get_spec(name)
         assert (s.patch_size, s.stride, s.mpp, s.code_dim, s.normalisation) == (128, 128, 0.5, 128, "nic")
@@ -358,7 +358,7 @@ def test_save_encoder_writes_a_card_that_registers(tmp_path, scratch_registry):
 def test_dihedral_mean_is_flip_and_rotation_invariant():
     base = create_encoder("nic")
     enc = create_encoder("nic", dihedral_mean=True)
-    assert isinstance(enc, DihedralMean) and enc.spec.name == "nic-mtl4-tellez2020+dihedral"
+    assert isinstance(enc, DihedralMean) and enc.spec.name == DEFAULT_ENCODER + "+dihedral"
     assert enc.spec.code_dim == 128 and enc.weights_sha256 == base.weights_sha256
     x = random_patches(2, 128, seed=11)
     c = codes(enc, x)
