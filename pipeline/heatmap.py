@@ -57,21 +57,10 @@ def pca_rgb(features, tissue, background: str = "white", percentiles=(1.0, 99.0)
 
 
 def read_mask(path) -> np.ndarray:
-    """A lesion mask PNG as bool (h, w): pipeline.synth.read_lesion_mask when present, else PIL."""
-    try:
-        from .synth import read_lesion_mask
-    except ImportError:
-        read_lesion_mask = None
-    if read_lesion_mask is not None:
-        try:
-            return np.asarray(read_lesion_mask(path)) > 0
-        except TypeError:  # different signature: fall back to reading the PNG
-            pass
-    from PIL import Image
+    """A lesion mask PNG (or the slide it belongs to) as bool (h, w)."""
+    from .synth import read_lesion_mask
 
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("L"))
-    return array > 127
+    return np.asarray(read_lesion_mask(path)) > 0
 
 
 def _cell_step(coords: np.ndarray, attrs: dict) -> float:
@@ -89,12 +78,9 @@ def mask_um_per_px(mask_shape, meta: dict, slide_extent_um=None) -> tuple[float,
     """
     slide_mpp = meta["attrs"].get("slide_mpp")
     if slide_mpp:
-        try:
-            from .synth import MASK_DOWNSAMPLE
-        except ImportError:
-            MASK_DOWNSAMPLE = None
-        if MASK_DOWNSAMPLE:
-            return (float(MASK_DOWNSAMPLE * slide_mpp),) * 2
+        from .synth import MASK_DOWNSAMPLE
+
+        return (float(MASK_DOWNSAMPLE * slide_mpp),) * 2
     if slide_extent_um is not None:
         return slide_extent_um[0] / mask_shape[0], slide_extent_um[1] / mask_shape[1]
     _, ny, nx = meta["shape"]
@@ -132,10 +118,8 @@ def heatmap_auc(heat: np.ndarray, lesion_fraction: np.ndarray, threshold: float 
 def _find_slide(slides_dir, slide_id):
     if slides_dir is None:
         return None
-    try:
-        from .slides import find_slides
-    except ImportError:
-        return None
+    from .slides import find_slides
+
     for path in find_slides([Path(slides_dir)]):
         if Path(path).stem == slide_id or Path(path).name.split(".")[0] == slide_id:
             return Path(path)
