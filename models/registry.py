@@ -300,6 +300,39 @@ def get_spec(name_or_path: str) -> EncoderSpec:
     return spec
 
 
+def _resolve_weights(spec: EncoderSpec, sibling_weights, weights, random_init: bool, seed: int):
+    """(weights file or None, the sha256 an encoder reports); a shipped file is checked against its card."""
+    if random_init:
+        if weights is not None:
+            raise NicError(f"encoder {spec.name!r}: give either weights= or random_init=True, not both")
+        return None, f"random-init-seed{seed}"
+    path = weights or sibling_weights or spec.weights
+    if path is None:
+        raise NicError(
+            f"encoder {spec.name!r} needs a local weights file: "
+            f"create_encoder({spec.name!r}, weights='/path/to/weights.safetensors') "
+            "(only the NIC entries ship weights; nothing is downloaded), "
+            "or random_init=True for a seeded random network"
+        )
+    if not Path(path).is_file():
+        raise NicError(f"{path}: weights file not found (encoder {spec.name!r})")
+    sha = file_sha256(path)
+    if weights is None and spec.weights_sha256 and sha != spec.weights_sha256:
+        raise NicError(
+            f"{path}: sha256 {sha[:12]}... does not match the card's {spec.weights_sha256[:12]}... "
+            "(corrupted or replaced weights file; reinstall the package or re-run the conversion)"
+        )
+    return path, sha
+
+
+def weights_sha256(name_or_path: str, weights: str | Path | None = None, random_init: bool = False,
+                   seed: int = 0) -> str:
+    """The ``weights_sha256`` that :func:`create_encoder` would report, without building the network
+    (a client describing a job needs the identity of the weights, not the model)."""
+    entry, sibling_weights = _lookup(str(name_or_path).removesuffix(DIHEDRAL_SUFFIX))
+    return _resolve_weights(entry.spec, sibling_weights, weights, random_init, seed)[1]
+
+
 def create_encoder(name_or_path: str, weights: str | Path | None = None, random_init: bool = False,
                    seed: int = 0, *, dihedral_mean: bool = False,
                    device: str | torch.device | None = None) -> Encoder:
@@ -315,34 +348,12 @@ def create_encoder(name_or_path: str, weights: str | Path | None = None, random_
         name_or_path, dihedral_mean = name_or_path.removesuffix(DIHEDRAL_SUFFIX), True
     entry, sibling_weights = _lookup(name_or_path)
     spec = entry.spec
-    if random_init and weights is not None:
-        raise NicError(f"encoder {spec.name!r}: give either weights= or random_init=True, not both")
-
-    path = None if random_init else (weights or sibling_weights or spec.weights)
-    if not random_init:
-        if path is None:
-            raise NicError(
-                f"encoder {spec.name!r} needs a local weights file: "
-                f"create_encoder({spec.name!r}, weights='/path/to/weights.safetensors') "
-                "(only the NIC entries ship weights; nothing is downloaded), "
-                "or random_init=True for a seeded random network"
-            )
-        if not Path(path).is_file():
-            raise NicError(f"{path}: weights file not found (encoder {spec.name!r})")
+    path, sha = _resolve_weights(spec, sibling_weights, weights, random_init, seed)  # fails before building
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = entry.factory()
-
-    if random_init:
-        sha = f"random-init-seed{seed}"
-    else:
-        sha = file_sha256(path)
-        if weights is None and spec.weights_sha256 and sha != spec.weights_sha256:
-            raise NicError(
-                f"{path}: sha256 {sha[:12]}... does not match the card's {spec.weights_sha256[:12]}... "
-                "(corrupted or replaced weights file; reinstall the package or re-run the conversion)"
-            )
+    if path is not None:
         load_weights(net, path, spec.name)
 
     encoder: Encoder = Encoder(net, spec, sha)

@@ -97,14 +97,12 @@ def plan_jobs(paths, mpp: float | None = None, mpp_csv: str | None = None) -> li
 
 def compression_config(settings: EncoderSettings, block: int, min_tissue: float, mask_mpp: float) -> CompressionConfig:
     """The store settings for an encoder: its grid, code size and the hash of its weights."""
-    from models.registry import create_encoder
+    from models.registry import get_spec, weights_sha256
 
-    encoder = create_encoder(settings.name, weights=settings.weights, random_init=settings.random_init,
-                             seed=settings.seed)
-    spec = encoder.spec
+    spec = get_spec(settings.name)  # the spec and the weights' hash: no network is built here
     return CompressionConfig(
         encoder=spec.name,
-        encoder_sha256=encoder.weights_sha256,
+        encoder_sha256=weights_sha256(settings.name, settings.weights, settings.random_init, settings.seed),
         code_dim=spec.code_dim,
         mpp=spec.mpp,
         patch_size=spec.patch_size,
@@ -152,10 +150,11 @@ def detect_tissue(store: str, job: SlideJob, config: CompressionConfig) -> dict:
     done = done_blocks(group)
     todo, skipped = [], 0
     for block in iter_blocks(grid.shape, config.block):
+        cells = int((tissue[block.slices] >= config.min_tissue).sum())
         if done[block.index]:
             skipped += 1
-        elif (tissue[block.slices] >= config.min_tissue).any():
-            todo.append((block, int((tissue[block.slices] >= config.min_tissue).sum())))
+        elif cells:
+            todo.append((block, cells))
         else:
             write_block(group, block, None)  # background only: nothing to encode, no chunk
     return {"grid": grid, "todo": todo, "blocks_skipped": skipped, "tissue_cells": tissue_cells}

@@ -382,3 +382,13 @@ def test_encoder_on_gpu_matches_cpu():
     with torch.inference_mode():
         gpu = enc(torch.from_numpy(x).cuda()).cpu().numpy()
     np.testing.assert_allclose(gpu, cpu, atol=1e-4)
+
+
+def test_weights_sha256_names_the_weights_without_building_the_network():
+    from models.registry import weights_sha256
+
+    for name, kwargs in (("nic", {}), ("nic-bigan-tellez2019", {}), ("nic+dihedral", {}),
+                         ("resnet50-trunc", {"random_init": True, "seed": 3})):
+        assert weights_sha256(name, **kwargs) == create_encoder(name, **kwargs).weights_sha256
+    with pytest.raises(NicError, match="needs a local weights file"):
+        weights_sha256("resnet50-trunc")
