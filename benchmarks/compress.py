@@ -46,9 +46,9 @@ def make_slide(path: Path, size: int) -> Path:
 
 def tissue_cells(slide_path: Path, patch: int, min_tissue: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
     """The level-0 origins of the tissue cells, as the compression graph selects them."""
-    from pipeline.grid import Grid
-    from pipeline.slides import open_slide
-    from pipeline.tissue import cell_tissue_fraction, slide_tissue_mask
+    from pipeline.compress.grid import Grid
+    from pipeline.io import open_slide
+    from pipeline.compress.tissue import cell_tissue_fraction, slide_tissue_mask
 
     with open_slide(slide_path) as slide:
         grid = Grid(*slide.dimensions, slide.require_mpp(), 0.5, patch, patch)
@@ -99,7 +99,7 @@ def decode_floor_tifffile(slide_path: Path, xs, ys, patch: int) -> float:
 
 ENCODER_PROBE = """
 import json, sys, time, torch
-from pipeline.encode import build_encoder, encode_patches, EncoderSettings
+from pipeline.compress.encode import build_encoder, encode_patches, EncoderSettings
 name, patch, threads, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 torch.set_num_threads(threads)
 enc = build_encoder(EncoderSettings(name, random_init=True), "cpu")
@@ -120,7 +120,7 @@ def encoder_floor(name: str, patch: int, seconds: float = 12.0) -> dict:
     in fresh processes with tcmalloc preloaded as the workers have it: one process using every
     core, and one single-threaded process per core side by side (rates added). The best of the
     settings is the floor."""
-    from pipeline.cluster import _worker_environment
+    from pipeline.runtime.cluster import _worker_environment
 
     env = {**os.environ, **_worker_environment(), "PYTHONPATH": str(REPO)}
     cores = os.cpu_count() or 1
@@ -143,8 +143,8 @@ def end_to_end(slide_path: Path, store: Path, encoder: str, client) -> dict:
     """Patches/s of the compression graph on warm workers, and each worker's peak RSS."""
     import shutil
 
-    from pipeline.compress import compress, plan_jobs
-    from pipeline.encode import EncoderSettings
+    from pipeline.compress.graph import compress, plan_jobs
+    from pipeline.compress.encode import EncoderSettings
 
     shutil.rmtree(store, ignore_errors=True)
     settings = EncoderSettings(encoder, random_init=not encoder.startswith("nic"), precision="auto")
@@ -180,7 +180,7 @@ def main() -> None:
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
 
-    from pipeline.cluster import connect, tcmalloc_path
+    from pipeline.runtime.cluster import connect, tcmalloc_path
 
     slide = make_slide(args.workdir / f"bench_{args.size}.tif", args.size)
     rows = []

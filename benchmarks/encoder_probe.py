@@ -36,8 +36,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import tiles as T  # noqa: E402
-from pipeline.probe import format_table, probe  # noqa: E402
+from pipeline.encoder import tiles as T  # noqa: E402
+from pipeline.encoder.probe import format_table, probe  # noqa: E402
 
 DEFAULT_ENCODERS = [
     "nic-mtl4-tellez2020=nic-mtl4-tellez2020",
@@ -107,7 +107,7 @@ def encode_patches(encoder, patches: np.ndarray, batch: int = 64) -> np.ndarray:
 
 def split_probe(X, y, groups, test_groups: set[str]) -> dict:
     """Ridge probe fitted on the training groups and scored on the held-out ones."""
-    from pipeline.probe import make_model, score
+    from pipeline.encoder.probe import make_model, score
 
     test = np.isin(groups, sorted(test_groups))
     model = make_model("regression").fit(X[~test], y[~test])

@@ -124,7 +124,7 @@ def synthesize(cohort: Cohort, slides_dir: Path) -> Path:
 
 def cohort_sizes(slides_dir: Path, store: Path) -> dict:
     """Tissue cells per slide (store) and lesion size (synth masks) of a cohort, for the doc."""
-    from pipeline.store import list_slides, open_slide_tensor
+    from pipeline.compress.store import list_slides, open_slide_tensor
 
     meta = json.loads((slides_dir / "synth.json").read_text())
     cells = [float((open_slide_tensor(store, sid)["tissue"].values > 0).sum()) for sid in list_slides(store)]
@@ -141,7 +141,7 @@ def cohort_sizes(slides_dir: Path, store: Path) -> dict:
 def run_cohort(cohort: Cohort, work: Path, client, models=MODELS, folds: int = FOLDS) -> None:
     """Synthesize, compress and cross-validate every model of one cohort; skip what is done."""
     from pipeline.classify import train_cohort
-    from pipeline.compress import compress, plan_jobs
+    from pipeline.compress.graph import compress, plan_jobs
 
     results = load_results(work)
     entry = results.get(cohort.name, {})
@@ -338,8 +338,8 @@ def cell_probe(store: Path, slides_dir: Path, folds: int = FOLDS, seed: int = 0)
 
     import pandas as pd
     from pipeline.classify import SlideSource, assign_folds
-    from pipeline.heatmap import mask_to_grid, mask_um_per_px, read_mask
-    from pipeline.metrics import auc
+    from pipeline.classify.explain import mask_to_grid, mask_um_per_px, read_mask
+    from pipeline.classify.metrics import auc
 
     labels = pd.read_csv(slides_dir / "labels.csv", dtype={"slide_id": str})
     fold_of = assign_folds(labels, "binary", folds, seed)
@@ -378,7 +378,7 @@ def lesion_picture(slides_dir: Path, out: Path, context_px: int = 1024) -> Path:
     import pandas as pd
     from matplotlib.patches import Rectangle
 
-    from pipeline.slides import open_slide
+    from pipeline.io import open_slide
     from pipeline.synth import read_lesion_mask
 
     labels = pd.read_csv(slides_dir / "labels.csv", dtype={"slide_id": str})
@@ -433,7 +433,7 @@ def cli():
 @click.option("--models", default=",".join(MODELS), show_default=True)
 def run(work: Path, plans, workers: int, models: str):
     """Run the cohorts of the plans in order (finished ones are skipped)."""
-    from pipeline.cluster import connect
+    from pipeline.runtime.cluster import connect
 
     work.mkdir(parents=True, exist_ok=True)
     cohorts = []

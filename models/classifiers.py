@@ -4,7 +4,7 @@
 * :class:`GatedAttentionMIL` -- gated attention pooling over tissue cells (Ilse et al., ICML 2018).
 * :class:`PoolingLinear` -- mean / max pooling of the codes, then one linear layer (baselines).
 
-Plus the pieces they share: the 8 rotations/flips of a grid (dihedral group D4), output
+Plus the pieces they share: output
 activations per task and the Cox partial-likelihood loss for survival.
 All models are plain ``torch.nn.Module`` so they run on CPU and GPU alike.
 """
@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.dihedral import dihedral, dihedral_inverse  # noqa: F401  (re-exported for callers)
+
 MODELS = ("nic-cnn", "abmil", "mean", "max")
 TASKS = ("binary", "multiclass", "regression", "survival")
 
@@ -24,22 +26,6 @@ def n_outputs_for(task: str, n_classes: int = 2) -> int:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     return n_classes if task == "multiclass" else 1
-
-
-# --------------------------------------------------------------------------- dihedral group
-
-
-def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th of the 8 rotations/flips (k in 0..7) of the last two (spatial) dims."""
-    x = torch.rot90(x, k % 4, dims=(-2, -1))
-    return torch.flip(x, dims=(-1,)) if k >= 4 else x
-
-
-def dihedral_inverse(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Undo :func:`dihedral` (maps a transformed map back onto the original grid)."""
-    if k >= 4:
-        x = torch.flip(x, dims=(-1,))
-    return torch.rot90(x, -(k % 4), dims=(-2, -1))
 
 
 # --------------------------------------------------------------------------- task heads

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import NicError
+from models.dihedral import dihedral_views
+
+from models.errors import NicError
 
 if TYPE_CHECKING:  # pragma: no cover
     from models.registry import EncoderSpec
@@ -237,14 +239,6 @@ def as_tensor(patches) -> torch.Tensor:
     return torch.as_tensor(patches)  # __cuda_array_interface__ (CuPy): zero-copy on the GPU
 
 
-def dihedral_views(x: torch.Tensor, dims: tuple[int, int] = (1, 2)) -> list[torch.Tensor]:
-    """The 8 rotations/flips of a batch of images (spatial ``dims``, NHWC by default)."""
-    views = []
-    for flipped in (x, torch.flip(x, dims=(dims[1],))):
-        views.extend(torch.rot90(flipped, k, dims=dims) for k in range(4))
-    return views
-
-
 class DihedralMean(Encoder):
     """Mean of the codes of the 8 rotations/flips of each patch: a flip/rotation-invariant code."""
 
@@ -262,7 +256,7 @@ class DihedralMean(Encoder):
 
     def forward(self, patches) -> torch.Tensor:
         patches = as_tensor(patches)
-        views = dihedral_views(patches)
+        views = dihedral_views(patches, dims=(1, 2))  # NHWC
         n = patches.shape[0]
         codes = self.base(torch.cat(views, dim=0))
         return codes.view(8, n, -1).mean(dim=0)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.errors import NicError
+from models.errors import NicError
 
 
 @dataclass(frozen=True)

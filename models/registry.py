@@ -42,7 +42,7 @@ from models.encoders import (
     load_weights,
     normalisation_mean_std,
 )
-from pipeline.errors import NicError
+from models.errors import NicError
 
 DEFAULT_ENCODER = "nic-mtl-v1"
 """The encoder behind the ``nic`` alias (switch it here, and only here)."""

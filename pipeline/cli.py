@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .errors import NicError
+from pipeline.errors import NicError
 
 EXISTING_PATH = click.Path(exists=True, path_type=Path)
 
@@ -41,7 +41,7 @@ def main():
 @click.option("--mpp", type=float, default=None, help="Override the slide's µm/px.")
 def info(slide, as_json, mpp):
     """Describe SLIDE: format, reader, dimensions, pyramid levels, µm/px, vendor."""
-    from .slides import open_slide
+    from pipeline.io import open_slide
 
     with open_slide(slide, mpp=mpp) as opened:
         described = opened.describe()
@@ -93,7 +93,7 @@ def info(slide, as_json, mpp):
 def synth(out_dir, n_slides, width, height, mpp, lesion_fraction, positive_fraction, seed, texture,
           tile_labels, lesion_classes, pen_marks, artifacts, tile_mpp):
     """Write a synthetic cohort of pyramidal H&E-like slides, lesion masks and labels.csv."""
-    from .synth import CohortSpec, write_cohort
+    from pipeline.synth import CohortSpec, write_cohort
 
     spec = CohortSpec(
         n_slides=n_slides,
@@ -149,10 +149,10 @@ def encoders():
 def compress(paths, store, workers, scheduler, scheduler_file, encoder, weights, random_init, seed, mpp, mpp_csv,
              precision, dihedral_mean, device, block, min_tissue):
     """Compress slides (files or folders) into a Zarr store of per-slide code grids."""
-    from .cluster import connect
-    from .compress import compress as run_compress
-    from .compress import plan_jobs
-    from .encode import EncoderSettings
+    from pipeline.runtime.cluster import connect
+    from pipeline.compress.graph import compress as run_compress
+    from pipeline.compress.graph import plan_jobs
+    from pipeline.compress.encode import EncoderSettings
 
     jobs = plan_jobs(paths, mpp=mpp, mpp_csv=mpp_csv)
     if not jobs:
@@ -186,7 +186,7 @@ def _print_compress_report(report) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo(out_dir, n_slides, size, lesion_fraction, model, folds, workers, seed):
     """Synthesize a cohort, compress it, cross-validate a classifier and draw heatmaps."""
-    from .demo import DemoSpec, run_demo
+    from pipeline.demo import DemoSpec, run_demo
 
     run_demo(out_dir, DemoSpec(n_slides, size, lesion_fraction, seed, model, folds, workers))
 
@@ -198,7 +198,7 @@ def demo(out_dir, n_slides, size, lesion_fraction, model, folds, workers, seed):
               help="Folder (or file) of the slides, to draw their thumbnails alongside.")
 def view(store, out_dir, slides_dir):
     """Draw each compressed slide as a PCA-RGB picture beside its thumbnail."""
-    from .views import save_store_views
+    from pipeline.viz.views import save_store_views
 
     for path in save_store_views(store, out_dir, list(slides_dir)):
         click.echo(str(path))
@@ -209,7 +209,7 @@ def view(store, out_dir, slides_dir):
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def inspect(store, as_json):
     """List the slides of a store: status, grid shape, tissue cells, encoder."""
-    from .store import describe_store
+    from pipeline.compress.store import describe_store
 
     rows = describe_store(store)
     if as_json:
@@ -236,7 +236,7 @@ def inspect(store, as_json):
 @click.option("--seed", type=int, default=None, help="Override the seed.")
 def train_encoder_cmd(config, out_dir, data_root, exclude_task, name, init, epochs, lr, seed):
     """Train the NIC encoder by supervised multitask learning on the tasks of CONFIG (YAML)."""
-    from .train_encoder import train_encoder
+    from pipeline.encoder.train import train_encoder
 
     overrides = {k: v for k, v in {"name": name, "init": init, "seed": seed,
                                     "exclude_tasks": list(exclude_task) or None}.items() if v is not None}
@@ -267,7 +267,7 @@ def embed(tiles, out_file, encoder, weights, random_init, seed, mpp, crops, path
 
     from models.registry import create_encoder
 
-    from .tiles import embed_tiles, read_tile_list, write_features
+    from pipeline.encoder.tiles import embed_tiles, read_tile_list, write_features
 
     root, paths = read_tile_list(tiles, path_column)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -290,7 +290,7 @@ def embed(tiles, out_file, encoder, weights, random_init, seed, mpp, crops, path
 @click.option("--json", "out_json", type=click.Path(path_type=Path), default=None, help="Also write the result here.")
 def probe(features, labels, label_column, group_column, kind, folds, seed, out_json):
     """Linear probe of FEATURES.npz against --labels with group-aware cross-validation."""
-    from .probe import format_table, run_probe
+    from pipeline.encoder.probe import format_table, run_probe
 
     result = run_probe(features, labels, label_column=label_column, group_column=group_column or None,
                        kind=kind, n_splits=folds, seed=seed, out_json=out_json)
@@ -330,7 +330,7 @@ def _parse_params(pairs) -> dict:
 @click.option("--workers", type=int, default=None, help="Workers of the local cluster (no scheduler named).")
 def train_cmd(store, labels, run_dir, model, task, folds, seed, params, scheduler, scheduler_file, workers):
     """Cross-validate a slide-level model on compressed STORE, then train the final model."""
-    from .classify import metrics_summary, train_cohort
+    from pipeline.classify import metrics_summary, train_cohort
 
     metrics = train_cohort(store, labels, run_dir, model=model, task=task, folds=folds, seed=seed,
                            params=_parse_params(params), scheduler=scheduler,
@@ -345,7 +345,7 @@ def train_cmd(store, labels, run_dir, model, task, folds, seed, params, schedule
 @click.option("--out", "out_csv", required=True, type=click.Path(path_type=Path), help="Predictions CSV.")
 def predict_cmd(store, run_dir, out_csv):
     """Score the complete slides of STORE with the final model of a run."""
-    from .classify import predict_cohort
+    from pipeline.classify import predict_cohort
 
     frame = predict_cohort(store, run_dir, out_csv)
     click.echo(f"scored {len(frame)} slides -> {out_csv}")
@@ -361,7 +361,7 @@ def predict_cmd(store, run_dir, out_csv):
               help="Directory of <slide_id>_lesion.png masks (default: --slides).")
 def heatmap_cmd(store, run_dir, out_dir, slides_dir, masks_dir):
     """Explanation heatmap PNG per slide (Grad-CAM / attention / linear contribution) beside PCA-RGB."""
-    from .heatmap import explain_cohort
+    from pipeline.classify.explain import explain_cohort
 
     frame = explain_cohort(store, run_dir, out_dir, slides_dir=slides_dir, masks_dir=masks_dir)
     line = f"wrote {len(frame)} heatmaps to {out_dir}"

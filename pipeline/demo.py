@@ -29,7 +29,7 @@ class DemoSpec:
 
 def synthesize(slides_dir: Path, spec: DemoSpec) -> Path:
     """The synthetic cohort (slides, lesion masks, labels.csv); reused when already there."""
-    from .synth import CohortSpec, write_cohort
+    from pipeline.synth import CohortSpec, write_cohort
 
     labels = slides_dir / "labels.csv"
     if not labels.exists():
@@ -42,11 +42,11 @@ def synthesize(slides_dir: Path, spec: DemoSpec) -> Path:
 
 def run_demo(out_dir: Path, spec: DemoSpec = DemoSpec()) -> dict:
     """Run every step into ``out_dir``; returns the cross-validated metrics."""
-    from .classify import train_cohort
-    from .cluster import connect
-    from .compress import compress, plan_jobs
-    from .heatmap import explain_cohort
-    from .views import save_store_views
+    from pipeline.classify import train_cohort
+    from pipeline.runtime.cluster import connect
+    from pipeline.compress.graph import compress, plan_jobs
+    from pipeline.classify.explain import explain_cohort
+    from pipeline.viz.views import save_store_views
 
     out_dir = Path(out_dir)
     slides_dir, store = out_dir / "slides", out_dir / "cohort.zarr"

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 
+from models.errors import NicError
 
-class NicError(Exception):
-    """A failure the user can fix: bad input, bad option, incompatible store."""
+__all__ = ["NicError", "SlideError"]
 
 
 class SlideError(NicError):

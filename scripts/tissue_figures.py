@@ -22,8 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.slides import open_slide  # noqa: E402
-from pipeline.tissue import (  # noqa: E402
+from pipeline.io import open_slide  # noqa: E402
+from pipeline.compress.tissue import (  # noqa: E402
     cell_tissue_fraction,
     slide_image_at_mpp,
     slide_tissue_mask,

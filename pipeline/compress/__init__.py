@@ -1,0 +1,1 @@
+"""Compression: tissue, grid, the worker side, the task graph and the Zarr store."""

@@ -1,0 +1,348 @@
+"""Tissue detection on a low-resolution image of a slide.
+
+A pixel is tissue when it is coloured (HSV saturation above an Otsu threshold that is clamped
+to an absolute range, and optical density above a floor), its colour is one that H&E can make
+(not red, green, blue or black marker ink, judged by ratios of optical density), and it
+survives a morphological clean-up (closing, removal of small specks, filling of small holes).
+The method, its parameters and its measured accuracy are in docs/tissue.md.
+
+The array functions are written once for NumPy and CuPy: the namespace comes from the input
+(``array_namespace``) and the image operations from skimage/scipy.ndimage or
+cucim.skimage/cupyx.scipy.ndimage (:mod:`pipeline.arrays`), so CPU tests exercise the code that
+runs on the GPU.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numpy as np
+
+from pipeline.runtime.arrays import array_namespace, is_cupy, ndimage, skimage, to_numpy
+from pipeline.errors import SlideError
+
+DEFAULT_MASK_MPP = 8.0
+"""µm per pixel of the tissue mask (and the resolution ``tissue_mask`` assumes by default)."""
+
+# Foreground (coloured, not white) thresholds. Saturation is HSV S = (max - min) / max.
+MIN_SATURATION = 0.05  # absolute floor: glass/background stays below it (near-white guard)
+MAX_SATURATION = 0.10  # absolute ceiling: pale tissue is above it even if Otsu splits tissue
+MIN_OD = 0.05  # mean optical density floor, -ln((I+1)/256): I > ~242 is background
+
+# Marker ink: H&E absorbs green most. Green/blue ink absorbs red more than green, red ink
+# absorbs blue about as much as green (eosin transmits blue). Ratios of optical density.
+PEN_RED_OVER_GREEN = 1.0  # OD_R / OD_G above this: green or blue ink
+PEN_BLUE_OVER_GREEN = 0.75  # OD_B / OD_G above this: red ink, if it also absorbs little red
+PEN_RED_MAX_R = 0.3  # ... (OD_R / OD_G below this: no haematoxylin in it) or is dark:
+PEN_RED_DARK_OD = 0.9  # ... mean OD above this
+PEN_RED_EXTRA = 0.05  # OD_B / OD_G above PEN_BLUE_OVER_GREEN + this: red ink whatever else
+PEN_STRICT_RED_OVER_GREEN = 1.3  # the same rules on unsmoothed OD, for thin lines
+PEN_STRICT_BLUE_OVER_GREEN = 0.85
+PEN_STRICT_MIN_OD = 0.3  # ... on pixels this dark: ink lines are dense, pale membranes are not
+GLASS_MAX_OD = 0.15  # glass is brighter than this (I > ~220)
+PEN_MIN_OD = 0.15  # ratios are noise below this mean OD
+PEN_MAX_OD = 2.0  # darker than this (< 14 % of light through) is thick ink, not tissue
+PEN_MIN_UM2 = 2_000.0  # thin-line ink components smaller than this are stain noise, not ink
+PEN_SMOOTH_UM = 16.0  # Gaussian sigma on OD before the ratios: judges regions, not pixel noise
+PEN_MARGIN_UM = 16.0  # pen masks are grown by this much to take the blended ink edges
+
+# Morphology, in µm so it means the same at any resolution.
+CLOSING_UM = 16.0  # radius of the closing disk: joins tissue split by a pixel or two of gap
+MIN_OBJECT_UM2 = 10_000.0  # 0.01 mm², about 100 x 100 µm: smaller specks are dust or debris
+MAX_HOLE_UM2 = 20_000.0  # holes smaller than this (vessels, fat cells) count as tissue
+
+
+def _remove_small(func, mask, n_px: int):
+    """Call remove_small_objects/holes removing components of fewer than ``n_px`` pixels.
+
+    skimage >= 0.26 (and cucim 26) take ``max_size`` (removes size <= max_size); older
+    versions take ``min_size``/``area_threshold`` (removes size < threshold).
+    """
+    if n_px <= 1:
+        return mask
+    if "max_size" in inspect.signature(func).parameters:
+        return func(mask, max_size=n_px - 1)
+    return func(mask, n_px)
+
+
+# --- per-pixel measures ---------------------------------------------------------------------------
+
+
+def optical_density(rgb):
+    """Optical density -ln((I + 1) / 256) per channel, float32 (h, w, 3); 0 for white."""
+    xp = array_namespace(rgb)
+    return -xp.log((rgb[..., :3].astype(xp.float32) + 1.0) / 256.0)
+
+
+def saturation(rgb):
+    """HSV saturation (max - min) / max of a uint8 RGB image, float32 (h, w); 0 for grey."""
+    xp = array_namespace(rgb)
+    c = rgb[..., :3].astype(xp.float32)
+    hi = c.max(axis=-1)
+    lo = c.min(axis=-1)
+    return (hi - lo) / xp.maximum(hi, 1.0)
+
+
+def pen_mask(rgb, mpp: float = DEFAULT_MASK_MPP, od=None):
+    """Pixels whose colour H&E cannot make: red, green, blue or black marker ink (bool (h, w)).
+
+    H&E absorbs green light most (haematoxylin purple, eosin pink). Green and blue inks absorb
+    red more than green (OD_R / OD_G > 1.0). Red ink absorbs blue nearly as much as green:
+    OD_B / OD_G > 0.8, or > 0.75 where it also absorbs little red (OD_R / OD_G < 0.3, no
+    haematoxylin) or is dark (mean OD > 0.9); H&E tissue on the fixtures stays at 0.45-0.7,
+    eosin-rich tissue with a blue-absorbing eosin up to ~0.78. Thick ink of any colour is
+    darker than tissue at low resolution (mean OD > 2). The glass OD
+    (:func:`glass_od`) is subtracted first. These rules are applied to OD smoothed over
+    PEN_SMOOTH_UM (regions, not pixel noise), and stricter ones (ratios 1.3 / 0.85, mean
+    OD > 0.3) to the raw OD to catch thin lines, keeping only raw-rule components of at least
+    PEN_MIN_UM2. Only pixels with mean OD > PEN_MIN_OD are judged. ``mpp``: µm/px of ``rgb``.
+    """
+    xp = array_namespace(rgb)
+    if od is None:
+        od = optical_density(rgb)
+    od = xp.maximum(od - glass_od(rgb, od), 0.0)
+    pen = _ink(od, PEN_RED_OVER_GREEN, PEN_BLUE_OVER_GREEN)
+    sigma = PEN_SMOOTH_UM / mpp
+    if sigma >= 0.5:
+        thin = _ink(od, PEN_STRICT_RED_OVER_GREEN, PEN_STRICT_BLUE_OVER_GREEN, PEN_STRICT_MIN_OD)
+        thin = _remove_small(skimage(xp, "morphology").remove_small_objects, thin, int(PEN_MIN_UM2 / mpp**2))
+        smooth = ndimage(xp).gaussian_filter(od, sigma=(sigma, sigma, 0), mode="nearest")
+        pen = _ink(smooth, PEN_RED_OVER_GREEN, PEN_BLUE_OVER_GREEN) | thin
+    return pen
+
+
+def glass_od(rgb, od=None):
+    """OD (3,) of the glass: median over bright, unsaturated pixels (0 if too few of them).
+
+    Subtracted before judging colours, so that pale tissue on tinted glass is judged by its
+    stain and not by the tint of the glass.
+    """
+    xp = array_namespace(rgb)
+    if od is None:
+        od = optical_density(rgb)
+    glass = (saturation(rgb) < MIN_SATURATION) & (od.mean(axis=-1) < GLASS_MAX_OD)
+    if int(glass.sum()) < max(16, glass.size // 100):
+        return xp.zeros(3, dtype=od.dtype)
+    return xp.median(od[glass], axis=0).astype(od.dtype)
+
+
+def _ink(od, red_over_green: float, blue_over_green: float, min_od: float = PEN_MIN_OD):
+    """The per-pixel ink rule on an OD image (see :func:`pen_mask`)."""
+    xp = array_namespace(od)
+    r, g, b = od[..., 0], od[..., 1], od[..., 2]
+    mean = od.mean(axis=-1)
+    g = xp.maximum(g, 1e-3)
+    red_hue = (r < PEN_RED_MAX_R * g) | (mean > PEN_RED_DARK_OD)
+    red = ((b > blue_over_green * g) & red_hue) | (b > (blue_over_green + PEN_RED_EXTRA) * g)
+    ratio = (r > red_over_green * g) | red
+    return (mean > min_od) & (ratio | (mean > PEN_MAX_OD))
+
+
+def _saturation_threshold(sat, valid) -> float:
+    """Otsu's threshold on saturation, clamped to [MIN_SATURATION, MAX_SATURATION].
+
+    The floor stops Otsu from splitting the noise of a near-uniform white image; the ceiling
+    stops it from splitting pale from dark tissue when tissue fills the image.
+    """
+    xp = array_namespace(sat)
+    values = sat[valid] if valid is not None else sat.ravel()
+    if values.size == 0 or float(values.max() - values.min()) < 1e-3:
+        return MIN_SATURATION
+    t = float(skimage(xp, "filters").threshold_otsu(values))
+    return min(max(t, MIN_SATURATION), MAX_SATURATION)
+
+
+# --- masks ----------------------------------------------------------------------------------------
+
+
+def tissue_mask(rgb, mpp: float = DEFAULT_MASK_MPP, *, remove_pen: bool = True):
+    """Tissue mask of an RGB(A) uint8 image: bool (h, w) in the input's namespace.
+
+    ``mpp`` (µm per pixel of ``rgb``) scales the morphology; the default suits the 8 µm/px
+    images made by ``slide_tissue_mask``. Background, near-white images, specks and (with
+    ``remove_pen``) marker ink are rejected. A transparent alpha channel counts as background.
+    """
+    xp = array_namespace(rgb)
+    if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
+        raise ValueError(f"tissue_mask expects an (h, w, 3|4) RGB(A) image, got shape {rgb.shape}")
+    valid = rgb[..., 3] > 0 if rgb.shape[-1] == 4 else None
+    rgb = rgb[..., :3]
+
+    od = optical_density(rgb)
+    sat = ndimage(xp).median_filter(saturation(rgb), size=3)  # as CLAM: denoise before Otsu
+    t = _saturation_threshold(sat, valid)
+    mask = (sat > t) & (od.mean(axis=-1) > MIN_OD)
+    if valid is not None:
+        mask &= valid
+
+    pen = None
+    if remove_pen:
+        pen = pen_mask(rgb, mpp, od) & mask
+        pen = _dilate(pen, PEN_MARGIN_UM / mpp)
+        mask &= ~pen
+
+    morphology = skimage(xp, "morphology")
+    mask = _close(mask, CLOSING_UM / mpp)
+
+    mask = _remove_small(morphology.remove_small_objects, mask, int(MIN_OBJECT_UM2 / mpp**2))
+    mask = _remove_small(morphology.remove_small_holes, mask, int(MAX_HOLE_UM2 / mpp**2))
+    if pen is not None:
+        mask &= ~pen  # closing and hole filling must not bring ink back
+    if valid is not None:
+        mask &= valid
+    return mask
+
+
+def _dilate(mask, radius: float):
+    """Binary dilation by a disk of ``radius`` px (Euclidean distance transform: any radius)."""
+    if radius < 1 or not bool(mask.any()):
+        return mask
+    return ndimage(array_namespace(mask)).distance_transform_edt(~mask) <= radius
+
+
+def _close(mask, radius: float):
+    """Binary closing by a disk of ``radius`` px; outside the image counts as tissue for the
+    erosion (as the distance transform measures only to zeros inside), so edges are kept."""
+    if radius < 1 or not bool(mask.any()):
+        return mask
+    dilated = _dilate(mask, radius)
+    return ndimage(array_namespace(mask)).distance_transform_edt(dilated) > radius
+
+
+# --- slides ---------------------------------------------------------------------------------------
+
+
+def slide_tissue_mask(
+    slide,
+    mask_mpp: float = DEFAULT_MASK_MPP,
+    *,
+    require_tissue: bool = True,
+    max_strip_pixels: int = 16 * 1024 * 1024,
+):
+    """Tissue mask of a whole slide at ``mask_mpp`` µm/px -> (mask numpy bool (h, w), mask_mpp).
+
+    Reads the finest pyramid level not coarser than ``mask_mpp`` in horizontal strips of at most
+    ``max_strip_pixels`` pixels (never a huge level whole), averages integer blocks of it,
+    resamples to exactly ``mask_mpp`` (pixel (i, j) covers [j, j+1) x [i, i+1) * mask_mpp µm
+    from the slide origin; area beyond the slide is white) and runs :func:`tissue_mask`.
+    Raises SlideError when no tissue is found, unless ``require_tissue`` is False.
+    """
+    image = slide_image_at_mpp(slide, mask_mpp, max_strip_pixels=max_strip_pixels)
+    mask = to_numpy(tissue_mask(image, mpp=mask_mpp))
+    if require_tissue and not mask.any():
+        raise SlideError(
+            slide.path,
+            f"no tissue found at {mask_mpp:g} µm/px: the slide looks blank (background only or "
+            "marker ink); check the file, or pass require_tissue=False to accept an empty mask",
+        )
+    return mask, float(mask_mpp)
+
+
+def slide_image_at_mpp(slide, target_mpp: float, *, max_strip_pixels: int = 16 * 1024 * 1024):
+    """The whole slide as a uint8 NumPy RGB image at exactly ``target_mpp`` µm/px.
+
+    Output shape is ceil(level-0 size * mpp / target_mpp); the part of the last row/column of
+    pixels beyond the slide is white.
+    """
+    base_mpp = slide.require_mpp()
+    level = slide.level_for_mpp(target_mpp)
+    downsample = float(slide.level_downsamples[level])
+    level_mpp = base_mpp * downsample
+    width0, height0 = slide.dimensions
+    level_w = max(1, int(math.floor(width0 / downsample)))
+    level_h = max(1, int(math.floor(height0 / downsample)))
+    if hasattr(slide, "level_dimensions"):
+        level_w, level_h = (int(v) for v in slide.level_dimensions[level])
+
+    # Integer block averaging in strips, to an intermediate image no coarser than the target.
+    k = max(1, int(math.floor(target_mpp / level_mpp + 1e-6)))
+    rows = max(k, (max_strip_pixels // max(level_w, 1)) // k * k)
+    strips = []
+    for y in range(0, level_h, rows):
+        h = min(rows, level_h - y)
+        region = slide.read_region((0, int(round(y * downsample))), (level_w, h), level=level)
+        strips.append(to_numpy(_block_mean(region[..., :3], k)))
+    small = np.concatenate(strips, axis=0)
+
+    out_h = max(1, math.ceil(height0 * base_mpp / target_mpp - 1e-6))
+    out_w = max(1, math.ceil(width0 * base_mpp / target_mpp - 1e-6))
+    return _resample(small, level_mpp * k, target_mpp, (out_h, out_w))
+
+
+def _block_mean(rgb, k: int):
+    """Mean over k x k blocks (float32); ragged edge blocks are padded with white."""
+    xp = array_namespace(rgb)
+    if k == 1:
+        return rgb.astype(xp.float32)
+    h, w, c = rgb.shape
+    ph, pw = (-h) % k, (-w) % k
+    x = rgb.astype(xp.float32)
+    if ph or pw:
+        x = xp.pad(x, ((0, ph), (0, pw), (0, 0)), constant_values=255.0)
+    return x.reshape((h + ph) // k, k, (w + pw) // k, k, c).mean(axis=(1, 3))
+
+
+def _resample(image: np.ndarray, src_mpp: float, dst_mpp: float, shape) -> np.ndarray:
+    """Resample a float RGB image from ``src_mpp`` to ``dst_mpp`` µm/px, origin-anchored.
+
+    Output pixel i has its centre at (i + 0.5) * dst_mpp µm, i.e. source coordinate
+    (i + 0.5) * s - 0.5 with s = dst_mpp / src_mpp; a Gaussian prefilter (sigma (s - 1) / 2,
+    as skimage.transform.resize uses) stands in for area averaging. Outside is white.
+    """
+    import scipy.ndimage as ndi
+
+    s = dst_mpp / src_mpp
+    image = image.astype(np.float32)
+    if abs(s - 1.0) < 1e-6 and image.shape[:2] == tuple(shape):
+        return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    if s > 1:
+        image = ndi.gaussian_filter(image, sigma=((s - 1) / 2, (s - 1) / 2, 0), mode="nearest")
+    out = np.empty((*shape, 3), np.float32)
+    for c in range(3):
+        ndi.affine_transform(
+            image[..., c],
+            matrix=[s, s],
+            offset=[0.5 * s - 0.5, 0.5 * s - 0.5],
+            output_shape=tuple(shape),
+            output=out[..., c],
+            order=1,
+            mode="constant",
+            cval=255.0,
+        )
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+# --- grid -----------------------------------------------------------------------------------------
+
+
+def cell_tissue_fraction(mask, mask_mpp: float, cell_um: float, grid_shape):
+    """Fraction of each grid cell covered by tissue: float32 (ny, nx), same namespace as ``mask``.
+
+    Cell (i, j) covers [j, j+1) x [i, i+1) * cell_um µm from the slide origin; mask pixel (a, b)
+    covers [b, b+1) x [a, a+1) * mask_mpp µm. The overlap is exact for any ratio of the two
+    sizes (bilinear interpolation of the summed-area table is exact for piecewise-constant
+    pixels); area beyond the mask counts as no tissue, so edge cells get their true fraction.
+    """
+    xp = array_namespace(mask)
+    ny, nx = (int(v) for v in grid_shape)
+    h, w = mask.shape
+    sat = xp.zeros((h + 1, w + 1), dtype=xp.float64)
+    sat[1:, 1:] = xp.cumsum(xp.cumsum(mask.astype(xp.float64), axis=0), axis=1)
+
+    scale = cell_um / mask_mpp  # cell size in mask pixels
+    ys = xp.clip(xp.arange(ny + 1, dtype=xp.float64) * scale, 0, h)
+    xs = xp.clip(xp.arange(nx + 1, dtype=xp.float64) * scale, 0, w)
+    rows = _interp_rows(sat, ys)  # (ny + 1, w + 1)
+    corners = _interp_rows(rows.T, xs).T  # (ny + 1, nx + 1)
+    area = corners[1:, 1:] - corners[:-1, 1:] - corners[1:, :-1] + corners[:-1, :-1]
+    return (area / scale**2).clip(0.0, 1.0).astype(xp.float32)
+
+
+def _interp_rows(table, pos):
+    """Linear interpolation of the rows of ``table`` at fractional row positions ``pos``."""
+    xp = array_namespace(table)
+    n = table.shape[0]
+    i0 = xp.clip(xp.floor(pos).astype(xp.int64), 0, max(n - 2, 0))
+    t = (pos - i0)[:, None]
+    i1 = xp.minimum(i0 + 1, n - 1)
+    return table[i0] * (1.0 - t) + table[i1] * t

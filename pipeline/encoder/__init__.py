@@ -1,0 +1,1 @@
+"""Patch encoders: labelled tiles, multitask training, linear probes."""

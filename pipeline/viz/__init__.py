@@ -1,0 +1,1 @@
+"""Pictures: PCA-RGB views of compressed slides, heatmaps."""

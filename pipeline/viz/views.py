@@ -1,0 +1,64 @@
+"""Pictures of compressed slides: the slide thumbnail beside the PCA-RGB view of its codes.
+
+The first three principal components of a slide's codes, taken over its tissue cells, become
+red, green and blue: regions the encoder sees alike get alike colours, so a glance tells whether
+the compression kept the tissue's structure (tumour, stroma, fat apart) and where it encoded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.classify.explain import pca_rgb
+from pipeline.io import find_slides, open_slide
+from pipeline.compress.store import list_slides, open_slide_tensor
+
+
+def slide_files_by_id(folders) -> dict[str, Path]:
+    """Slide files under ``folders`` by slide id (file name without extension)."""
+    return {path.stem: path for path in find_slides(folders)} if folders else {}
+
+
+def save_compressed_view(store, slide_id: str, out_png: Path, slide_path: Path | None = None) -> Path:
+    """Write one PNG: thumbnail (when the slide file is given) | PCA-RGB of the compressed slide."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ds = open_slide_tensor(store, slide_id)
+    features, tissue = ds["features"].values, ds["tissue"].values
+    rgb = pca_rgb(features, tissue >= ds.attrs["min_tissue"])
+    cell = ds.attrs["stride"] * ds.attrs["mpp"]
+    extent = (0, tissue.shape[1] * cell, tissue.shape[0] * cell, 0)  # µm, image convention
+    panels = [("compressed: PCA of the codes to RGB", rgb, extent)]
+    if slide_path is not None:
+        with open_slide(slide_path, mpp=ds.attrs["slide_mpp"]) as slide:
+            width, height = slide.dimensions
+            thumb = slide.thumbnail(1024)
+        panels.insert(0, ("slide", thumb, (0, width * ds.attrs["slide_mpp"], height * ds.attrs["slide_mpp"], 0)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), dpi=100, squeeze=False)
+    for ax, (title, image, ext) in zip(axes[0], panels):
+        ax.imshow(image, extent=ext, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("µm")
+    encoded = int(np.any(features != 0, axis=0).sum())
+    fig.suptitle(f"{slide_id}: {features.shape[0]} x {tissue.shape[0]} x {tissue.shape[1]} tensor, "
+                 f"{encoded} cells encoded by {ds.attrs['encoder']}", fontsize=10)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+def save_store_views(store, out_dir: Path, slides=None) -> list[Path]:
+    """One view PNG per complete slide of ``store``; thumbnails from the slide files under ``slides``."""
+    files = slide_files_by_id(slides)
+    return [
+        save_compressed_view(store, slide_id, Path(out_dir) / f"{slide_id}.png", files.get(slide_id))
+        for slide_id in list_slides(store)
+    ]

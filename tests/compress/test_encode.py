@@ -1,0 +1,47 @@
+"""Worker-side reading and encoding: the patches gathered from block reads are the slide's pixels."""
+
+import numpy as np
+import pytest
+
+from pipeline.compress.encode import BAND_PX, EncoderPlugin, EncoderSettings, default_batch_size, encode_patches, read_cells
+from pipeline.compress.grid import Grid, iter_blocks
+from pipeline.io import open_slide
+
+from tests.conftest import shared_path
+
+
+@pytest.mark.parametrize("patch, stride", [(128, 128), (224, 112), (96, 128)])
+def test_gathered_cells_are_the_slide_pixels(patch, stride):
+    with open_slide(shared_path("slides", "CMU-1-Small-Region.svs"), mpp=0.5) as slide:
+        grid = Grid(*slide.dimensions, 0.5, 0.5, patch, stride)
+        block = next(iter(iter_blocks(grid.shape, 8)))
+        rng = np.random.default_rng(0)
+        cells = np.flatnonzero(rng.random(block.shape[0] * block.shape[1]) < 0.4)
+        rows, cols = np.unravel_index(cells, block.shape)  # row-major, as np.nonzero gives them
+        patches = read_cells(slide, grid, block, rows, cols)
+        assert patches.shape == (len(rows), patch, patch, 3)
+        for k in (0, len(rows) // 2, len(rows) - 1):
+            x, y = grid.cell_origin_px(np.array([block.y0 + rows[k]]), np.array([block.x0 + cols[k]]))
+            np.testing.assert_array_equal(patches[k], slide.read_region((int(x[0]), int(y[0])), (patch, patch)))
+
+
+def test_a_tall_block_is_read_in_bands_and_keeps_the_cell_order():
+    assert BAND_PX // 128 < 16  # a 16-row block needs several bands
+    with open_slide(shared_path("slides", "CMU-1-Small-Region.svs"), mpp=0.5) as slide:
+        grid = Grid(*slide.dimensions, 0.5, 0.5, 128, 128)
+        block = next(iter(iter_blocks(grid.shape, 16)))
+        rows, cols = np.nonzero(np.ones(block.shape, bool))
+        patches = read_cells(slide, grid, block, rows, cols)
+        whole = slide.read_region((0, 0), (block.shape[1] * 128, block.shape[0] * 128))
+        expected = whole.reshape(block.shape[0], 128, block.shape[1], 128, 3).swapaxes(1, 2).reshape(-1, 128, 128, 3)
+        np.testing.assert_array_equal(patches, expected)
+
+
+def test_plugin_encodes_like_the_encoder_and_sizes_batches_by_patch_area():
+    assert default_batch_size(128) == 256 and default_batch_size(224) == 80
+    plugin = EncoderPlugin(EncoderSettings(precision="fp32", device="cpu"))
+    plugin.setup()
+    patches = np.random.default_rng(1).integers(0, 256, (300, 128, 128, 3), dtype=np.uint8)
+    codes = plugin.encode(patches)
+    assert codes.shape == (300, 128) and codes.dtype == np.float16
+    np.testing.assert_allclose(codes, encode_patches(plugin.encoder, patches, "fp32", 64), rtol=1e-3, atol=1e-3)

@@ -1,0 +1,265 @@
+"""Synthetic slides: pyramid seen by both readers, determinism, lesion truth, cohort files."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from pipeline.synth import core as synth
+from pipeline.errors import NicError
+from tests.conftest import shared_path
+
+MPP = 0.5
+
+
+@pytest.fixture(scope="module")
+def positive(tmp_path_factory):
+    """A 2500 x 2100 slide (3 levels) with a 10 % lesion and pen marks."""
+    path = tmp_path_factory.mktemp("pos") / "pos.tif"
+    return synth.write_synthetic_slide(path, 2500, 2100, mpp=MPP, seed=11, lesion_fraction=0.1, pen_marks=True)
+
+
+def _block_mean(img, f):
+    h, w = img.shape[0] // f * f, img.shape[1] // f * f
+    return img[:h, :w].reshape(h // f, f, w // f, f, -1).mean(axis=(1, 3))
+
+
+def test_pyramid_rule():
+    assert synth.pyramid_downsamples(30_000, 30_000) == [1, 4, 16, 64]
+    assert synth.pyramid_downsamples(8192, 8192) == [1, 4, 16]
+    assert synth.pyramid_downsamples(100_000, 100_000)[-1] == 256
+    assert synth.pyramid_downsamples(400, 300) == [1]
+    assert synth.level_dimensions(2500, 2100) == [(2500, 2100), (625, 525), (157, 132)]
+
+
+def test_both_readers_see_levels_and_mpp(positive):
+    openslide = pytest.importorskip("openslide")
+    cucim = pytest.importorskip("cucim")
+    dims = [(2500, 2100), (625, 525), (157, 132)]
+    assert positive.level_dimensions == dims
+    with openslide.OpenSlide(str(positive.path)) as slide:
+        assert slide.level_count == 3
+        assert [tuple(d) for d in slide.level_dimensions] == dims
+        assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(MPP)
+        assert float(slide.properties["openslide.mpp-y"]) == pytest.approx(MPP)
+        assert slide.properties["openslide.vendor"] == "aperio"
+        region_os = np.asarray(slide.read_region((1000, 800), 0, (300, 200)))[..., :3]
+    image = cucim.CuImage(str(positive.path))
+    assert image.resolutions["level_count"] == 3
+    assert [tuple(d) for d in image.resolutions["level_dimensions"]] == dims
+    assert float(image.metadata["aperio"]["MPP"]) == pytest.approx(MPP)
+    region_cu = np.asarray(image.read_region((1000, 800), (300, 200), 0))
+    np.testing.assert_array_equal(region_cu, region_os)
+
+
+def test_tiff_layout_separate_ifds_and_resolution(positive):
+    with tifffile.TiffFile(positive.path) as tif:
+        assert len(tif.pages) == 3                          # one IFD per level, no SubIFDs
+        for level, page in enumerate(tif.pages):
+            assert page.is_tiled and page.tilewidth == page.tilelength == 256
+            assert page.compression == tifffile.COMPRESSION.JPEG
+            assert not page.subifds
+            x_res = page.tags["XResolution"].value
+            assert x_res[0] / x_res[1] == pytest.approx(1e4 / (MPP * 4**level))
+            assert page.tags["ResolutionUnit"].value == tifffile.RESUNIT.CENTIMETER
+        desc = tif.pages[0].description
+        assert desc.startswith("Aperio Image Library v12.0.0 \n2500x2100 [0,0 2500x2100] (256x256) JPEG Q=90|")
+        assert "|MPP = 0.5" in desc and "|AppMag = 20" in desc
+
+
+def test_levels_agree(positive):
+    with tifffile.TiffFile(positive.path) as tif:
+        level0 = tif.pages[0].asarray()[:2048, :2048].astype(np.float32)
+        level1 = tif.pages[1].asarray()[:512, :512].astype(np.float32)
+    coarse0 = _block_mean(level0, 32)
+    coarse1 = _block_mean(level1, 8)
+    assert np.abs(coarse0 - coarse1).mean() < 6.0
+    assert coarse0.std() > 10                               # not a blank image
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a = synth.write_synthetic_slide(tmp_path / "a.tif", 1100, 700, seed=3, lesion_fraction=0.2, workers=1)
+    b = synth.write_synthetic_slide(tmp_path / "b.tif", 1100, 700, seed=3, lesion_fraction=0.2, workers=2)
+    c = synth.write_synthetic_slide(tmp_path / "c.tif", 1100, 700, seed=4, lesion_fraction=0.2)
+    assert a.path.read_bytes() == b.path.read_bytes()
+    np.testing.assert_array_equal(a.lesion_mask, b.lesion_mask)
+    pixels_a = tifffile.imread(a.path)
+    pixels_c = tifffile.imread(c.path)
+    assert np.abs(pixels_a.astype(int) - pixels_c).mean() > 5
+    assert not np.array_equal(a.tissue_mask, c.tissue_mask)
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.05, 0.2, 0.4])
+@pytest.mark.parametrize("size", [(8192, 8192), (30_000, 20_000), (40_000, 512)])
+def test_lesion_fraction_accurate(fraction, size):
+    width, height = size
+    fields = synth.build_fields(width, height, MPP, seed=7, lesion_fraction=fraction)
+    tissue, lesion = fields.tissue_mask, fields.lesion_mask
+    assert tissue.shape == synth.mask_shape(width, height)
+    assert 0.1 < tissue.mean() < 0.9
+    assert not (lesion & ~tissue).any()
+    assert lesion.sum() / tissue.sum() == pytest.approx(fraction, rel=0.1)
+
+
+def test_lesion_is_compact_blobs():
+    from scipy import ndimage
+
+    fields = synth.build_fields(16_384, 16_384, MPP, seed=2, lesion_fraction=0.05)
+    labels, n = ndimage.label(fields.lesion_mask)
+    sizes = np.bincount(labels.ravel())[1:]
+    assert sizes.max() / sizes.sum() > 0.3                  # a few big blobs, not confetti
+    assert (sizes >= 10).sum() <= 6
+
+
+def test_lesion_looks_different_from_normal_tissue(positive):
+    """Lesion pixels are darker and more haematoxylin-blue than the rest of the tissue."""
+    assert positive.lesion_fraction == pytest.approx(0.1, rel=0.1)
+    with tifffile.TiffFile(positive.path) as tif:
+        level0 = tif.pages[0].asarray().astype(np.float32)
+    cells = _block_mean(level0, synth.MASK_DOWNSAMPLE)      # one colour per mask pixel
+    h, w = cells.shape[:2]
+    lesion = positive.lesion_mask[:h, :w]
+    normal = positive.tissue_mask[:h, :w] & ~lesion & ~positive.pen_mask[:h, :w]
+    from scipy import ndimage
+
+    lesion = ndimage.binary_erosion(lesion, iterations=1)  # away from the soft edges
+    normal = ndimage.binary_erosion(normal, iterations=1)
+    assert lesion.sum() > 10 and normal.sum() > 100
+    les, nor = cells[lesion], cells[normal]
+    assert les.mean() < nor.mean() - 25                     # darker
+    assert (les[:, 2] - les[:, 0]).mean() > (nor[:, 2] - nor[:, 0]).mean() + 15   # bluer
+    # and the separation holds per 64 µm patch, not just on average
+    assert np.percentile(les.mean(axis=1), 95) < np.percentile(nor.mean(axis=1), 5)
+
+
+def test_pen_marks_are_ink_coloured(positive):
+    pen = positive.pen_mask
+    assert pen.any()
+    with tifffile.TiffFile(positive.path) as tif:
+        level1 = tif.pages[1].asarray().astype(np.float32)
+    cells = _block_mean(level1, synth.MASK_DOWNSAMPLE // 4)
+    h, w = cells.shape[:2]
+    inked = cells[pen[:h, :w] & ~positive.tissue_mask[:h, :w]]
+    glass = cells[~pen[:h, :w] & ~positive.tissue_mask[:h, :w]]
+    assert inked.size and glass.size
+    assert glass.mean(axis=1).mean() > 225
+    assert inked.mean() < glass.mean() - 40
+
+
+def test_negative_slide_has_no_lesion(tmp_path):
+    truth = synth.write_synthetic_slide(tmp_path / "neg.tif", 1024, 1024, seed=5, lesion_fraction=0.0)
+    assert truth.label == 0 and truth.lesion_fraction == 0.0
+    assert not truth.lesion_mask.any() and truth.tissue_mask.any()
+    synth.write_masks(truth)
+    assert not synth.read_lesion_mask(truth.path).any()
+    np.testing.assert_array_equal(synth.read_tissue_mask(truth.path), truth.tissue_mask)
+
+
+def test_cohort_files_and_labels(tmp_path):
+    spec = synth.CohortSpec(n_slides=4, width=1024, height=900, lesion_fraction=0.15, seed=21)
+    table = synth.write_cohort(tmp_path, spec)
+    on_disk = pd.read_csv(tmp_path / "labels.csv")
+    assert list(on_disk.columns) == ["slide_id", "label", "lesion_fraction"]
+    assert list(on_disk.slide_id) == ["synth_000", "synth_001", "synth_002", "synth_003"]
+    assert on_disk.label.sum() == 2
+    pd.testing.assert_frame_equal(on_disk, table, check_dtype=False)
+    for row in on_disk.itertuples():
+        lesion = synth.read_lesion_mask(tmp_path / f"{row.slide_id}.tif")
+        tissue = synth.read_tissue_mask(tmp_path / f"{row.slide_id}_tissue.png")
+        assert lesion.shape == tissue.shape == synth.mask_shape(1024, 900)
+        assert row.lesion_fraction == pytest.approx(lesion.sum() / tissue.sum())
+        assert (row.label == 1) == lesion.any()
+        if row.label:
+            assert row.lesion_fraction == pytest.approx(0.15, rel=0.1)
+    # the assignment is from the seed, not the order of calls
+    assert list(synth.cohort_assignment(4, 0.5, 21)) == list(on_disk.label)
+    assert synth.cohort_assignment(10, 0.3, 1).sum() == 3
+
+
+def test_cli_synth(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, ["synth", str(tmp_path), "--slides", "2", "--width", "700",
+                                       "--height", "600", "--lesion-fraction", "0.2", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "labels.csv")
+    assert sorted(table.label) == [0, 1]
+    bad = CliRunner().invoke(main, ["synth", str(tmp_path / "x"), "--slides", "1", "--width", "300",
+                                    "--height", "300", "--texture", "paint"])
+    assert bad.exit_code == 2 and "unknown texture" in bad.output
+
+
+def test_long_strip_streams_in_bounded_memory(tmp_path):
+    """40,000 x 512: level 0 alone would be 61 MB of pixels; tiles are streamed instead."""
+    synth.write_synthetic_slide(tmp_path / "warm.tif", 300, 300)     # imports outside the trace
+    tracemalloc.start()
+    truth = synth.write_synthetic_slide(tmp_path / "strip.tif", 40_000, 512, seed=1, lesion_fraction=0.05)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 45e6                                      # level 0 alone is 61 MB
+    with tifffile.TiffFile(truth.path) as tif:
+        assert [p.shape[:2] for p in tif.pages] == [(h, w) for w, h in synth.level_dimensions(40_000, 512)]
+        level0 = tif.pages[0].asarray()
+    last = (np.nonzero(truth.tissue_mask.any(axis=0))[0].max() - 2) * synth.MASK_DOWNSAMPLE
+    assert last > 30_000
+    assert level0[:, last - 1000:last].min() < 200          # tissue drawn up to the far end
+
+
+def test_tiles_texture_from_kather(tmp_path):
+    tiles = shared_path("tiles", "kather2016_samples")
+    truth = synth.write_synthetic_slide(tmp_path / "k.tif", 2048, 1536, seed=2, lesion_fraction=0.1,
+                                        texture=f"tiles:{tiles}")
+    assert truth.lesion_fraction == pytest.approx(0.1, rel=0.1)
+    with tifffile.TiffFile(truth.path) as tif:
+        assert len(tif.pages) == 2                          # 2048 and 512 px wide
+        level0 = tif.pages[0].asarray().astype(np.float32)
+    cells = _block_mean(level0, synth.MASK_DOWNSAMPLE)
+    h, w = cells.shape[:2]
+    tissue = truth.tissue_mask[:h, :w]
+    assert cells[~tissue].mean() > 230                      # glass stays glass
+    assert cells[tissue].mean() < 215                       # tissue is stained
+    # lesion pixels come from the tumour tiles: compare with a tumour tile's colour
+    from PIL import Image
+
+    tumour = np.mean([np.asarray(Image.open(p).convert("RGB"), np.float32).mean(axis=(0, 1))
+                      for p in sorted((tiles / "01_TUMOR").iterdir())], axis=0)
+    from scipy import ndimage
+
+    core = ndimage.binary_erosion(truth.lesion_mask[:h, :w], iterations=2)
+    assert core.any()
+    assert np.abs(cells[core].mean(axis=0) - tumour).max() < 30
+
+
+def test_tiles_texture_errors(tmp_path):
+    tiles = shared_path("tiles", "kather2016_samples")
+    with pytest.raises(NicError, match="no lesion tiles"):
+        synth.write_synthetic_slide(tmp_path / "x.tif", 600, 600, lesion_fraction=0.1,
+                                    texture=f"tiles:{tiles}", lesion_classes=("nothing",))
+    with pytest.raises(NicError, match="not found"):
+        synth.write_synthetic_slide(tmp_path / "y.tif", 600, 600, texture=f"tiles:{tmp_path / 'missing'}")
+
+
+def test_lesion_class_guess():
+    assert synth._is_lesion("01_TUMOR", None) and synth._is_lesion("lung_aca", None)
+    assert synth._is_lesion("lung_scc", None) and not synth._is_lesion("lung_n", None)
+    assert not synth._is_lesion("02_STROMA", None) and synth._is_background("08_EMPTY")
+    assert synth._guess_tile_mpp("/data/tiles/kather2016_samples") == 0.495
+    assert synth._guess_tile_mpp("/data/lc25000_lung/labels.csv") == 1.7
+
+
+def test_tiles_texture_from_labels_csv(tmp_path):
+    """LC25000 lung: lung_aca/lung_scc guessed as lesion, tiles at 1.7 µm/px upscaled."""
+    labels = shared_path("lc25000_lung", "labels.csv")
+    truth = synth.write_synthetic_slide(tmp_path / "lung.tif", 1600, 1200, seed=8, lesion_fraction=0.2,
+                                        texture="tiles", tile_labels=labels)
+    assert truth.lesion_fraction == pytest.approx(0.2, rel=0.1)
+    level0 = tifffile.imread(truth.path).astype(np.float32)
+    cells = _block_mean(level0, synth.MASK_DOWNSAMPLE)
+    h, w = cells.shape[:2]
+    assert cells[truth.tissue_mask[:h, :w]].mean() < cells[~truth.tissue_mask[:h, :w]].mean() - 20
