@@ -48,12 +48,13 @@ def tissue_cells(slide_path: Path, patch: int, min_tissue: float = 0.1) -> tuple
     """The level-0 origins of the tissue cells, as the compression graph selects them."""
     from pipeline.compress.grid import Grid
     from pipeline.io import open_slide
-    from pipeline.compress.tissue import cell_tissue_fraction, slide_tissue_mask
+    from pipeline.compress.grid import cell_coverage
+    from pipeline.compress.tissue import slide_tissue_mask
 
     with open_slide(slide_path) as slide:
         grid = Grid(*slide.dimensions, slide.require_mpp(), 0.5, patch, patch)
         mask, mask_mpp = slide_tissue_mask(slide, mask_mpp=8.0)
-    tissue = cell_tissue_fraction(mask, mask_mpp, grid.cell_um, grid.shape)
+    tissue = cell_coverage(mask, mask_mpp, grid.cell_um, grid.shape)
     rows, cols = np.nonzero(tissue >= min_tissue)
     print(f"grid {grid.shape}, {len(rows)} tissue cells ({len(rows) / tissue.size:.0%})", flush=True)
     return grid.cell_origin_px(rows, cols)

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.encoder import tiles as T  # noqa: E402
+from pipeline.io.masks import read_mask  # noqa: E402
 from pipeline.encoder.probe import format_table, probe  # noqa: E402
 
 DEFAULT_ENCODERS = [
@@ -84,7 +85,7 @@ def monuseg_patches(data: Path, which: str, size_for: int):
     xs, ys, gs = [], [], []
     for rel in rels:
         image = T.read_rgb(root / "images" / rel)
-        mask = T.read_mask(root / "masks" / (rel.stem + ".png"))
+        mask = read_mask(root / "masks" / (rel.stem + ".png")).astype(np.float32)
         image, _, mask = T.prepare_image(image, MONUSEG_MPP, 0.5, mask)
         h, w = mask.shape
         for cy in np.linspace(112, h - 112, 4):

@@ -338,7 +338,8 @@ def cell_probe(store: Path, slides_dir: Path, folds: int = FOLDS, seed: int = 0)
 
     import pandas as pd
     from pipeline.classify import SlideSource, assign_folds
-    from pipeline.classify.explain import mask_to_grid, mask_um_per_px, read_mask
+    from pipeline.classify.explain import mask_to_grid, mask_um_per_px
+    from pipeline.io.masks import mask_downsample, read_mask
     from pipeline.classify.metrics import auc
 
     labels = pd.read_csv(slides_dir / "labels.csv", dtype={"slide_id": str})
@@ -349,7 +350,8 @@ def cell_probe(store: Path, slides_dir: Path, folds: int = FOLDS, seed: int = 0)
         x, rc = source.bag(sid)
         meta = source.meta(sid)
         mask = read_mask(slides_dir / f"{sid}_lesion.png")
-        lesion = mask_to_grid(mask, meta, mask_um_per_px(mask.shape, meta))
+        scale = mask_um_per_px(mask.shape, meta, downsample=mask_downsample(slides_dir / f"{sid}_lesion.png"))
+        lesion = mask_to_grid(mask, meta, scale)
         codes.append(x)
         cell_y.append(lesion[rc[:, 0], rc[:, 1]] >= 0.25)
         slide_of.append(np.full(len(x), i))

@@ -23,8 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline.io import open_slide  # noqa: E402
+from pipeline.compress.grid import cell_coverage  # noqa: E402
 from pipeline.compress.tissue import (  # noqa: E402
-    cell_tissue_fraction,
     slide_image_at_mpp,
     slide_tissue_mask,
     tissue_mask,
@@ -64,7 +64,7 @@ def slide_figure(path, out, mpp=None, mask_mpp=8.0):
 def synthetic_iou(truth, mask, mask_mpp):
     """IoU with the true tissue mask on its 16 µm grid (a cell is tissue when > half of it is),
     outside the ink, and the share of inked cells kept as tissue."""
-    pred = cell_tissue_fraction(mask, mask_mpp, truth.mask_mpp, truth.tissue_mask.shape) > 0.5
+    pred = cell_coverage(mask, mask_mpp, truth.mask_mpp, truth.tissue_mask.shape) > 0.5
     off_ink = ~truth.pen_mask
     iou = (pred & truth.tissue_mask & off_ink).sum() / ((pred | truth.tissue_mask) & off_ink).sum()
     ink_kept = float(pred[truth.pen_mask].mean()) if truth.pen_mask.any() else 0.0

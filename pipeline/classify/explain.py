@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.compress.grid import cell_coverage
+from pipeline.io.masks import mask_downsample, read_mask
 from pipeline.runtime.arrays import array_namespace
 from pipeline.errors import NicError
 
@@ -56,31 +58,22 @@ def pca_rgb(features, tissue, background: str = "white", percentiles=(1.0, 99.0)
     return out
 
 
-def read_mask(path) -> np.ndarray:
-    """A lesion mask PNG (or the slide it belongs to) as bool (h, w)."""
-    from pipeline.synth import read_lesion_mask
-
-    return np.asarray(read_lesion_mask(path)) > 0
-
-
 def _cell_step(coords: np.ndarray, attrs: dict) -> float:
     if len(coords) > 1:
         return float(np.median(np.diff(coords)))
     return float(attrs.get("stride", attrs.get("patch_size", 1)) * attrs.get("mpp", 1.0))
 
 
-def mask_um_per_px(mask_shape, meta: dict, slide_extent_um=None) -> tuple[float, float]:
+def mask_um_per_px(mask_shape, meta: dict, slide_extent_um=None, downsample: int | None = None) -> tuple[float, float]:
     """(y, x) µm per pixel of a lesion mask covering the whole slide.
 
-    ``<slide_id>_lesion.png`` masks follow nic synth's scale (MASK_DOWNSAMPLE level-0 px per
-    mask px, times the store's ``slide_mpp``); otherwise the slide's extent is used when known
-    (slide file given), else the mask is taken to cover the grid's extent.
+    A mask that records its downsample (``nic synth`` masks do) is scaled by the store's
+    ``slide_mpp``; otherwise the slide's extent is used when known (slide file given), else the
+    mask is taken to cover the grid's extent.
     """
     slide_mpp = meta["attrs"].get("slide_mpp")
-    if slide_mpp:
-        from pipeline.synth import MASK_DOWNSAMPLE
-
-        return (float(MASK_DOWNSAMPLE * slide_mpp),) * 2
+    if downsample and slide_mpp:
+        return (float(downsample * slide_mpp),) * 2
     if slide_extent_um is not None:
         return slide_extent_um[0] / mask_shape[0], slide_extent_um[1] / mask_shape[1]
     _, ny, nx = meta["shape"]
@@ -89,21 +82,9 @@ def mask_um_per_px(mask_shape, meta: dict, slide_extent_um=None) -> tuple[float,
 
 
 def mask_to_grid(mask: np.ndarray, meta: dict, um_per_px: tuple[float, float]) -> np.ndarray:
-    """Fraction (ny, nx) of each grid cell covered by a full-slide ``mask`` (box average)."""
-    mask = np.asarray(mask, dtype=np.float64)
-    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1))
-    integral[1:, 1:] = mask.cumsum(0).cumsum(1)
-
-    def bounds(centres, step, um_per_px, limit):
-        lo = np.clip(np.round((centres - step / 2) / um_per_px), 0, limit).astype(int)
-        hi = np.clip(np.round((centres + step / 2) / um_per_px), 0, limit).astype(int)
-        return lo, np.maximum(hi, np.minimum(lo + 1, limit))
-
-    r0, r1 = bounds(meta["y"], _cell_step(meta["y"], meta["attrs"]), um_per_px[0], mask.shape[0])
-    c0, c1 = bounds(meta["x"], _cell_step(meta["x"], meta["attrs"]), um_per_px[1], mask.shape[1])
-    total = (integral[r1][:, c1] - integral[r0][:, c1] - integral[r1][:, c0] + integral[r0][:, c0])
-    area = np.outer(r1 - r0, c1 - c0).astype(float)
-    return np.where(area > 0, total / np.maximum(area, 1), 0.0).astype(np.float32)
+    """Fraction (ny, nx) of each grid cell covered by a full-slide ``mask``."""
+    _, ny, nx = meta["shape"]
+    return cell_coverage(np.asarray(mask), um_per_px, _cell_step(meta["y"], meta["attrs"]), (ny, nx))
 
 
 def heatmap_auc(heat: np.ndarray, lesion_fraction: np.ndarray, threshold: float = 0.5) -> float:
@@ -199,7 +180,8 @@ def explain_cohort(store, run_dir, out_dir, slides_dir=None, masks_dir=None, sli
         lesion = None
         if mask_path is not None and mask_path.exists():
             mask = read_mask(mask_path)
-            lesion = mask_to_grid(mask, meta, mask_um_per_px(mask.shape, meta, extent_um))
+            scale = mask_um_per_px(mask.shape, meta, extent_um, mask_downsample(mask_path))
+            lesion = mask_to_grid(mask, meta, scale)
         row = {"slide_id": sid, **prediction, "n_tissue_cells": int(np.isfinite(heat).sum())}
         if lesion is not None:
             row["n_lesion_cells"] = int(((lesion >= 0.5) & np.isfinite(heat)).sum())

@@ -135,14 +135,15 @@ def detect_tissue(store: str, job: SlideJob, config: CompressionConfig) -> dict:
     """Task: tissue mask, grid and slide group; returns the grid and the blocks still to encode."""
     import zarr
 
-    from pipeline.compress.tissue import cell_tissue_fraction, slide_tissue_mask
+    from pipeline.compress.grid import cell_coverage
+    from pipeline.compress.tissue import slide_tissue_mask
 
     with open_slide(job.path, mpp=job.mpp) as slide:
         grid = Grid(*slide.dimensions, slide.require_mpp(), config.mpp, config.patch_size, config.stride)
         if 0 in grid.shape:
             raise SlideError(job.path, f"smaller than one {config.patch_size} px patch at {config.mpp} µm/px")
         mask, mask_mpp = slide_tissue_mask(slide, mask_mpp=config.mask_mpp)
-    tissue = np.asarray(cell_tissue_fraction(mask, mask_mpp, grid.cell_um, grid.shape))
+    tissue = np.asarray(cell_coverage(mask, mask_mpp, grid.cell_um, grid.shape))
     tissue_cells = int((tissue >= config.min_tissue).sum())
     if not tissue_cells:
         raise SlideError(job.path, f"no grid cell has {config.min_tissue:.0%} tissue; nothing to encode")

@@ -310,39 +310,3 @@ def _resample(image: np.ndarray, src_mpp: float, dst_mpp: float, shape) -> np.nd
             cval=255.0,
         )
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
-# --- grid -----------------------------------------------------------------------------------------
-
-
-def cell_tissue_fraction(mask, mask_mpp: float, cell_um: float, grid_shape):
-    """Fraction of each grid cell covered by tissue: float32 (ny, nx), same namespace as ``mask``.
-
-    Cell (i, j) covers [j, j+1) x [i, i+1) * cell_um µm from the slide origin; mask pixel (a, b)
-    covers [b, b+1) x [a, a+1) * mask_mpp µm. The overlap is exact for any ratio of the two
-    sizes (bilinear interpolation of the summed-area table is exact for piecewise-constant
-    pixels); area beyond the mask counts as no tissue, so edge cells get their true fraction.
-    """
-    xp = array_namespace(mask)
-    ny, nx = (int(v) for v in grid_shape)
-    h, w = mask.shape
-    sat = xp.zeros((h + 1, w + 1), dtype=xp.float64)
-    sat[1:, 1:] = xp.cumsum(xp.cumsum(mask.astype(xp.float64), axis=0), axis=1)
-
-    scale = cell_um / mask_mpp  # cell size in mask pixels
-    ys = xp.clip(xp.arange(ny + 1, dtype=xp.float64) * scale, 0, h)
-    xs = xp.clip(xp.arange(nx + 1, dtype=xp.float64) * scale, 0, w)
-    rows = _interp_rows(sat, ys)  # (ny + 1, w + 1)
-    corners = _interp_rows(rows.T, xs).T  # (ny + 1, nx + 1)
-    area = corners[1:, 1:] - corners[:-1, 1:] - corners[1:, :-1] + corners[:-1, :-1]
-    return (area / scale**2).clip(0.0, 1.0).astype(xp.float32)
-
-
-def _interp_rows(table, pos):
-    """Linear interpolation of the rows of ``table`` at fractional row positions ``pos``."""
-    xp = array_namespace(table)
-    n = table.shape[0]
-    i0 = xp.clip(xp.floor(pos).astype(xp.int64), 0, max(n - 2, 0))
-    t = (pos - i0)[:, None]
-    i1 = xp.minimum(i0 + 1, n - 1)
-    return table[i0] * (1.0 - t) + table[i1] * t

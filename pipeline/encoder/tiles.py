@@ -47,15 +47,6 @@ def read_rgb(path: str | Path) -> np.ndarray:
         return np.ascontiguousarray(arr[..., :3]).astype(np.uint8)
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """A binary mask image as float32 ``(h, w)`` in {0, 1} (any non-zero grey value is 1)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        grey = np.asarray(im.convert("L"))
-    return (grey > 0).astype(np.float32)
-
-
 def list_images(root: str | Path) -> list[Path]:
     """Image files under ``root`` (recursive), sorted, as paths relative to ``root``."""
     root = Path(root)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import NicError
+from pipeline.io.masks import read_mask
 from pipeline.encoder import tiles as T
 
 DEFAULTS = {
@@ -151,7 +152,7 @@ def build_task(task_cfg: dict, config: dict, progress: bool = False) -> TaskData
     for row in tqdm(table.itertuples(), total=len(table), desc=f"load {task_cfg['name']}",
                     disable=not progress, leave=False):
         image = T.read_rgb(row.path)
-        mask = T.read_mask(row.mask) if kind == "mask_fraction" else None
+        mask = read_mask(row.mask).astype(np.float32) if kind == "mask_fraction" else None
         image, mpp, mask = T.prepare_image(image, row.mpp, target_mpp, mask)
         images.append(image)
         masks.append(mask)

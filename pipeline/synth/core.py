@@ -30,6 +30,7 @@ import numpy as np
 
 from models.dihedral import dihedral
 from pipeline.errors import NicError
+from pipeline.io.masks import mask_path, read_mask, write_mask
 
 TILE = 256
 MASK_DOWNSAMPLE = 32          # level-0 px per mask px (16 µm at 0.5 µm/px)
@@ -844,46 +845,22 @@ def _write_slide(path, width, height, mpp, seed, lesion_fraction, texture, pen_m
     )
 
 
-def _mask_path(slide_path: Path, kind: str) -> Path:
-    slide_path = Path(slide_path)
-    return slide_path.with_name(f"{slide_path.stem}_{kind}.png")
-
-
 def write_masks(truth: SlideTruth) -> tuple[Path, Path]:
     """Write <slide>_lesion.png and <slide>_tissue.png (0/255, 1 px = MASK_DOWNSAMPLE level-0 px)."""
-    from PIL import Image, PngImagePlugin
-
-    out = []
-    for kind, mask in (("lesion", truth.lesion_mask), ("tissue", truth.tissue_mask)):
-        info = PngImagePlugin.PngInfo()
-        info.add_text("nic:mask_downsample", str(truth.mask_downsample))
-        info.add_text("nic:slide_size", f"{truth.width}x{truth.height}")
-        p = _mask_path(truth.path, kind)
-        Image.fromarray(mask.astype(np.uint8) * 255).save(p, pnginfo=info)
-        out.append(p)
-    return tuple(out)
-
-
-def _read_mask(path, kind: str) -> np.ndarray:
-    from PIL import Image
-
-    path = Path(path)
-    if not path.name.endswith(f"_{kind}.png"):
-        path = _mask_path(path, kind)
-    if not path.exists():
-        raise NicError(f"{path}: no {kind} mask (written by `nic synth` beside each slide)")
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L")) > 127
+    return tuple(
+        write_mask(mask_path(truth.path, kind), mask, truth.mask_downsample, slide_size=f"{truth.width}x{truth.height}")
+        for kind, mask in (("lesion", truth.lesion_mask), ("tissue", truth.tissue_mask))
+    )
 
 
 def read_lesion_mask(path) -> np.ndarray:
     """Lesion mask (bool, 1 px = MASK_DOWNSAMPLE level-0 px) of a slide or its _lesion.png."""
-    return _read_mask(path, "lesion")
+    return read_mask(path, "lesion")
 
 
 def read_tissue_mask(path) -> np.ndarray:
     """Tissue mask (bool, same grid as the lesion mask) of a slide or its _tissue.png."""
-    return _read_mask(path, "tissue")
+    return read_mask(path, "tissue")
 
 
 def cohort_assignment(n_slides: int, positive_fraction: float, seed: int) -> np.ndarray:

