@@ -19,7 +19,6 @@ from local files (safetensors, or ``torch.load(weights_only=True)``); nothing is
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -114,31 +113,35 @@ def register_encoder(name: str, spec: EncoderSpec, factory: Callable[[], nn.Modu
         _ALIASES[alias] = name
 
 
+CARD_KWARG_TYPES = (bool, int, float, str)
+
+
 def resolve_architecture(architecture: str, **kwargs) -> Callable[[], nn.Module]:
     """A zero-argument factory for an architecture named in a card.
 
-    ``architecture`` is a key of ``models.encoders.ARCHITECTURES`` ("nic-cnn", "resnet50-trunc"),
-    ``timm:<name>``, or ``package.module:callable`` (imported when the encoder is created).
+    Cards are data, never code: ``architecture`` is a registered name
+    (``models.encoders.ARCHITECTURES``: "nic-cnn", "resnet50-trunc") or ``timm:<name>``, and its
+    keyword arguments are plain numbers, strings and booleans. A new architecture is added in
+    Python, with :func:`register_architecture`, not through a card.
     """
+    bad = [k for k, v in kwargs.items() if not isinstance(v, CARD_KWARG_TYPES)]
+    if bad:
+        raise NicError(f"architecture_kwargs {bad} must be numbers, strings or booleans")
     if architecture in ARCHITECTURES:
         return partial(ARCHITECTURES[architecture], **kwargs)
     if architecture.startswith(TIMM_PREFIX):
         return partial(build_timm, architecture.removeprefix(TIMM_PREFIX), **kwargs)
-    if ":" in architecture:
-        module, attr = architecture.split(":", 1)
-
-        def factory():
-            try:
-                fn = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError) as exc:
-                raise NicError(f"cannot import architecture {architecture!r}: {exc}") from exc
-            return fn(**kwargs)
-
-        return factory
     raise NicError(
-        f"unknown architecture {architecture!r}: use one of {sorted(ARCHITECTURES)}, "
-        f"'{TIMM_PREFIX}<name>' or 'package.module:callable'"
+        f"unknown architecture {architecture!r}: a card may name one of {sorted(ARCHITECTURES)} or "
+        f"'{TIMM_PREFIX}<name>' (register others in Python with models.registry.register_architecture)"
     )
+
+
+def register_architecture(name: str, builder: Callable[..., nn.Module]) -> None:
+    """Make ``name`` usable as a card's ``architecture`` (from Python code, which is trusted)."""
+    if name in ARCHITECTURES or name.startswith(TIMM_PREFIX):
+        raise NicError(f"architecture {name!r} is already registered")
+    ARCHITECTURES[name] = builder
 
 
 def read_card(path: str | Path) -> tuple[EncoderSpec, Callable[[], nn.Module], list[str]]:

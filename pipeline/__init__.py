@@ -1,4 +1,16 @@
-"""NIC pipeline: slides in, compressed Zarr tensors out, slide-level classifiers on top."""
+"""NIC pipeline: slides in, compressed Zarr tensors out, slide-level classifiers on top.
+
+The front door (``docs/api.md``)::
+
+    import pipeline as nic
+    report = nic.compress("slides/", "cohort.zarr")            # embedded cluster, or client=...
+    metrics = nic.train("cohort.zarr", "labels.csv", "runs/abmil")
+    nic.explain("cohort.zarr", "runs/abmil", "heatmaps/", slides_dir="slides/")
+
+Names load on first use, so ``import pipeline`` (and ``nic --help``) stays instant.
+"""
+
+from importlib import import_module
 
 try:
     from importlib.metadata import version as _version
@@ -6,3 +18,23 @@ try:
     __version__ = _version("nic-pipeline")
 except Exception:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
+
+__all__ = ["open_slide", "compress", "train", "predict", "explain", "create_encoder", "connect", "__version__"]
+
+# The subpackage pipeline.compress shares its name with the front door's compress(): load the
+# package now and drop its binding, so the attribute resolves to the function (below) while
+# `from pipeline.compress.graph import ...` keeps working through sys.modules.
+import_module("pipeline.compress")
+del compress  # noqa: F821 - bound by the import above
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        value = getattr(import_module("pipeline.api"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

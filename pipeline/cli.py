@@ -2,7 +2,8 @@
 
 Each command parses its options and hands over to one module function; the heavy
 imports (torch, dask, cuCIM) happen inside the command, so `nic --help` is instant.
-Expected failures (:class:`~pipeline.errors.NicError`) print one line and exit 2.
+Expected failures (:class:`~pipeline.errors.NicError`) print one line and exit 2; Ctrl-C prints
+one line and exits 130.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ class NicGroup(click.Group):
         except NicError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: run the same command again to go on where it stopped", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=NicGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,6 +62,139 @@ def info(slide, as_json, mpp):
                 )
         else:
             click.echo(f"{key}: {value}")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--slides", "n_slides", type=int, default=4, show_default=True, help="Slides in the cohort.")
+@click.option("--width", type=int, default=8192, show_default=True, help="Level-0 width in px.")
+@click.option("--height", type=int, default=8192, show_default=True, help="Level-0 height in px.")
+@click.option("--mpp", type=float, default=0.5, show_default=True, help="µm/px of level 0.")
+@click.option(
+    "--lesion-fraction",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="Lesion area as a fraction of the tissue, on positive slides.",
+)
+@click.option("--positive-fraction", type=float, default=0.5, show_default=True, help="Share of positive slides.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--texture",
+    default="synthetic",
+    show_default=True,
+    help="'synthetic' (procedural H&E) or 'tiles:DIR' (real tiles: normal tiles as tissue, tumour tiles as lesions).",
+)
+@click.option("--tile-labels", type=click.Path(exists=True, path_type=Path), default=None,
+              help="CSV path,label for --texture tiles:DIR (default: class = parent folder).")
+@click.option("--lesion-classes", default=None,
+              help="Comma-separated tile classes that count as lesion (default: a guess from the class names).")
+@click.option("--pen-marks/--no-pen-marks", default=False, show_default=True, help="Draw pen-mark artifacts.")
+@click.option("--artifacts/--no-artifacts", default=False, show_default=True,
+              help="Draw tissue folds (darker double-thickness bands).")
+@click.option("--tile-mpp", type=float, default=None,
+              help="µm/px of the --texture tiles (default: known datasets, else 0.5).")
+def synth(out_dir, n_slides, width, height, mpp, lesion_fraction, positive_fraction, seed, texture,
+          tile_labels, lesion_classes, pen_marks, artifacts, tile_mpp):
+    """Write a synthetic cohort of pyramidal H&E-like slides, lesion masks and labels.csv."""
+    from pipeline.synth import CohortSpec, write_cohort
+
+    spec = CohortSpec(
+        n_slides=n_slides,
+        width=width,
+        height=height,
+        mpp=mpp,
+        lesion_fraction=lesion_fraction,
+        positive_fraction=positive_fraction,
+        seed=seed,
+        texture=texture,
+        tile_labels=tile_labels,
+        lesion_classes=tuple(lesion_classes.split(",")) if lesion_classes else None,
+        pen_marks=pen_marks,
+        artifacts=artifacts,
+        tile_mpp=tile_mpp,
+    )
+    labels = write_cohort(out_dir, spec, progress=True)
+    click.echo(f"wrote {len(labels)} slides and labels.csv to {out_dir}")
+
+
+@main.command()
+def encoders():
+    """List the registry's encoders: patch size, stride, µm/px, code size, licence."""
+    from models.registry import DEFAULT_ALIAS, DEFAULT_ENCODER, get_spec, list_encoders
+
+    click.echo(f"{'name':<24} {'patch':>5} {'stride':>6} {'µm/px':>6} {'code':>5}  licence")
+    for name in list_encoders(include_aliases=False):
+        spec = get_spec(name)
+        marker = f"  (= {DEFAULT_ALIAS})" if name == DEFAULT_ENCODER else ""
+        click.echo(f"{name:<24} {spec.patch_size:>5} {spec.stride:>6} {spec.mpp:>6g} {spec.code_dim:>5}  "
+                   f"{(spec.licence or 'weights from your own file').split(';')[0][:60]}{marker}")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "store", required=True, type=click.Path(path_type=Path), help="Output Zarr store (one per cohort).")
+@click.option("--workers", type=int, default=None, help="Workers of the embedded local cluster (default: one per core, or per GPU).")
+@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler, e.g. tcp://node1:8786.")
+@click.option("--scheduler-file", type=click.Path(exists=True), default=None, help="Scheduler file of an existing cluster.")
+@click.option("--wait-workers", type=int, default=1, show_default=True,
+              help="Wait until this many workers have joined before submitting.")
+@click.option("--wait-timeout", type=float, default=300, show_default=True, help="Seconds to wait for them.")
+@click.option("--encoder", default="nic", show_default=True, help="Encoder name from the registry (see `nic encoders`).")
+@click.option("--weights", type=click.Path(exists=True), default=None, help="Local weights file for the encoder.")
+@click.option("--random-init", is_flag=True, help="Seeded random weights instead of trained ones.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-init.")
+@click.option("--mpp", type=float, default=None, help="µm/px for slides whose metadata has none.")
+@click.option("--mpp-csv", type=click.Path(exists=True), default=None,
+              help="CSV slide_id,mpp: µm/px per slide, for slides whose metadata has none.")
+@click.option("--force-mpp", is_flag=True, help="Use --mpp / --mpp-csv even where the metadata has a µm/px.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: each worker picks fp16 on GPUs with tensor cores, bf16 on CPUs with native bf16, else fp32.")
+@click.option("--dihedral-mean", is_flag=True, help="Encode each patch as the mean code of its 8 rotations/flips.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where workers decode and encode: auto = the worker's GPU when it has one.")
+@click.option("--block", type=int, default=256, show_default=True,
+              help="Cells per block side: one task and one shard file each.")
+@click.option("--min-tissue", type=float, default=0.1, show_default=True, help="Tissue fraction a cell needs to be encoded.")
+@click.option("--verify", is_flag=True, help="Re-read finished slides' shards and check every checksum.")
+@click.option("--redo-changed", is_flag=True, help="Compress again slides whose file or µm/px changed.")
+def compress(paths, store, workers, scheduler, scheduler_file, wait_workers, wait_timeout, encoder, weights,
+             random_init, seed, mpp, mpp_csv, force_mpp, precision, dihedral_mean, device, block, min_tissue,
+             verify, redo_changed):
+    """Compress slides (files or folders) into a Zarr store of per-slide code grids."""
+    from models.registry import get_spec
+    from pipeline.api import compress as run_compress
+    from pipeline.compress.graph import plan_jobs
+    from pipeline.runtime.cluster import connect
+
+    jobs = plan_jobs(paths, mpp=mpp, mpp_csv=mpp_csv, force_mpp=force_mpp)
+    if not jobs:
+        raise click.UsageError("no slides found under the given paths")
+    spec = get_spec(encoder)
+    click.echo(f"encoder: {spec.name} ({(spec.licence or 'your own weights').split(';')[0]})")
+    with connect(scheduler, scheduler_file, workers) as client:
+        click.echo(f"dashboard: {client.dashboard_link}")
+        report = run_compress(jobs, store, client, encoder=encoder, weights=weights, random_init=random_init, seed=seed,
+                              precision=precision, dihedral_mean=dihedral_mean, device=device, block=block,
+                              min_tissue=min_tissue, verify=verify, redo_changed=redo_changed,
+                              wait_workers=wait_workers if (scheduler or scheduler_file) else 0,
+                              wait_timeout=wait_timeout)
+    _print_compress_report(report)
+    if report.failed or report.fatal:
+        sys.exit(1)
+
+
+def _print_compress_report(report) -> None:
+    done = sum(s.status in ("complete", "skipped") for s in report.slides)
+    rate = report.patches / report.seconds if report.seconds else 0.0
+    click.echo(f"{done}/{len(report.slides)} slides complete in {report.store} "
+               f"({report.patches} patches encoded in {report.blocks_encoded} blocks this run, "
+               f"{report.seconds:.1f} s, {rate:.0f} patches/s)")
+    for failed in report.failed:
+        click.echo(f"FAILED {failed.path}: {failed.error}", err=True)
+    if report.fatal:
+        click.echo(f"STOPPED: {report.fatal}; rerun the same command once it is fixed: finished blocks are kept",
+                   err=True)
 
 
 @main.command()
@@ -215,11 +352,16 @@ def inspect(store, as_json):
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    header = f"{'slide_id':<32} {'status':<12} {'grid (y x)':<12} {'tissue cells':>12}  encoder"
-    click.echo(header)
+    click.echo(f"{'slide_id':<32} {'status':<12} {'grid (y x)':<12} {'tissue cells':>12}  {'µm/px (from)':<18} "
+               "encoder, precision")
     for row in rows:
-        grid = "x".join(str(n) for n in row["grid_shape"])
-        click.echo(f"{row['slide_id']:<32} {row['status']:<12} {grid:<12} {row['tissue_cells']:>12}  {row['encoder']}")
+        grid = "x".join(str(n) for n in row["grid_shape"]) or "-"
+        mpp = f"{row['slide_mpp']:g} ({row['mpp_source']})" if row["slide_mpp"] else "-"
+        how = f"{row['encoder']}, {'+'.join(row['precisions'])}" if row["encoder"] else "-"
+        click.echo(f"{row['slide_id']:<32} {row['status']:<12} {grid:<12} {row['tissue_cells']:>12}  {mpp:<18} {how}")
+    for row in rows:
+        if row["error"]:
+            click.echo(f"FAILED {row['slide_id']}: {row['error']}")
 
 
 @main.command("train-encoder")

@@ -1,26 +1,35 @@
 """Worker side of compression: read a block of cells, keep the tissue, encode it, write it.
 
-The encoder lives in an :class:`EncoderPlugin` registered on every worker, so it is loaded once
-per worker (on the worker's GPU when it has one) and shared by all the tasks that run there.
-Pixels go from the reader to the encoder on the worker's device (cuCIM ``device="cuda"``, CuPy,
-torch through the CUDA array interface, zero-copy) and only the block's codes are written out:
-nothing but small metadata leaves the task.
+Encoders and open slides live in one :class:`NicWorker` plugin on each worker: an encoder is
+loaded once per worker (on the worker's GPU when it has one) and shared by every task and every
+job that asks for the same settings; at most ``max_encoders`` stay loaded. Each worker picks its
+own device and precision (:mod:`pipeline.runtime.device`), and every block reports what it ran
+with. Pixels go from the reader to the encoder on the worker's device (cuCIM ``device="cuda"``,
+CuPy, torch through the CUDA array interface, zero-copy); the next band of a block is read while
+the current one is encoded; only the block's codes are written out, and only small metadata
+leaves the task.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from distributed import WorkerPlugin
+import torch
+from distributed import WorkerPlugin, get_worker
+
+from models.registry import create_encoder
 
 from pipeline.compress.grid import Block, Grid
 from pipeline.runtime.arrays import array_namespace
 from pipeline.runtime.device import resolve_device, resolve_precision
-from pipeline.compress.store import CompressionConfig, write_block
+from pipeline.compress.store import CompressionConfig, block_name, open_slide_group, write_block
+from pipeline.io import open_slide
 
 
 @dataclass(frozen=True)
@@ -37,10 +46,9 @@ class EncoderSettings:
     device: str = "auto"
 
     @property
-    def plugin_name(self) -> str:
+    def key(self) -> str:
         """The same on the client and every worker (``hash()`` is salted per process)."""
-        digest = hashlib.sha256(repr(self).encode()).hexdigest()[:12]
-        return f"nic-encoder-{digest}"
+        return hashlib.sha256(repr(self).encode()).hexdigest()[:12]
 
 
 def default_batch_size(patch_size: int) -> int:
@@ -51,10 +59,6 @@ def default_batch_size(patch_size: int) -> int:
 
 def build_encoder(settings: EncoderSettings, device: str):
     """Create the encoder from the registry, in eval mode on ``device``."""
-    import torch
-
-    from models.registry import create_encoder
-
     encoder = create_encoder(
         settings.name,
         weights=settings.weights,
@@ -69,8 +73,6 @@ def build_encoder(settings: EncoderSettings, device: str):
 
 
 def _autocast(device: str, precision: str):
-    import torch
-
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -82,8 +84,6 @@ def encode_patches(encoder, patches, precision: str = "fp32", batch_size: int = 
 
     The encoder takes the arrays as they are (CuPy zero-copy on the GPU) and normalises inside.
     """
-    import torch
-
     device = next(encoder.parameters()).device
     codes = []
     with torch.inference_mode(), _autocast(device.type, precision):
@@ -101,20 +101,38 @@ BAND_PX = 512
 
 def read_cells(slide, grid: Grid, block: Block, rows: np.ndarray, cols: np.ndarray):
     """uint8 patches (n, P, P, 3) of cells (rows, cols) of ``block`` (row-major, as np.nonzero
-    gives them), at the grid's µm/px.
+    gives them), at the grid's µm/px."""
+    pieces = list(iter_bands(slide, grid, block, rows, cols))
+    xp = array_namespace(pieces[0])
+    return pieces[0] if len(pieces) == 1 else xp.concatenate(pieces)
 
-    The block is read in horizontal bands of about :data:`BAND_PX`, each one region spanning
-    only the columns where that band has tissue: tile-aligned decoding without the background
-    beside the tissue. Cells are then gathered by fancy indexing, on the reader's device.
+
+def iter_bands(slide, grid: Grid, block: Block, rows: np.ndarray, cols: np.ndarray):
+    """The patches of the cells (rows, cols), one horizontal band of about :data:`BAND_PX` at a time.
+
+    Each band is one region spanning only the columns where that band has tissue: tile-aligned
+    decoding without the background beside the tissue. Cells are then gathered by fancy
+    indexing, on the reader's device.
     """
     band = max(1, BAND_PX // grid.stride)
-    pieces = []
     for first in range(0, block.shape[0], band):
         in_band = (rows >= first) & (rows < first + band)
         if in_band.any():
-            pieces.append(_read_span(slide, grid, block, rows[in_band], cols[in_band]))
-    xp = array_namespace(pieces[0])
-    return pieces[0] if len(pieces) == 1 else xp.concatenate(pieces)
+            yield _read_span(slide, grid, block, rows[in_band], cols[in_band])
+
+
+def prefetched(items, depth: int = 1):
+    """Iterate ``items`` with the next ``depth`` produced by a thread while the caller works on the
+    current one: decoding the next band overlaps encoding this one (both release the GIL)."""
+    iterator = iter(items)
+    with ThreadPoolExecutor(1, thread_name_prefix="nic-prefetch") as pool:
+        queue = [pool.submit(next, iterator, None) for _ in range(depth)]
+        while True:
+            item = queue.pop(0).result()
+            if item is None:
+                return
+            queue.append(pool.submit(next, iterator, None))
+            yield item
 
 
 def _read_span(slide, grid: Grid, block: Block, rows: np.ndarray, cols: np.ndarray):
@@ -135,87 +153,121 @@ def _read_span(slide, grid: Grid, block: Block, rows: np.ndarray, cols: np.ndarr
     return region[ys[:, :, None], xs[:, None, :]]
 
 
-class EncoderPlugin(WorkerPlugin):
-    """Worker plugin holding the encoder and a small cache of open slides on each worker.
+@dataclass
+class LoadedEncoder:
+    """An encoder on this worker, with the device and precision it runs at."""
 
-    Idempotent: its name is derived from the settings, so later jobs on the same cluster with
-    the same encoder reuse the model already loaded on each worker.
+    module: torch.nn.Module
+    device: str
+    precision: str
+    batch_size: int
+
+    def encode(self, patches) -> np.ndarray:
+        return encode_patches(self.module, patches, self.precision, self.batch_size)
+
+
+class NicWorker(WorkerPlugin):
+    """State that compression keeps on each worker: loaded encoders and open slides.
+
+    One plugin per worker whatever the job (``idempotent``: registering it again is a no-op), so
+    jobs that share a cluster share its encoders, and at most ``max_encoders`` stay in memory.
+    Thread-safe: ``dask worker`` runs several task threads; a slide is closed only when no task
+    is reading it.
     """
 
     idempotent = True
+    name = "nic-worker"
 
-    def __init__(self, settings: EncoderSettings, max_open_slides: int = 8):
-        self.settings = settings
-        self.name = settings.plugin_name
+    def __init__(self, max_encoders: int = 2, max_open_slides: int = 8):
+        self.max_encoders = max_encoders
         self.max_open_slides = max_open_slides
-        self.encoder = None
-        self.device = "cpu"
-        self.precision = "fp32"
-        self._slides: OrderedDict = OrderedDict()
+        self._start_empty()
+
+    def _start_empty(self):
+        self._encoders: OrderedDict[str, LoadedEncoder] = OrderedDict()
+        self._slides: OrderedDict[tuple, list] = OrderedDict()  # key -> [slide, tasks reading it]
+        self._lock = threading.Lock()
+        self._encoder_lock = threading.Lock()
+        self.nthreads = 1
+
+    def __getstate__(self):  # shipped to workers as its limits only
+        return {"max_encoders": self.max_encoders, "max_open_slides": self.max_open_slides}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._start_empty()
 
     def setup(self, worker=None):
-        import torch
-
-        self.device = resolve_device(self.settings.device)
-        if self.device == "cpu" and worker is not None:
-            torch.set_num_threads(max(1, worker.state.nthreads))
-        self.precision = resolve_precision(self.settings.precision, self.device)
-        self.encoder = build_encoder(self.settings, self.device)
-        self.batch_size = self.settings.batch_size or default_batch_size(self.encoder.spec.patch_size)
+        if worker is not None:
+            self.nthreads = max(1, worker.state.nthreads)
 
     def teardown(self, worker=None):
-        for slide in self._slides.values():
-            slide.close()
-        self._slides.clear()
+        with self._lock:
+            for slide, _ in self._slides.values():
+                slide.close()
+            self._slides.clear()
+            self._encoders.clear()
 
-    def slide(self, path: str, mpp: float | None):
-        """An open slide, reused across the blocks of a slide that run on this worker."""
-        from pipeline.io import open_slide
+    def encoder(self, settings: EncoderSettings) -> LoadedEncoder:
+        """The encoder for ``settings``, loaded on first use (once per worker)."""
+        with self._encoder_lock:
+            if settings.key in self._encoders:
+                self._encoders.move_to_end(settings.key)
+                return self._encoders[settings.key]
+            device = resolve_device(settings.device)
+            if device == "cpu":
+                torch.set_num_threads(self.nthreads)
+            module = build_encoder(settings, device)
+            loaded = LoadedEncoder(module, device, resolve_precision(settings.precision, device),
+                                   settings.batch_size or default_batch_size(module.spec.patch_size))
+            self._encoders[settings.key] = loaded
+            while len(self._encoders) > self.max_encoders:
+                self._encoders.popitem(last=False)
+            return loaded
 
-        key = (path, mpp)
-        if key in self._slides:
+    @contextlib.contextmanager
+    def slide(self, path: str, mpp: float | None, device: str):
+        """An open slide, reused by the blocks of a slide that run on this worker."""
+        key = (path, mpp, device)
+        with self._lock:
+            entry = self._slides.get(key)
+            if entry is None:
+                entry = self._slides[key] = [open_slide(path, mpp=mpp, device=device), 0]
             self._slides.move_to_end(key)
-            return self._slides[key]
-        slide = open_slide(path, mpp=mpp, device=self.device)
-        self._slides[key] = slide
-        if len(self._slides) > self.max_open_slides:
-            self._slides.popitem(last=False)[1].close()
-        return slide
+            entry[1] += 1
+        try:
+            yield entry[0]
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                self._evict()
 
-    def encode(self, patches) -> np.ndarray:
-        return encode_patches(self.encoder, patches, self.precision, self.batch_size)
-
-
-def worker_plugin(settings: EncoderSettings) -> EncoderPlugin:
-    """This worker's plugin for ``settings`` (set up once, reused by every task)."""
-    from distributed import get_worker
-
-    return get_worker().plugins[settings.plugin_name]
+    def _evict(self):
+        """Close the least recently used idle slides beyond ``max_open_slides``."""
+        idle = [k for k, (_, readers) in self._slides.items() if readers == 0]
+        for key in idle[: max(0, len(self._slides) - self.max_open_slides)]:
+            self._slides.pop(key)[0].close()
 
 
-def encode_block(
-    store: str,
-    slide_path: str,
-    slide_id: str,
-    mpp: float | None,
-    grid: Grid,
-    block: Block,
-    config: CompressionConfig,
-    settings: EncoderSettings,
-    plugin: EncoderPlugin | None = None,
-) -> dict:
-    """Read, filter, encode and write one block; return how many patches it encoded."""
-    import zarr
+def worker_state() -> NicWorker:
+    """This worker's :class:`NicWorker` (registered by the client before any task runs)."""
+    return get_worker().plugins[NicWorker.name]
 
-    plugin = plugin or worker_plugin(settings)
-    group = zarr.open_group(store, path=slide_id, mode="r+", zarr_format=3)
+
+def encode_block(store: str, slide_path: str, slide_id: str, mpp: float, grid: Grid, block: Block,
+                 config: CompressionConfig, settings: EncoderSettings, state: NicWorker | None = None) -> dict:
+    """Read, filter, encode and write one block; return how many patches it encoded and how."""
+    state = state or worker_state()
+    encoder = state.encoder(settings)
+    group = open_slide_group(store, slide_id)
     tissue = group["tissue"][block.slices]
     rows, cols = np.nonzero(tissue >= config.min_tissue)
-    features = None
-    if len(rows):
-        patches = read_cells(plugin.slide(slide_path, mpp), grid, block, rows, cols)
-        codes = plugin.encode(patches)
-        features = np.zeros((config.code_dim, *block.shape), np.float16)
-        features[:, rows, cols] = codes.T
-    write_block(group, block, features)
-    return {"slide_id": slide_id, "block": block.index, "patches": int(len(rows))}
+    features = np.zeros((config.code_dim, *block.shape), np.float16)
+    with state.slide(slide_path, mpp, encoder.device) as slide:
+        done = 0
+        for patches in prefetched(iter_bands(slide, grid, block, rows, cols)):
+            n = len(patches)
+            features[:, rows[done:done + n], cols[done:done + n]] = encoder.encode(patches).T
+            done += n
+    write_block(group, block, features, {"device": encoder.device, "precision": encoder.precision})
+    return {"slide_id": slide_id, "block": block_name(block), "patches": int(len(rows))}

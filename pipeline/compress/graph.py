@@ -1,54 +1,86 @@
 """The compression task graph: slides in, one Zarr group of codes per slide out.
 
-Per slide, three kinds of task, named so the dashboard's task stream reads like the pipeline:
+Per slide, three kinds of task, keyed ``(kind, run, slide_id, ...)`` so that the dashboard shows
+one row per kind whatever the slide names, and two jobs on one cluster never share a key:
 
-``detect-tissue-<slide>``
-    open the slide, check its µm/px, find the tissue on a low-resolution level, lay the grid,
-    create the slide's group (tissue fractions, coordinates) and list the blocks still to do;
-``encode-block-<slide>-<by>-<bx>``
-    read the block's tissue cells, encode them, write the block's chunks (one per block);
-``finalize-slide-<slide>``
-    check that every block is written and mark the slide complete.
+``detect-tissue``
+    check a finished slide (source, µm/px, shards) or open the slide, settle its µm/px, find the
+    tissue on a low-resolution level, lay the grid, create the slide's group, list blocks to do;
+``encode-block``
+    read the block's tissue cells, encode them, write the block's shard (one file per block);
+``finalize-slide``
+    check that every block is written, record how each was encoded, mark the slide complete.
 
-Tasks return only small metadata; pixels and codes stay on the workers and in the store.
-Completed slides and written blocks are skipped on rerun, so an interrupted job, run again,
-finishes with the same bytes as an uninterrupted one.
+The client streams: at most ``window`` slides are in flight, each slide's blocks go in with
+one ``client.map``. Tasks return only small metadata; pixels and codes stay on the workers and
+in the store. Finished slides and written blocks are skipped on rerun, so an interrupted job,
+run again, finishes with the same bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
-import os
+import platform
+import sys
+import time
+import uuid
+from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
+import zarr
+from distributed import as_completed
+from tqdm.auto import tqdm
 
-from pipeline.compress.encode import EncoderPlugin, EncoderSettings, encode_block
-from pipeline.runtime.device import resolve_precision
-from pipeline.errors import NicError, SlideError
-from pipeline.compress.grid import Grid, iter_blocks
-from pipeline.io import find_slides, open_slide, read_mpp_csv
+from models.registry import get_spec, weights_sha256
+from pipeline.compress.encode import EncoderSettings, NicWorker, encode_block
+from pipeline.compress.grid import Grid, cell_coverage
 from pipeline.compress.store import (
     COMPLETE,
+    IN_PROGRESS,
     CompressionConfig,
+    blocks_with_tissue,
+    block_done,
+    check_slide,
+    consolidate,
+    record_run,
     create_slide,
-    done_blocks,
+    delete_block,
     mark_complete,
+    open_slide_group,
     open_store,
-    slide_status,
+    record_failures,
+    remove_slide,
+    source_changed,
     source_fingerprint,
-    write_block,
 )
+from pipeline.compress.tissue import slide_tissue_mask
+from pipeline.errors import NicError, SlideError
+from pipeline.io import find_slides, open_slide, read_mpp_csv
+from pipeline.io.slides import MPP_FIX
+from pipeline.runtime.cluster import gpu_resources
+from pipeline.runtime.preflight import package_versions
 
 
 @dataclass(frozen=True)
 class SlideJob:
-    """One slide to compress: its file, id and µm/px override (None: from the metadata)."""
+    """One slide to compress: its file, id, and a µm/px for it (used where the metadata has none,
+    or always with ``force_mpp``); ``problem`` marks a slide that failed before any task."""
 
     path: str
     slide_id: str
     mpp: float | None = None
+    force_mpp: bool = False
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run treats what a store already holds."""
+
+    verify: bool = False  # read every shard of finished slides and check its checksums
+    redo_changed: bool = False  # compress again slides whose file or µm/px changed
 
 
 @dataclass
@@ -68,7 +100,10 @@ class SlideResult:
 @dataclass
 class CompressReport:
     store: str
+    run: str = ""
     slides: list[SlideResult] = field(default_factory=list)
+    seconds: float = 0.0
+    fatal: str | None = None
 
     @property
     def failed(self) -> list[SlideResult]:
@@ -83,42 +118,39 @@ class CompressReport:
         return sum(s.blocks_encoded for s in self.slides)
 
 
-def plan_jobs(paths, mpp: float | None = None, mpp_csv: str | None = None) -> list[SlideJob]:
-    """The slides under ``paths`` with their ids and µm/px overrides (CSV beats the flag)."""
+def plan_jobs(paths, mpp: float | None = None, mpp_csv: str | None = None, force_mpp: bool = False) -> list[SlideJob]:
+    """The slides under ``paths`` with their ids and µm/px (the CSV's value beats ``mpp``).
+
+    Two files with one slide id both become failed jobs (which one is meant is the user's call);
+    the rest of the cohort goes on.
+    """
     per_slide = read_mpp_csv(mpp_csv) if mpp_csv else {}
-    jobs, seen = [], {}
-    for path in find_slides(paths):
-        slide_id = path.stem
-        if slide_id in seen:
-            raise NicError(f"two slides share the id {slide_id!r}: {seen[slide_id]} and {path}; rename one")
-        seen[slide_id] = path
-        jobs.append(SlideJob(str(path.resolve()), slide_id, per_slide.get(slide_id, mpp)))
+    found = [(path.stem, path) for path in find_slides(paths)]
+    jobs = []
+    for slide_id, path in found:
+        twins = [str(p) for s, p in found if s == slide_id and p != path]
+        problem = f"another file has the slide id {slide_id!r} ({', '.join(twins)}); rename one" if twins else None
+        jobs.append(SlideJob(str(path.resolve()), slide_id if not twins else f"{slide_id} ({path.name})",
+                             per_slide.get(slide_id, mpp), force_mpp, problem))
     return jobs
 
 
 def compression_config(settings: EncoderSettings, block: int, min_tissue: float, mask_mpp: float) -> CompressionConfig:
     """The store settings for an encoder: its grid, code size and the hash of its weights."""
-    from models.registry import get_spec, weights_sha256
-
     spec = get_spec(settings.name)  # the spec and the weights' hash: no network is built here
+    if block <= 0:
+        raise NicError(f"--block must be a positive number of cells, not {block}")
     return CompressionConfig(
         encoder=spec.name,
         encoder_sha256=weights_sha256(settings.name, settings.weights, settings.random_init, settings.seed),
-        code_dim=spec.code_dim,
-        mpp=spec.mpp,
-        patch_size=spec.patch_size,
-        stride=spec.stride,
-        block=block,
-        min_tissue=min_tissue,
-        mask_mpp=mask_mpp,
-        precision=settings.precision,
-        dihedral_mean=settings.dihedral_mean,
+        code_dim=spec.code_dim, mpp=spec.mpp, patch_size=spec.patch_size, stride=spec.stride, block=block,
+        min_tissue=min_tissue, mask_mpp=mask_mpp, precision=settings.precision, dihedral_mean=settings.dihedral_mean,
     )
 
 
 def expected_errors_as_results(task):
-    """Return a :class:`SlideError` as ``{"error": reason}``: a bad slide is a result to report,
-    not a crash to log with a traceback on the worker."""
+    """Return a bad slide as ``{"error": reason}`` (a result to report, not a traceback on the
+    worker), and a full disk as ``{"error": ..., "fatal": True}`` (the run stops)."""
 
     @functools.wraps(task)
     def run(*args, **kwargs):
@@ -126,146 +158,232 @@ def expected_errors_as_results(task):
             return task(*args, **kwargs)
         except SlideError as err:
             return {"error": err.reason}
+        except NicError as err:
+            return {"error": str(err)}
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                return {"error": f"no space left to write the store ({err.filename or err})", "fatal": True}
+            raise
 
     return run
 
 
+def slide_mpp(metadata_mpp: float | None, job: SlideJob) -> tuple[float, str]:
+    """The µm/px a slide is compressed at, and where it came from: the metadata, unless it has
+    none (then the given value) or ``force_mpp`` is set."""
+    if job.mpp is not None and (job.force_mpp or metadata_mpp is None):
+        return job.mpp, "forced" if job.force_mpp and metadata_mpp is not None else "given"
+    if metadata_mpp is None:
+        raise SlideError(job.path, f"no µm/px in its metadata; {MPP_FIX}")
+    return metadata_mpp, "metadata"
+
+
+def _finished_slide(root: zarr.Group, job: SlideJob, options: RunOptions) -> dict | None:
+    """For a slide the store holds as complete: None to (re)compress it, or a skip result.
+
+    A changed file or µm/px fails the slide unless ``redo_changed``; damaged shards are deleted
+    and the slide reopened, so only they are encoded again.
+    """
+    group = root[job.slide_id]
+    attrs = group.attrs
+    asked = job.mpp if job.mpp is not None and (job.force_mpp or attrs.get("mpp_source") != "metadata") else None
+    changed = ("the slide file changed" if source_changed(attrs, job.path)
+               else f"its µm/px changed ({attrs.get('slide_mpp')} -> {asked})" if asked not in (None, attrs.get("slide_mpp"))
+               else None)
+    if changed:
+        if not options.redo_changed:
+            raise SlideError(job.path, f"{changed} since it was compressed; pass --redo-changed to compress it again")
+        remove_slide(root, job.slide_id)
+        return None
+    damaged = check_slide(group, verify=options.verify)
+    if not damaged:
+        return {"skipped": True}
+    for blk, _ in damaged:
+        if block_done(group, blk):
+            delete_block(group, blk)
+    group.attrs["status"] = IN_PROGRESS
+    return None
+
+
 @expected_errors_as_results
-def detect_tissue(store: str, job: SlideJob, config: CompressionConfig) -> dict:
-    """Task: tissue mask, grid and slide group; returns the grid and the blocks still to encode."""
-    import zarr
-
-    from pipeline.compress.grid import cell_coverage
-    from pipeline.compress.tissue import slide_tissue_mask
-
-    with open_slide(job.path, mpp=job.mpp) as slide:
-        grid = Grid(*slide.dimensions, slide.require_mpp(), config.mpp, config.patch_size, config.stride)
+def detect_tissue(store: str, job: SlideJob, config: CompressionConfig, options: RunOptions = RunOptions()) -> dict:
+    """Task: settle the slide's µm/px, find its tissue, lay the grid, create its group; returns the
+    grid and the blocks still to encode (or ``skipped`` for an intact finished slide)."""
+    root = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
+    if job.slide_id in root and root[job.slide_id].attrs.get("status") == COMPLETE:
+        finished = _finished_slide(root, job, options)
+        if finished:
+            return finished
+    with open_slide(job.path) as slide:
+        mpp, mpp_source = slide_mpp(slide.mpp, job)
+        grid = Grid(*slide.dimensions, mpp, config.mpp, config.patch_size, config.stride)
         if 0 in grid.shape:
             raise SlideError(job.path, f"smaller than one {config.patch_size} px patch at {config.mpp} µm/px")
+        slide.mpp = mpp
         mask, mask_mpp = slide_tissue_mask(slide, mask_mpp=config.mask_mpp)
     tissue = np.asarray(cell_coverage(mask, mask_mpp, grid.cell_um, grid.shape))
-    tissue_cells = int((tissue >= config.min_tissue).sum())
-    if not tissue_cells:
+    blocks = blocks_with_tissue(tissue, config.block, config.min_tissue)
+    if not blocks:
         raise SlideError(job.path, f"no grid cell has {config.min_tissue:.0%} tissue; nothing to encode")
-    root = zarr.open_group(store, mode="a", zarr_format=3)
-    group = create_slide(root, job.slide_id, grid, config, tissue, source_fingerprint(job.path))
-    done = done_blocks(group)
-    todo, skipped = [], 0
-    for block in iter_blocks(grid.shape, config.block):
-        cells = int((tissue[block.slices] >= config.min_tissue).sum())
-        if done[block.index]:
-            skipped += 1
-        elif cells:
-            todo.append((block, cells))
-        else:
-            write_block(group, block, None)  # background only: nothing to encode, no chunk
-    return {"grid": grid, "todo": todo, "blocks_skipped": skipped, "tissue_cells": tissue_cells}
+    attrs = {**source_fingerprint(job.path), "mpp_source": mpp_source}
+    group = create_slide(root, job.slide_id, grid, config, tissue, attrs)
+    todo = [(blk, n) for blk, n in blocks if not block_done(group, blk)]
+    return {"grid": grid, "mpp": mpp, "todo": todo, "blocks_skipped": len(blocks) - len(todo),
+            "tissue_cells": sum(n for _, n in blocks)}
 
 
 encode_block_task = expected_errors_as_results(encode_block)
 
 
+@expected_errors_as_results
 def finalize_slide(store: str, slide_id: str, *block_results: dict) -> dict:
     """Task: mark the slide complete once all its blocks are written without error."""
-    import zarr
-
-    errors = [r["error"] for r in block_results if "error" in r]
+    errors = [r for r in block_results if "error" in r]
     if errors:
-        return {"error": errors[0]}
-    mark_complete(zarr.open_group(store, path=slide_id, mode="r+", zarr_format=3))
+        return errors[0]
+    mark_complete(open_slide_group(store, slide_id))
     return {"patches": sum(r["patches"] for r in block_results)}
+
+
+class _Run:
+    """The client side of one compression run: submits slides through a bounded window and
+    turns results into a :class:`CompressReport`."""
+
+    def __init__(self, client, store: str, config: CompressionConfig, settings: EncoderSettings,
+                 options: RunOptions, window: int, progress: bool):
+        self.client, self.store, self.config, self.settings, self.options = client, store, config, settings, options
+        self.token = uuid.uuid4().hex[:8]
+        self.window = window
+        self.pending = as_completed()
+        self.results: dict[str, SlideResult] = {}
+        self.jobs: dict[str, SlideJob] = {}
+        self.gpu = gpu_resources(client)
+        self.slides_bar = tqdm(total=0, desc="slides", unit="slide", disable=not progress, position=0)
+        self.patches_bar = tqdm(total=0, desc="patches", unit="patch", disable=not progress, position=1)
+        self.in_flight = 0
+        self.fatal: str | None = None
+
+    def key(self, kind: str, slide_id: str, *rest) -> tuple:
+        return (kind, self.token, slide_id, *rest)
+
+    def start(self, job: SlideJob) -> None:
+        self.in_flight += 1
+        future = self.client.submit(detect_tissue, self.store, job, self.config, self.options,
+                                    key=self.key("detect-tissue", job.slide_id), pure=False)
+        self.pending.add(future)
+
+    def submit_blocks(self, job: SlideJob, detected: dict) -> None:
+        blocks = [blk for blk, _ in detected["todo"]]
+        n = len(blocks)
+        futures = self.client.map(
+            encode_block_task, [self.store] * n, [job.path] * n, [job.slide_id] * n, [detected["mpp"]] * n,
+            [detected["grid"]] * n, blocks, [self.config] * n, [self.settings] * n,
+            key=[self.key("encode-block", job.slide_id, *blk.index) for blk in blocks], resources=self.gpu, pure=False,
+        )
+        self.pending.update(futures)
+        final = self.client.submit(finalize_slide, self.store, job.slide_id, *futures,
+                                   key=self.key("finalize-slide", job.slide_id), pure=False)
+        self.pending.add(final)
+
+    def finish(self, result: SlideResult, status: str, error: str | None = None) -> None:
+        if result.status in ("complete", "skipped", "failed"):
+            return
+        result.status, result.error = status, error
+        self.in_flight -= 1
+        self.slides_bar.update(1)
+
+    def handle(self, future) -> None:
+        kind, _, slide_id = future.key[:3]
+        result, job = self.results[slide_id], self.jobs[slide_id]
+        if future.status == "error":  # a bug, not bad input: keep the exception type
+            err = future.exception()
+            value = {"error": f"{type(err).__name__}: {err}"}
+        else:
+            value = future.result()
+        if "error" in value:
+            if value.get("fatal"):
+                self.fatal = value["error"]
+            self.finish(result, "failed", value["error"])
+        elif kind == "detect-tissue":
+            if value.get("skipped"):
+                self.finish(result, "skipped")
+                return
+            result.tissue_cells, result.blocks_skipped = value["tissue_cells"], value["blocks_skipped"]
+            self.patches_bar.total += sum(n for _, n in value["todo"])
+            self.patches_bar.refresh()
+            self.submit_blocks(job, value)
+        elif kind == "encode-block":
+            result.blocks_encoded += 1
+            result.patches += value["patches"]
+            self.patches_bar.update(value["patches"])
+        else:
+            self.finish(result, "complete")
+
+    def run(self, jobs: list[SlideJob]) -> None:
+        queue = deque()
+        for job in jobs:
+            self.results[job.slide_id] = SlideResult(job.slide_id, job.path)
+            self.jobs[job.slide_id] = job
+            if job.problem:
+                self.results[job.slide_id].status, self.results[job.slide_id].error = "failed", job.problem
+            else:
+                queue.append(job)
+        self.slides_bar.total = len(queue)
+        with self.slides_bar, self.patches_bar:
+            while queue and self.in_flight < self.window:
+                self.start(queue.popleft())
+            for future in self.pending:
+                self.handle(future)
+                if self.fatal:
+                    self.client.cancel(list(self.pending.futures))
+                    break
+                while queue and self.in_flight < self.window:
+                    self.start(queue.popleft())
 
 
 def compress(
     jobs: list[SlideJob],
-    store: str | os.PathLike,
+    store,
     client,
     settings: EncoderSettings = EncoderSettings(),
-    block: int = 32,
+    block: int = 256,
     min_tissue: float = 0.1,
     mask_mpp: float = 8.0,
     progress: bool = True,
+    options: RunOptions = RunOptions(),
+    window: int | None = None,
 ) -> CompressReport:
-    """Compress ``jobs`` into ``store`` on the cluster behind ``client``."""
-    from distributed import as_completed
-    from tqdm.auto import tqdm
+    """Compress ``jobs`` into ``store`` (an absolute path every worker sees) on ``client``'s cluster.
 
-    from pipeline.runtime.cluster import gpu_resources
-
-    store = str(Path(store).resolve())
-    gpu = gpu_resources(client)
-    settings = _with_cluster_precision(settings, gpu is not None)
+    ``window``: slides in flight at once (default: twice the workers, at least 4).
+    """
+    started = time.perf_counter()
+    store = str(store)
     config = compression_config(settings, block, min_tissue, mask_mpp)
     root = open_store(store, config)
-    report = CompressReport(store)
-    results = {job.slide_id: SlideResult(job.slide_id, job.path) for job in jobs}
-    report.slides = list(results.values())
-    todo_jobs = []
-    for job in jobs:
-        if slide_status(root, job.slide_id) == COMPLETE:
-            results[job.slide_id].status = "skipped"
-        else:
-            todo_jobs.append(job)
-    if not todo_jobs:
+    client.register_plugin(NicWorker())
+    workers = len(client.scheduler_info(n_workers=-1)["workers"])
+    run = _Run(client, store, config, settings, options, window or max(4, 2 * workers), progress)
+    run.run(jobs)
+    report = CompressReport(store, run.token, list(run.results.values()), time.perf_counter() - started, run.fatal)
+    if report.fatal:  # the disk is full: writing more would only fail again
         return report
-
-    client.register_plugin(EncoderPlugin(settings), name=settings.plugin_name)
-    role = {}
-    pending = as_completed()
-    for job in todo_jobs:
-        future = client.submit(detect_tissue, store, job, config, key=f"detect-tissue-{job.slide_id}", pure=False)
-        role[future.key] = ("detect", job)
-        pending.add(future)
-
-    slides_bar = tqdm(total=len(todo_jobs), desc="slides", unit="slide", disable=not progress, position=0)
-    patches_bar = tqdm(total=0, desc="patches", unit="patch", disable=not progress, position=1)
-    with slides_bar, patches_bar:
-        for future in pending:
-            kind, job = role.pop(future.key)
-            result = results[job.slide_id]
-            if future.status == "error":  # a bug, not bad input: keep the exception type
-                err = future.exception()
-                value = {"error": f"{type(err).__name__}: {err}"}
-            else:
-                value = future.result()
-            if "error" in value:
-                if result.status != "failed":
-                    result.status, result.error = "failed", value["error"]
-                    slides_bar.update(1)
-                continue
-            if kind == "detect":
-                result.tissue_cells = value["tissue_cells"]
-                result.blocks_skipped = value["blocks_skipped"]
-                patches_bar.total += sum(n for _, n in value["todo"])
-                patches_bar.refresh()
-                block_futures = []
-                for blk, _ in value["todo"]:
-                    by, bx = blk.index
-                    f = client.submit(
-                        encode_block_task, store, job.path, job.slide_id, job.mpp, value["grid"], blk, config, settings,
-                        key=f"encode-block-{job.slide_id}-{by}-{bx}", resources=gpu, pure=False,
-                    )
-                    role[f.key] = ("block", job)
-                    block_futures.append(f)
-                    pending.add(f)
-                final = client.submit(finalize_slide, store, job.slide_id, *block_futures,
-                                      key=f"finalize-slide-{job.slide_id}", pure=False)
-                role[final.key] = ("finalize", job)
-                pending.add(final)
-            elif kind == "block":
-                result.blocks_encoded += 1
-                result.patches += value["patches"]
-                patches_bar.update(value["patches"])
-            else:
-                result.status = "complete"
-                slides_bar.update(1)
+    record_failures(root, {s.slide_id: s.error for s in report.failed},
+                    [s.slide_id for s in report.slides if s.status in ("complete", "skipped")])
+    record_run(root, run_manifest(report, config, settings, client))
+    consolidate(store)
     return report
 
 
-def _with_cluster_precision(settings: EncoderSettings, gpu: bool) -> EncoderSettings:
-    """Resolve ``auto`` precision once for the whole cluster, so the store records what ran."""
-    from dataclasses import replace
-
-    if settings.precision != "auto":
-        return settings
-    return replace(settings, precision="fp16" if gpu else resolve_precision("auto", "cpu"))
+def run_manifest(report: CompressReport, config: CompressionConfig, settings: EncoderSettings, client) -> dict:
+    """What ran, where, with which settings and versions: kept with the store."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    counts = {status: sum(s.status == status for s in report.slides) for status in ("complete", "skipped", "failed")}
+    return {
+        "run": report.run, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv,
+        "client_host": platform.node(), "scheduler": client.scheduler.address, "workers": len(workers),
+        "worker_hosts": sorted({w.get("host") for w in workers.values()} - {None}),
+        "settings": {**config.as_attrs(), "device": settings.device, "batch_size": settings.batch_size},
+        "slides": counts, "patches": report.patches, "seconds": round(report.seconds, 1),
+        "versions": package_versions(), "stopped": report.fatal,
+    }

@@ -1,43 +1,63 @@
 """The compressed-slide store: one Zarr v3 group per slide, readable as an xarray Dataset.
 
-Layout of ``STORE.zarr/<slide_id>``::
+Layout of ``STORE.zarr``::
 
-    features  (feature, y, x) float16, zstd, chunks (code_dim, block, block); 0 where not encoded
-    tissue    (y, x)          float32 tissue fraction per cell, same chunks
-    y, x, feature             coordinates: cell centres in µm, code index
-    _progress/blocks          (block_y, block_x) uint8, one chunk per block: 1 once it is written
+    zarr.json                root attributes: compression settings, failed slides, run manifests,
+                             and (after each run) the consolidated metadata of every slide
+    <slide_id>/zarr.json     the slide's settings, source, µm/px and its origin, grid, status,
+                             and the device and precision each block was encoded with
+    <slide_id>/features      (feature, y, x) float16; ONE shard file per block of cells, inner
+                             chunks of 32 x 32 cells, zstd + crc32c; 0 where not encoded
+    <slide_id>/tissue        (y, x) float32 tissue fraction per cell, one chunk
+    <slide_id>/y, x          cell centres in µm, one chunk each
 
-Each compression task writes the chunks of its own block and then its own progress chunk, so a
-rerun knows exactly which blocks are missing; the slide's ``status`` attribute becomes
-``complete`` only after every block is done. The store's root attributes hold the compression
-settings; a rerun with other settings is refused rather than mixed in.
+A slide is about 7 files plus one per block that holds tissue: no marker files, whatever the
+slide's size (the file count matters to Lustre/GPFS metadata servers at 10,000 slides). A block
+is done when its shard exists: Zarr's local store writes every file under a temporary name and
+renames it, so a shard is whole or absent. Every chunk carries a crc32c checksum, checked on
+read. A slide becomes ``complete`` only after every block with tissue is written; its attributes
+then record each shard's size, so a rerun notices deleted or truncated shards without reading
+them (``verify`` reads them all and checks the checksums too).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import xarray as xr
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.buffer import cpu as cpu_buffer
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 from pipeline import __version__
+from pipeline.compress.grid import Block, Grid, iter_blocks
 from pipeline.errors import NicError
-from pipeline.compress.grid import Block, Grid, block_grid_shape
 
 COMPLETE = "complete"
 IN_PROGRESS = "in-progress"
 MISSING = "missing"
-_PROGRESS = "_progress/blocks"
-_COMPRESSOR = ZstdCodec(level=3)
+FAILED = "failed"
+CHUNK = 32
+"""Cells per side of an inner chunk: what a training crop reads at the least."""
+_CODECS = [ZstdCodec(level=3), Crc32cCodec()]
 
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """Everything that decides the numbers in a store; two runs must agree on all of it."""
+    """Everything that decides the numbers in a store; two runs must agree on all of it.
+
+    ``precision`` is the policy asked for (``auto``: each worker picks from its hardware); what
+    each block actually ran with is recorded per block in the slide's attributes.
+    """
 
     encoder: str
     encoder_sha256: str
@@ -45,10 +65,10 @@ class CompressionConfig:
     mpp: float
     patch_size: int
     stride: int
-    block: int = 32
+    block: int = 256
     min_tissue: float = 0.1
     mask_mpp: float = 8.0
-    precision: str = "fp32"
+    precision: str = "auto"
     dihedral_mean: bool = False
 
     def as_attrs(self) -> dict:
@@ -56,22 +76,35 @@ class CompressionConfig:
 
 
 def source_fingerprint(path: str | os.PathLike, sample_bytes: int = 1 << 20) -> dict:
-    """Size and a sha256 over the size and the first and last MiB: cheap for 5 GB slides, yet
-    any re-scan, truncation or replacement of the file changes it."""
+    """Size, mtime and a sha256 over the size and the first and last MiB: cheap for 5 GB slides,
+    yet any re-scan, truncation or replacement of the file changes it."""
     path = Path(path)
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
+    stat = path.stat()
+    digest = hashlib.sha256(str(stat.st_size).encode())
     with open(path, "rb") as handle:
         digest.update(handle.read(sample_bytes))
-        if size > sample_bytes:
-            handle.seek(max(size - sample_bytes, sample_bytes))
+        if stat.st_size > sample_bytes:
+            handle.seek(max(stat.st_size - sample_bytes, sample_bytes))
             digest.update(handle.read())
-    return {"source_path": str(path.resolve()), "source_size": size, "source_fingerprint": digest.hexdigest()}
+    return {"source_path": str(path.resolve()), "source_size": stat.st_size,
+            "source_mtime_ns": stat.st_mtime_ns, "source_fingerprint": digest.hexdigest()}
+
+
+def source_changed(attrs: dict, path: str | os.PathLike) -> bool:
+    """Whether the file at ``path`` differs from the one a slide was made from (hash only when
+    size or mtime changed)."""
+    stat = Path(path).stat()
+    if stat.st_size == attrs.get("source_size") and stat.st_mtime_ns == attrs.get("source_mtime_ns"):
+        return False
+    return source_fingerprint(path)["source_fingerprint"] != attrs.get("source_fingerprint")
 
 
 def open_store(path: str | os.PathLike, config: CompressionConfig) -> zarr.Group:
     """Open or create a cohort store for writing with ``config``; refuse one made with other settings."""
-    root = zarr.open_group(str(path), mode="a", zarr_format=3)
+    try:
+        root = zarr.open_group(str(path), mode="a", zarr_format=3, use_consolidated=False)
+    except (zarr.errors.ContainsArrayError, ValueError, OSError) as err:
+        raise NicError(f"{path}: cannot open as a Zarr store for writing ({err})") from err
     existing = root.attrs.get("compression")
     wanted = config.as_attrs()
     if existing is None:
@@ -86,6 +119,14 @@ def open_store(path: str | os.PathLike, config: CompressionConfig) -> zarr.Group
     return root
 
 
+def open_cohort(path: str | os.PathLike) -> zarr.Group:
+    """The store's root for reading: one read of the consolidated metadata when a run has left it."""
+    try:
+        return zarr.open_group(str(path), mode="r", zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as err:
+        raise NicError(f"{path}: not a compressed-slide store ({err})") from err
+
+
 def slide_status(root: zarr.Group, slide_id: str) -> str:
     """``missing``, ``in-progress`` or ``complete``."""
     if slide_id not in root:
@@ -93,114 +134,206 @@ def slide_status(root: zarr.Group, slide_id: str) -> str:
     return root[slide_id].attrs.get("status", IN_PROGRESS)
 
 
-def create_slide(
-    root: zarr.Group,
-    slide_id: str,
-    grid: Grid,
-    config: CompressionConfig,
-    tissue: np.ndarray,
-    source: dict,
-) -> zarr.Group:
-    """Create (or reuse, when its source and grid are unchanged) the group of one slide.
+def open_slide_group(store: str, slide_id: str, mode: str = "r+") -> zarr.Group:
+    """One slide's group, read straight from its own metadata (never a stale consolidated copy)."""
+    return zarr.open_group(store, path=slide_id, mode=mode, zarr_format=3, use_consolidated=False)
 
-    Writes the tissue fractions and coordinates; features are written block by block later.
+
+def create_slide(root: zarr.Group, slide_id: str, grid: Grid, config: CompressionConfig,
+                 tissue: np.ndarray, attrs: dict) -> zarr.Group:
+    """Create the group of one slide, or reuse it when it was made from the same file and grid.
+
+    Creation is resumable: the ``status`` attribute is written last, so a group without it was
+    interrupted while being made (it holds no codes yet) and is made again.
     """
     if slide_id in root:
         group = root[slide_id]
-        if group.attrs.get("source_fingerprint") == source["source_fingerprint"] and tuple(
-            group.attrs.get("grid_shape", ())
-        ) == grid.shape:
-            return group
-        raise NicError(
-            f"{source['source_path']}: the store already holds a different slide named {slide_id!r} "
-            "(file or grid changed); remove that group or write to a new store"
-        )
+        if "status" in group.attrs:
+            if group.attrs.get("source_fingerprint") == attrs["source_fingerprint"] and tuple(
+                group.attrs.get("grid_shape", ())
+            ) == grid.shape:
+                return group
+            raise NicError(
+                f"{attrs['source_path']}: the store already holds a different slide named {slide_id!r} "
+                "(file, µm/px or grid changed); pass --redo-changed to compress it again"
+            )
+        del root[slide_id]  # half-made: nothing encoded yet
     ny, nx = grid.shape
     group = root.create_group(slide_id)
-    chunks = (config.block, config.block)
+    block, chunk = config.block, math.gcd(config.block, CHUNK)
     group.create_array(
-        "features", shape=(config.code_dim, ny, nx), chunks=(config.code_dim, *chunks), dtype="float16",
-        fill_value=0, compressors=_COMPRESSOR, dimension_names=("feature", "y", "x"),
+        "features", shape=(config.code_dim, ny, nx), chunks=(config.code_dim, chunk, chunk),
+        shards=(config.code_dim, block, block), dtype="float16", fill_value=0,
+        compressors=_CODECS, dimension_names=("feature", "y", "x"),
     )
     group.create_array(
-        "tissue", shape=(ny, nx), chunks=chunks, dtype="float32", fill_value=0,
-        compressors=_COMPRESSOR, dimension_names=("y", "x"),
+        "tissue", shape=(ny, nx), chunks=(ny, nx), dtype="float32", fill_value=0,
+        compressors=_CODECS, dimension_names=("y", "x"),
     )[...] = tissue.astype(np.float32)
-    y_um, x_um = grid.coords_um()
-    for name, values in (("y", y_um), ("x", x_um), ("feature", np.arange(config.code_dim))):
-        coord = group.create_array(name, shape=values.shape, dtype=values.dtype, dimension_names=(name,))
+    for name, values in zip(("y", "x"), grid.coords_um()):
+        coord = group.create_array(name, shape=values.shape, dtype=values.dtype, dimension_names=(name,),
+                                   compressors=_CODECS)
         coord[...] = values
-        if name != "feature":
-            coord.attrs["units"] = "µm"
-    group.create_array(
-        _PROGRESS, shape=block_grid_shape(grid.shape, config.block), chunks=(1, 1), dtype="uint8", fill_value=0,
-    )
-    group.attrs.update(
-        {
-            **config.as_attrs(),
-            **source,
-            "slide_mpp": grid.slide_mpp,
-            "grid_shape": list(grid.shape),
-            "nic_version": __version__,
-            "status": IN_PROGRESS,
-        }
-    )
+        coord.attrs["units"] = "µm"
+    group.attrs.update({**config.as_attrs(), **attrs, "slide_mpp": grid.slide_mpp, "grid_shape": list(grid.shape),
+                        "nic_version": __version__, "status": IN_PROGRESS})
     return group
 
 
-def done_blocks(group: zarr.Group) -> np.ndarray:
-    """Bool (block_y, block_x): the blocks already written."""
-    return group[_PROGRESS][...].astype(bool)
+def remove_slide(root: zarr.Group, slide_id: str) -> None:
+    """Delete a slide's group (to compress a changed slide again)."""
+    if slide_id in root:
+        del root[slide_id]
 
 
-def write_block(group: zarr.Group, block: Block, features: np.ndarray | None) -> None:
-    """Write one block's features (code_dim, h, w) — or nothing, for a background block — and
-    only then mark it done, so an interrupted write is redone on rerun."""
-    if features is not None:
-        group["features"][(slice(None), *block.slices)] = features.astype(np.float16)
-    group[_PROGRESS][block.index] = 1
+def blocks_with_tissue(tissue: np.ndarray, block: int, min_tissue: float) -> list[tuple[Block, int]]:
+    """The blocks that hold cells to encode, with their number of such cells."""
+    cells = tissue >= min_tissue
+    found = []
+    for blk in iter_blocks(tissue.shape, block):
+        n = int(cells[blk.slices].sum())
+        if n:
+            found.append((blk, n))
+    return found
+
+
+def _shard_key(group: zarr.Group, block: Block) -> str:
+    features = group["features"]
+    return f"{features.store_path.path}/{features.metadata.encode_chunk_key((0, *block.index))}"
+
+
+def shard_size(group: zarr.Group, block: Block) -> int | None:
+    """Bytes of a block's shard file, or None when it is not written."""
+    return sync(group.store.getsize(_shard_key(group, block))) if block_done(group, block) else None
+
+
+def block_done(group: zarr.Group, block: Block) -> bool:
+    """Whether the block's shard exists (shards are written whole or not at all)."""
+    return sync(group.store.exists(_shard_key(group, block)))
+
+
+def write_block(group: zarr.Group, block: Block, features: np.ndarray, record: dict | None = None) -> None:
+    """Write one block's codes (code_dim, h, w): exactly one shard file, written atomically.
+
+    ``record`` (how the block was encoded) goes first into a small file that
+    :func:`mark_complete` folds into the slide's attributes and deletes: written before the shard,
+    it is never missing for a block that is done.
+    """
+    if record is not None:
+        sync(group.store.set(_record_key(group, block), cpu_buffer.Buffer.from_bytes(json.dumps(record).encode())))
+    group["features"][(slice(None), *block.slices)] = features.astype(np.float16)
+
+
+def _record_key(group: zarr.Group, block: Block) -> str:
+    return f"{group.path}/_blocks/{block_name(block)}.json"
+
+
+def _read_record(group: zarr.Group, block: Block) -> dict:
+    found = sync(group.store.get(_record_key(group, block), prototype=default_buffer_prototype()))
+    return json.loads(found.to_bytes()) if found is not None else {}
 
 
 def mark_complete(group: zarr.Group) -> None:
-    """Mark the slide complete, after checking that every block is written."""
-    missing = int((~done_blocks(group)).sum())
+    """Mark the slide complete once every block with tissue is written; record each shard's size
+    and how each block was encoded."""
+    attrs = group.attrs
+    todo = blocks_with_tissue(group["tissue"][...], attrs["block"], attrs["min_tissue"])
+    missing = [blk.index for blk, _ in todo if not block_done(group, blk)]
     if missing:
-        raise NicError(f"{group.attrs.get('source_path')}: {missing} blocks are not written yet")
-    group.attrs["status"] = COMPLETE
+        raise NicError(f"{attrs.get('source_path')}: {len(missing)} blocks are not written yet")
+    records = {block_name(blk): {**_read_record(group, blk), "bytes": shard_size(group, blk)} for blk, _ in todo}
+    group.attrs.update({"blocks": records, "status": COMPLETE})
+    sync(group.store.delete_dir(f"{group.path}/_blocks"))
+
+
+def block_name(block: Block) -> str:
+    return f"{block.index[0]}.{block.index[1]}"
+
+
+def check_slide(group: zarr.Group, verify: bool = False) -> list[tuple[Block, str]]:
+    """Damaged blocks of a complete slide: shards missing or of another size than written, and
+    with ``verify`` any chunk whose checksum fails. Empty when the slide is intact."""
+    attrs = group.attrs
+    problems = []
+    for blk, _ in blocks_with_tissue(group["tissue"][...], attrs["block"], attrs["min_tissue"]):
+        recorded = attrs.get("blocks", {}).get(block_name(blk), {}).get("bytes")
+        size = shard_size(group, blk)
+        if size is None:
+            problems.append((blk, "missing"))
+        elif recorded is not None and size != recorded:
+            problems.append((blk, f"{size} bytes where {recorded} were written"))
+        elif verify:
+            try:
+                group["features"][(slice(None), *blk.slices)]
+            except Exception as err:  # noqa: BLE001 - checksum and decode errors come in several types
+                problems.append((blk, f"corrupt ({type(err).__name__}: {err})"))
+    return problems
+
+
+def delete_block(group: zarr.Group, block: Block) -> None:
+    sync(group.store.delete(_shard_key(group, block)))
+
+
+def record_failures(root: zarr.Group, failures: dict[str, str], succeeded: list[str]) -> None:
+    """Keep the reasons of failed slides in the root attributes; drop those that now succeeded."""
+    failed = {k: v for k, v in root.attrs.get("failed", {}).items() if k not in succeeded}
+    failed.update(failures)
+    root.attrs["failed"] = failed
+
+
+def record_run(root: zarr.Group, manifest: dict, keep: int = 50) -> None:
+    """Append a run manifest (what ran, where, with which settings and versions)."""
+    runs = list(root.attrs.get("runs", []))[-(keep - 1):]
+    root.attrs["runs"] = [*runs, manifest]
+
+
+def consolidate(store: str | os.PathLike) -> None:
+    """Write every slide's metadata into the root, so readers open the cohort with one read.
+
+    (Zarr warns that consolidated metadata is not yet part of the v3 specification; xarray and
+    zarr-python read it, and a reader without it reads each slide's own metadata instead.)
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(str(store), zarr_format=3)
 
 
 def list_slides(store: str | os.PathLike, complete_only: bool = True) -> list[str]:
     """Slide ids in a store, sorted; only the complete ones unless told otherwise."""
-    root = zarr.open_group(str(store), mode="r")
+    root = open_cohort(store)
     ids = sorted(name for name, _ in root.groups())
     return [s for s in ids if not complete_only or slide_status(root, s) == COMPLETE]
 
 
-def open_slide_tensor(store: str | os.PathLike, slide_id: str):
+def open_slide_tensor(store: str | os.PathLike, slide_id: str) -> xr.Dataset:
     """The compressed slide as a lazy xarray Dataset (features, tissue, y/x in µm)."""
-    import xarray as xr
-
     return xr.open_zarr(str(store), group=slide_id, consolidated=False, zarr_format=3)
 
 
 def describe_store(store: str | os.PathLike) -> list[dict]:
-    """One row per slide: id, status, grid shape, encoded tissue cells, encoder and source."""
-    root = zarr.open_group(str(store), mode="r")
+    """One row per slide, failed ones included: id, status, grid, encoded cells, encoder, source."""
+    root = open_cohort(store)
+    failed = dict(root.attrs.get("failed", {}))
     rows = []
     for slide_id in list_slides(store, complete_only=False):
-        group = root[slide_id]
-        attrs = group.attrs
-        tissue = group["tissue"][...]
-        rows.append(
-            {
-                "slide_id": slide_id,
-                "status": attrs.get("status", IN_PROGRESS),
-                "grid_shape": list(attrs.get("grid_shape", tissue.shape)),
-                "tissue_cells": int((tissue >= attrs.get("min_tissue", 0.0)).sum()),
-                "encoder": attrs.get("encoder"),
-                "encoder_sha256": attrs.get("encoder_sha256"),
-                "mpp": attrs.get("mpp"),
-                "source_path": attrs.get("source_path"),
-            }
-        )
+        attrs = root[slide_id].attrs
+        status = attrs.get("status", IN_PROGRESS)
+        if status != COMPLETE and slide_id in failed:
+            status = FAILED
+        rows.append({
+            "slide_id": slide_id, "status": status, "grid_shape": list(attrs.get("grid_shape", [])),
+            "tissue_cells": _tissue_cells(root[slide_id]) if "status" in attrs else 0,
+            "encoder": attrs.get("encoder"), "encoder_sha256": attrs.get("encoder_sha256"), "mpp": attrs.get("mpp"),
+            "slide_mpp": attrs.get("slide_mpp"), "mpp_source": attrs.get("mpp_source"),
+            "precisions": sorted({b.get("precision") for b in attrs.get("blocks", {}).values()} - {None}),
+            "source_path": attrs.get("source_path"), "error": failed.pop(slide_id, None),
+        })
+    for slide_id, reason in sorted(failed.items()):
+        rows.append({"slide_id": slide_id, "status": FAILED, "grid_shape": [], "tissue_cells": 0, "encoder": None,
+                     "encoder_sha256": None, "mpp": None, "slide_mpp": None, "mpp_source": None, "precisions": [],
+                     "source_path": None, "error": reason})
     return rows
+
+
+def _tissue_cells(group: zarr.Group) -> int:
+    return int((group["tissue"][...] >= group.attrs.get("min_tissue", 0.0)).sum())

@@ -230,11 +230,11 @@ def slide_tissue_mask(
     image = slide_image_at_mpp(slide, mask_mpp, max_strip_pixels=max_strip_pixels)
     mask = to_numpy(tissue_mask(image, mpp=mask_mpp))
     if require_tissue and not mask.any():
-        raise SlideError(
-            slide.path,
-            f"no tissue found at {mask_mpp:g} µm/px: the slide looks blank (background only or "
-            "marker ink); check the file, or pass require_tissue=False to accept an empty mask",
-        )
+        xp = array_namespace(image)
+        grayscale = bool(xp.all(image[..., 0] == image[..., 1]) and xp.all(image[..., 1] == image[..., 2]))
+        why = ("the slide is grayscale, and tissue is found by its stain colour (H&E)" if grayscale
+               else "the slide looks blank (background only or marker ink)")
+        raise SlideError(slide.path, f"no tissue found at {mask_mpp:g} µm/px: {why}")
     return mask, float(mask_mpp)
 
 

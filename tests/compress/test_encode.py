@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.compress.encode import BAND_PX, EncoderPlugin, EncoderSettings, default_batch_size, encode_patches, read_cells
+from pipeline.compress.encode import BAND_PX, EncoderSettings, NicWorker, default_batch_size, encode_patches, read_cells
 from pipeline.compress.grid import Grid, iter_blocks
 from pipeline.io import open_slide
 
@@ -39,9 +39,13 @@ def test_a_tall_block_is_read_in_bands_and_keeps_the_cell_order():
 
 def test_plugin_encodes_like_the_encoder_and_sizes_batches_by_patch_area():
     assert default_batch_size(128) == 256 and default_batch_size(224) == 80
-    plugin = EncoderPlugin(EncoderSettings(precision="fp32", device="cpu"))
-    plugin.setup()
+    state = NicWorker()
+    encoder = state.encoder(EncoderSettings(precision="fp32", device="cpu"))
+    assert state.encoder(EncoderSettings(precision="fp32", device="cpu")) is encoder  # loaded once per worker
     patches = np.random.default_rng(1).integers(0, 256, (300, 128, 128, 3), dtype=np.uint8)
-    codes = plugin.encode(patches)
+    codes = encoder.encode(patches)
     assert codes.shape == (300, 128) and codes.dtype == np.float16
-    np.testing.assert_allclose(codes, encode_patches(plugin.encoder, patches, "fp32", 64), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(codes, encode_patches(encoder.module, patches, "fp32", 64), rtol=1e-3, atol=1e-3)
+    for seed in (1, 2):  # at most two encoders stay loaded
+        state.encoder(EncoderSettings(random_init=True, seed=seed, precision="fp32", device="cpu"))
+    assert len(state._encoders) == 2 and encoder not in state._encoders.values()

@@ -338,6 +338,26 @@ def test_register_from_card(tmp_path, scratch_registry):
         create_encoder(str(bad))
 
 
+def test_a_card_cannot_name_code_to_run(tmp_path, scratch_registry):
+    """A card is data: `"architecture": "subprocess:run"` (or any module:callable) is refused
+    before anything is imported or called, beside a .safetensors file as on its own."""
+    proof = tmp_path / "ran"
+    weights = tmp_path / "evil.safetensors"
+    save_file(NicCNN().state_dict(), str(weights))
+    card = {"name": "evil", "architecture": "subprocess:run", "patch_size": 128, "mpp": 0.5, "code_dim": 128,
+            "normalisation": "nic", "weights": weights.name,
+            "architecture_kwargs": {"args": ["touch", str(proof)]}}
+    (tmp_path / "evil.json").write_text(json.dumps(card))
+    for handle in (str(tmp_path / "evil.json"), str(weights)):
+        with pytest.raises(NicError, match="unknown architecture|must be numbers"):
+            create_encoder(handle)
+    card["architecture_kwargs"] = {}
+    (tmp_path / "evil.json").write_text(json.dumps(card))
+    with pytest.raises(NicError, match="unknown architecture 'subprocess:run'"):
+        create_encoder(str(weights))
+    assert not proof.exists()
+
+
 def test_save_encoder_writes_a_card_that_registers(tmp_path, scratch_registry):
     torch.manual_seed(5)
     net = NicCNN().eval()
