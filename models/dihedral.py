@@ -8,17 +8,16 @@ all agree on which element is which.
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 ORDER = 8
 
 
 def _ops(x):
-    """(rot90, flip) for the array's library: torch, or the NumPy-compatible namespace."""
-    if isinstance(x, torch.Tensor):
-        return (lambda a, k, dims: torch.rot90(a, k, dims=dims)), (lambda a, axis: torch.flip(a, dims=(axis,)))
-    import numpy as np
-
+    """(rot90, flip) for the array's library: torch tensors by their methods (so this module needs
+    no torch import), NumPy and CuPy arrays by their namespace."""
+    if hasattr(x, "rot90"):  # torch.Tensor
+        return (lambda a, k, dims: a.rot90(k, dims)), (lambda a, axis: a.flip((axis,)))
     xp = np if type(x).__module__.split(".")[0] != "cupy" else __import__("cupy")
     return (lambda a, k, dims: xp.rot90(a, k, axes=dims)), (lambda a, axis: xp.flip(a, axis=axis))
 

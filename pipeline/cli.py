@@ -128,7 +128,7 @@ def encoders():
         spec = get_spec(name)
         marker = f"  (= {DEFAULT_ALIAS})" if name == DEFAULT_ENCODER else ""
         click.echo(f"{name:<24} {spec.patch_size:>5} {spec.stride:>6} {spec.mpp:>6g} {spec.code_dim:>5}  "
-                   f"{(spec.licence or 'weights from your own file').split(';')[0][:60]}{marker}")
+                   f"{(spec.licence or 'weights from your own file').split(';')[0]}{marker}")
 
 
 @main.command()
@@ -195,120 +195,6 @@ def _print_compress_report(report) -> None:
     if report.fatal:
         click.echo(f"STOPPED: {report.fatal}; rerun the same command once it is fixed: finished blocks are kept",
                    err=True)
-
-
-@main.command()
-@click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--slides", "n_slides", type=int, default=4, show_default=True, help="Slides in the cohort.")
-@click.option("--width", type=int, default=8192, show_default=True, help="Level-0 width in px.")
-@click.option("--height", type=int, default=8192, show_default=True, help="Level-0 height in px.")
-@click.option("--mpp", type=float, default=0.5, show_default=True, help="µm/px of level 0.")
-@click.option(
-    "--lesion-fraction",
-    type=float,
-    default=0.05,
-    show_default=True,
-    help="Lesion area as a fraction of the tissue, on positive slides.",
-)
-@click.option("--positive-fraction", type=float, default=0.5, show_default=True, help="Share of positive slides.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--texture",
-    default="synthetic",
-    show_default=True,
-    help="'synthetic' (procedural H&E) or 'tiles:DIR' (real tiles: normal tiles as tissue, tumour tiles as lesions).",
-)
-@click.option("--tile-labels", type=click.Path(exists=True, path_type=Path), default=None,
-              help="CSV path,label for --texture tiles:DIR (default: class = parent folder).")
-@click.option("--lesion-classes", default=None,
-              help="Comma-separated tile classes that count as lesion (default: a guess from the class names).")
-@click.option("--pen-marks/--no-pen-marks", default=False, show_default=True, help="Draw pen-mark artifacts.")
-@click.option("--artifacts/--no-artifacts", default=False, show_default=True,
-              help="Draw tissue folds (darker double-thickness bands).")
-@click.option("--tile-mpp", type=float, default=None,
-              help="µm/px of the --texture tiles (default: known datasets, else 0.5).")
-def synth(out_dir, n_slides, width, height, mpp, lesion_fraction, positive_fraction, seed, texture,
-          tile_labels, lesion_classes, pen_marks, artifacts, tile_mpp):
-    """Write a synthetic cohort of pyramidal H&E-like slides, lesion masks and labels.csv."""
-    from pipeline.synth import CohortSpec, write_cohort
-
-    spec = CohortSpec(
-        n_slides=n_slides,
-        width=width,
-        height=height,
-        mpp=mpp,
-        lesion_fraction=lesion_fraction,
-        positive_fraction=positive_fraction,
-        seed=seed,
-        texture=texture,
-        tile_labels=tile_labels,
-        lesion_classes=tuple(lesion_classes.split(",")) if lesion_classes else None,
-        pen_marks=pen_marks,
-        artifacts=artifacts,
-        tile_mpp=tile_mpp,
-    )
-    labels = write_cohort(out_dir, spec, progress=True)
-    click.echo(f"wrote {len(labels)} slides and labels.csv to {out_dir}")
-
-
-@main.command()
-def encoders():
-    """List the registry's encoders: patch size, stride, µm/px, code size, licence."""
-    from models.registry import DEFAULT_ALIAS, DEFAULT_ENCODER, get_spec, list_encoders
-
-    click.echo(f"{'name':<24} {'patch':>5} {'stride':>6} {'µm/px':>6} {'code':>5}  licence")
-    for name in list_encoders(include_aliases=False):
-        spec = get_spec(name)
-        marker = f"  (= {DEFAULT_ALIAS})" if name == DEFAULT_ENCODER else ""
-        click.echo(f"{name:<24} {spec.patch_size:>5} {spec.stride:>6} {spec.mpp:>6g} {spec.code_dim:>5}  "
-                   f"{(spec.licence or 'weights from your own file').split(';')[0][:60]}{marker}")
-
-
-@main.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", "store", required=True, type=click.Path(path_type=Path), help="Output Zarr store (one per cohort).")
-@click.option("--workers", type=int, default=None, help="Workers of the embedded local cluster (default: one per core, or per GPU).")
-@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler, e.g. tcp://node1:8786.")
-@click.option("--scheduler-file", type=click.Path(exists=True), default=None, help="Scheduler file of an existing cluster.")
-@click.option("--encoder", default="nic", show_default=True, help="Encoder name from the registry (see `nic encoders`).")
-@click.option("--weights", type=click.Path(exists=True), default=None, help="Local weights file for the encoder.")
-@click.option("--random-init", is_flag=True, help="Seeded random weights instead of trained ones.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-init.")
-@click.option("--mpp", type=float, default=None, help="µm/px for slides whose metadata has none.")
-@click.option("--mpp-csv", type=click.Path(exists=True), default=None, help="CSV of slide_id,mpp overrides.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-              help="auto: fp16 autocast on GPU, bf16 autocast on CPU.")
-@click.option("--dihedral-mean", is_flag=True, help="Encode each patch as the mean code of its 8 rotations/flips.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where workers decode and encode: auto = the worker's GPU when it has one.")
-@click.option("--block", type=int, default=32, show_default=True, help="Cells per block side = Zarr chunk side.")
-@click.option("--min-tissue", type=float, default=0.1, show_default=True, help="Tissue fraction a cell needs to be encoded.")
-def compress(paths, store, workers, scheduler, scheduler_file, encoder, weights, random_init, seed, mpp, mpp_csv,
-             precision, dihedral_mean, device, block, min_tissue):
-    """Compress slides (files or folders) into a Zarr store of per-slide code grids."""
-    from pipeline.runtime.cluster import connect
-    from pipeline.compress.graph import compress as run_compress
-    from pipeline.compress.graph import plan_jobs
-    from pipeline.compress.encode import EncoderSettings
-
-    jobs = plan_jobs(paths, mpp=mpp, mpp_csv=mpp_csv)
-    if not jobs:
-        raise click.UsageError("no slides found under the given paths")
-    settings = EncoderSettings(encoder, weights, random_init, seed, precision, dihedral_mean, device=device)
-    with connect(scheduler, scheduler_file, workers) as client:
-        click.echo(f"dashboard: {client.dashboard_link}")
-        report = run_compress(jobs, store, client, settings, block=block, min_tissue=min_tissue)
-    _print_compress_report(report)
-    if report.failed:
-        sys.exit(1)
-
-
-def _print_compress_report(report) -> None:
-    done = sum(s.status in ("complete", "skipped") for s in report.slides)
-    click.echo(f"{done}/{len(report.slides)} slides complete in {report.store} "
-               f"({report.patches} patches encoded in {report.blocks_encoded} blocks this run)")
-    for failed in report.failed:
-        click.echo(f"FAILED {failed.path}: {failed.error}", err=True)
 
 
 @main.command()

@@ -1,0 +1,51 @@
+"""The docs cannot drift from the code: their runnable blocks run here, as a reader would run them.
+
+* every fenced block whose info string is ``bash runnable`` in README.md and docs/*.md runs, the
+  blocks of one file in order in one working folder (later blocks use what earlier ones made);
+* the Python block of docs/api.md (the front door, a whole cohort) runs as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```", re.M | re.S)
+
+
+def blocks(path: Path, info: str) -> list[str]:
+    """The bodies of the fenced blocks of ``path`` whose info string is ``info``."""
+    return [body for found, body in FENCE.findall(path.read_text()) if found.strip() == info]
+
+
+def runnable_docs() -> list[Path]:
+    return [p for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))] if blocks(p, "bash runnable")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("doc", runnable_docs(), ids=lambda p: p.name)
+def test_runnable_shell_blocks(doc, tmp_path):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for body in blocks(doc, "bash runnable"):
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", body], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, f"{doc.name}:\n{body}\n--- stdout\n{done.stdout[-2000:]}\n--- stderr\n{done.stderr[-3000:]}"
+
+
+def test_some_docs_have_runnable_blocks():
+    assert {p.name for p in runnable_docs()} >= {"README.md"}
+
+
+@pytest.mark.slow
+def test_api_md_runs_a_whole_cohort(tmp_path, monkeypatch):
+    code = blocks(REPO / "docs" / "api.md", "python")[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/api.md", "exec"), {"__name__": "__docs__"})
+    assert sorted(p.name for p in (tmp_path / "heatmaps").glob("*.png"))[:1] == ["synth_000.png"]
+    assert (tmp_path / "runs" / "mean" / "metrics.json").exists()
