@@ -8,9 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from click.testing import CliRunner
+from PIL import Image
+from scipy import ndimage
 
-from pipeline.synth import core as synth
+from pipeline import synth
+from pipeline.cli import main
 from pipeline.errors import NicError
+from pipeline.synth.tiles import _guess_tile_mpp, _is_background, _is_lesion
 from tests.conftest import shared_path
 
 MPP = 0.5
@@ -106,8 +111,6 @@ def test_lesion_fraction_accurate(fraction, size):
 
 
 def test_lesion_is_compact_blobs():
-    from scipy import ndimage
-
     fields = synth.build_fields(16_384, 16_384, MPP, seed=2, lesion_fraction=0.05)
     labels, n = ndimage.label(fields.lesion_mask)
     sizes = np.bincount(labels.ravel())[1:]
@@ -124,8 +127,6 @@ def test_lesion_looks_different_from_normal_tissue(positive):
     h, w = cells.shape[:2]
     lesion = positive.lesion_mask[:h, :w]
     normal = positive.tissue_mask[:h, :w] & ~lesion & ~positive.pen_mask[:h, :w]
-    from scipy import ndimage
-
     lesion = ndimage.binary_erosion(lesion, iterations=1)  # away from the soft edges
     normal = ndimage.binary_erosion(normal, iterations=1)
     assert lesion.sum() > 10 and normal.sum() > 100
@@ -181,10 +182,6 @@ def test_cohort_files_and_labels(tmp_path):
 
 
 def test_cli_synth(tmp_path):
-    from click.testing import CliRunner
-
-    from pipeline.cli import main
-
     result = CliRunner().invoke(main, ["synth", str(tmp_path), "--slides", "2", "--width", "700",
                                        "--height", "600", "--lesion-fraction", "0.2", "--seed", "1"])
     assert result.exit_code == 0, result.output
@@ -225,12 +222,8 @@ def test_tiles_texture_from_kather(tmp_path):
     assert cells[~tissue].mean() > 230                      # glass stays glass
     assert cells[tissue].mean() < 215                       # tissue is stained
     # lesion pixels come from the tumour tiles: compare with a tumour tile's colour
-    from PIL import Image
-
     tumour = np.mean([np.asarray(Image.open(p).convert("RGB"), np.float32).mean(axis=(0, 1))
                       for p in sorted((tiles / "01_TUMOR").iterdir())], axis=0)
-    from scipy import ndimage
-
     core = ndimage.binary_erosion(truth.lesion_mask[:h, :w], iterations=2)
     assert core.any()
     assert np.abs(cells[core].mean(axis=0) - tumour).max() < 30
@@ -246,11 +239,11 @@ def test_tiles_texture_errors(tmp_path):
 
 
 def test_lesion_class_guess():
-    assert synth._is_lesion("01_TUMOR", None) and synth._is_lesion("lung_aca", None)
-    assert synth._is_lesion("lung_scc", None) and not synth._is_lesion("lung_n", None)
-    assert not synth._is_lesion("02_STROMA", None) and synth._is_background("08_EMPTY")
-    assert synth._guess_tile_mpp("/data/tiles/kather2016_samples") == 0.495
-    assert synth._guess_tile_mpp("/data/lc25000_lung/labels.csv") == 1.7
+    assert _is_lesion("01_TUMOR", None) and _is_lesion("lung_aca", None)
+    assert _is_lesion("lung_scc", None) and not _is_lesion("lung_n", None)
+    assert not _is_lesion("02_STROMA", None) and _is_background("08_EMPTY")
+    assert _guess_tile_mpp("/data/tiles/kather2016_samples") == 0.495
+    assert _guess_tile_mpp("/data/lc25000_lung/labels.csv") == 1.7
 
 
 def test_tiles_texture_from_labels_csv(tmp_path):
