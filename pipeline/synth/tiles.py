@@ -86,6 +86,12 @@ def _roles(entries, lesion_classes, directory, need_lesion: bool) -> dict[str, l
     return roles
 
 
+def _span(pixels: np.ndarray, first: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets of ``pixels`` in a tile whose first pixel is ``first``, and which of them fall inside it."""
+    offsets = pixels - first
+    return offsets, np.nonzero((offsets >= 0) & (offsets < size))[0]
+
+
 class TilePools:
     """Normal and lesion tiles (uint8) rescaled to the slide's µm/px at downsamples 1 and 4."""
 
@@ -166,15 +172,11 @@ class TilePools:
         pick = self._pick(role, gi, gj, key)
         flip = (hash01(gi, gj, key + np.uint64(1)) * 8).astype(int)
         for a, i in enumerate(range(i_lo, i_hi + 1)):
-            top = int(np.floor((i * st - margin) / d))
-            rows = py - top
-            rsel = np.nonzero((rows >= 0) & (rows < sd))[0]
+            rows, rsel = _span(py, int(np.floor((i * st - margin) / d)), sd)
             if rsel.size == 0:
                 continue
             for b, j in enumerate(range(j_lo, j_hi + 1)):
-                left = int(np.floor((j * st - margin) / d))
-                cols = px - left
-                csel = np.nonzero((cols >= 0) & (cols < sd))[0]
+                cols, csel = _span(px, int(np.floor((j * st - margin) / d)), sd)
                 if csel.size == 0:
                     continue
                 img = images[pick[a, b]]
