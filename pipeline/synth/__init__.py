@@ -18,9 +18,9 @@ The lesion fraction is defined on the coarse grid: ``lesion_px / tissue_px`` of 
 returned in :class:`SlideTruth` and written beside each slide as PNGs.
 
 Modules, in data-flow order: ``noise`` (hashes, value noise, cellular noise), ``fields``
-(low-frequency content on the mask grid), ``tiles`` (real-tile pools and mosaics), ``render``
-(pixels of any region), ``writer`` (the pyramidal TIFF), ``slide`` (one slide and its truth),
-``cohort`` (N slides, masks, labels).
+(low-frequency content on the mask grid), ``tiles`` (real-tile pools and mosaics), ``stain``
+(stain vectors, per-slide jitter), ``render`` (pixels of any region), ``writer`` (the pyramidal
+TIFF), ``slide`` (one slide and its truth), ``cohort`` (N slides, masks, labels).
 """
 
 from pipeline.synth.cohort import (

@@ -40,6 +40,7 @@ class CohortSpec:
     artifacts: bool = False
     jpeg_quality: int = 90
     workers: int | None = None       # rendering threads per slide (None: up to 2 cores)
+    stain_jitter: float = 0.0        # per-slide H and E vector scaling U(1-s, 1+s); 0: off
 
 
 def write_masks(truth: SlideTruth) -> tuple[Path, Path]:
@@ -76,6 +77,8 @@ def write_cohort(out_dir, spec: CohortSpec, progress: bool = False):
         raise NicError(f"{out_dir}: --positive-fraction must be in [0, 1]")
     if spec.positive_fraction > 0 and not 0 < spec.lesion_fraction < 1:
         raise NicError(f"{out_dir}: --lesion-fraction must be in (0, 1) for positive slides")
+    if not 0 <= spec.stain_jitter < 1:
+        raise NicError(f"{out_dir}: --stain-jitter must be in [0, 1)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = cohort_assignment(spec.n_slides, spec.positive_fraction, spec.seed)
@@ -89,7 +92,7 @@ def write_cohort(out_dir, spec: CohortSpec, progress: bool = False):
             spec.lesion_fraction if labels[i] else 0.0, spec.texture, spec.pen_marks,
             tile_labels=spec.tile_labels, lesion_classes=spec.lesion_classes, tile_mpp=spec.tile_mpp,
             artifacts=spec.artifacts, jpeg_quality=spec.jpeg_quality, progress=progress,
-            workers=spec.workers,
+            workers=spec.workers, stain_jitter=spec.stain_jitter,
         )
         write_masks(truth)
         rows.append({"slide_id": slide_id, "label": truth.label, "lesion_fraction": truth.lesion_fraction})

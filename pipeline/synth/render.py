@@ -11,31 +11,31 @@ import numpy as np
 
 from pipeline.synth.fields import Fields, sample_fields
 from pipeline.synth.noise import blob_layer, smoothstep, stream_key, value_noise, voronoi
+from pipeline.synth.stain import EOSIN, HEMATOXYLIN, restain, restain_matrix, stain_scales
 from pipeline.synth.tiles import TilePools
 
 BACKGROUND_RGB = (241.0, 239.0, 243.0)
-
-# Stain optical-density vectors (rows: R, G, B absorbance per unit concentration).
-_HEMATOXYLIN = np.array([0.651, 0.701, 0.290], np.float32)
-_EOSIN = np.array([0.216, 0.801, 0.558], np.float32)
 
 
 class Renderer:
     """Renders any region of the slide at any downsample from the fields and the seed."""
 
-    def __init__(self, fields: Fields, width, height, mpp, seed, tiles: TilePools | None = None):
+    def __init__(self, fields: Fields, width, height, mpp, seed, tiles: TilePools | None = None,
+                 stain_jitter: float = 0.0):
         self.fields = fields
         self.stack = fields.stack()
         self.width, self.height, self.mpp, self.seed = width, height, mpp, seed
         self.key = stream_key(seed, 2)
         self.tiles = tiles
         rng = np.random.default_rng([seed, 104729])
-        # per-slide stain variation (hue and strength), as between labs/batches
-        self.h_vec = (_HEMATOXYLIN * rng.uniform(0.85, 1.15, 3)).astype(np.float32)
-        self.e_vec = (_EOSIN * rng.uniform(0.85, 1.15, 3)).astype(np.float32)
+        # per-slide stain variation (hue and strength), as between labs/batches; --stain-jitter adds more
+        scales = stain_scales(seed, stain_jitter)
+        self.h_vec = (HEMATOXYLIN * rng.uniform(0.85, 1.15, 3)).astype(np.float32) * scales[0]
+        self.e_vec = (EOSIN * rng.uniform(0.85, 1.15, 3)).astype(np.float32) * scales[1]
         self.h_gain = np.float32(rng.uniform(0.85, 1.15))
         self.e_gain = np.float32(rng.uniform(0.8, 1.2))
         self.bg_od = (-np.log(np.array(BACKGROUND_RGB, np.float32) / 255)).astype(np.float32)
+        self.restain = restain_matrix(scales) if stain_jitter else None
 
     # -- helpers
     def _noise(self, px_um, ys_um, xs_um, spacing, salt):
@@ -135,5 +135,7 @@ class Renderer:
             if lesion_a.max() > 0:
                 lesion = pools.mosaic("lesion", ys0, xs0, d, self.key + np.uint64(2000))
                 normal += lesion_a[..., None] * (lesion - normal)
+            if self.restain is not None:
+                normal = restain(normal, self.restain)
             rgb += tissue_a[..., None] * (normal - bg)
         return rgb

@@ -51,12 +51,14 @@ def write_synthetic_slide(path, width: int, height: int, mpp: float = 0.5, seed:
                           pen_marks: bool = False, *, tile_labels: Path | None = None,
                           lesion_classes: tuple[str, ...] | None = None, tile_mpp: float | None = None,
                           artifacts: bool = False, jpeg_quality: int = 90,
-                          progress: bool = False, workers: int | None = None) -> SlideTruth:
+                          progress: bool = False, workers: int | None = None,
+                          stain_jitter: float = 0.0) -> SlideTruth:
     """Write one pyramidal tiled-JPEG Aperio-style TIFF and return its ground truth.
 
     ``lesion_fraction`` is the lesion area as a share of the tissue area (0 = negative
-    slide). Same arguments -> byte-identical file (whatever ``workers``, the number of
-    rendering threads; default: up to 2 CPU cores).
+    slide). ``stain_jitter`` (0 <= s < 1) scales the H and E vectors per slide by ``U(1-s, 1+s)``
+    from the seed (:mod:`pipeline.synth.stain`). Same arguments -> byte-identical file (whatever
+    ``workers``, the number of rendering threads; default: up to 2 CPU cores).
     """
     if width < 1 or height < 1:
         raise NicError(f"{path}: width and height must be positive (got {width} x {height})")
@@ -64,16 +66,19 @@ def write_synthetic_slide(path, width: int, height: int, mpp: float = 0.5, seed:
         raise NicError(f"{path}: lesion fraction must be in [0, 1) (got {lesion_fraction})")
     if mpp <= 0:
         raise NicError(f"{path}: mpp must be positive (got {mpp})")
+    if not 0 <= stain_jitter < 1:
+        raise NicError(f"{path}: stain jitter must be in [0, 1) (got {stain_jitter})")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with threadpool_limits(limits=1, user_api="blas"):     # tiny matmuls: threads only cost
         return _write_slide(path, width, height, mpp, seed, lesion_fraction, texture, pen_marks,
                             tile_labels, lesion_classes, tile_mpp, artifacts, jpeg_quality, progress,
-                            workers if workers is not None else min(2, os.cpu_count() or 1))
+                            workers if workers is not None else min(2, os.cpu_count() or 1), stain_jitter)
 
 
 def _write_slide(path, width, height, mpp, seed, lesion_fraction, texture, pen_marks,
-                 tile_labels, lesion_classes, tile_mpp, artifacts, jpeg_quality, progress, workers) -> SlideTruth:
+                 tile_labels, lesion_classes, tile_mpp, artifacts, jpeg_quality, progress, workers,
+                 stain_jitter) -> SlideTruth:
     """Build the fields and the texture, stream the pyramid to ``path``, return the truth."""
     fields = build_fields(width, height, mpp, seed, lesion_fraction, pen_marks, artifacts)
     tile_dir = parse_texture(texture, tile_labels)
@@ -81,7 +86,7 @@ def _write_slide(path, width, height, mpp, seed, lesion_fraction, texture, pen_m
     if tile_dir is not None:
         pools = TilePools(tile_dir, tile_labels, lesion_classes, tile_mpp, mpp, seed,
                           need_lesion=bool(fields.lesion_mask.any()))
-    renderer = Renderer(fields, width, height, mpp, seed, pools)
+    renderer = Renderer(fields, width, height, mpp, seed, pools, stain_jitter)
     dims = write_pyramid(path, renderer, jpeg_quality, progress, workers)
     tissue_px = int(fields.tissue_mask.sum())
     realized = float(fields.lesion_mask.sum() / tissue_px) if tissue_px else 0.0
