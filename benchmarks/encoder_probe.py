@@ -32,13 +32,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from models.registry import create_encoder  # noqa: E402
 from pipeline.encoder import tiles as T  # noqa: E402
+from pipeline.encoder.probe import format_table, make_model, probe, score  # noqa: E402
 from pipeline.io.masks import read_mask  # noqa: E402
-from pipeline.encoder.probe import format_table, probe  # noqa: E402
 
 DEFAULT_ENCODERS = [
     "nic-mtl4-tellez2020=nic-mtl4-tellez2020",
@@ -51,15 +54,11 @@ MONUSEG_MPP = 0.25
 
 
 def load_encoder(spec: str):
-    from models.registry import create_encoder
-
     name, _, mode = spec.partition("@")
     return create_encoder(name, random_init=(mode == "random"), seed=0)
 
 
 def lc25000_sets(data: Path):
-    import pandas as pd
-
     table = pd.read_csv(data / "lc25000_lung" / "labels.csv")
     _, val = T.group_split(table["group"], table["label"], 0.2, seed=0)
     heldout = table.iloc[val]
@@ -97,8 +96,6 @@ def monuseg_patches(data: Path, which: str, size_for: int):
 
 
 def encode_patches(encoder, patches: np.ndarray, batch: int = 64) -> np.ndarray:
-    import torch
-
     out = []
     with torch.inference_mode():
         for i in range(0, len(patches), batch):
@@ -108,8 +105,6 @@ def encode_patches(encoder, patches: np.ndarray, batch: int = 64) -> np.ndarray:
 
 def split_probe(X, y, groups, test_groups: set[str]) -> dict:
     """Ridge probe fitted on the training groups and scored on the held-out ones."""
-    from pipeline.encoder.probe import make_model, score
-
     test = np.isin(groups, sorted(test_groups))
     model = make_model("regression").fit(X[~test], y[~test])
     res = {"kind": "regression", "n": int(test.sum()), "n_groups": int(len(np.unique(groups[test]))),
@@ -181,8 +176,6 @@ def main(argv=None) -> None:
     parser.add_argument("--out-json", type=Path, default=None)
     parser.add_argument("--out-md", type=Path, default=None)
     args = parser.parse_args(argv)
-    import torch
-
     torch.set_num_threads(args.threads)
     encoders = args.encoder + ([] if args.no_defaults else DEFAULT_ENCODERS)
     sets = args.sets.split(",")

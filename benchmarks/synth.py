@@ -1,4 +1,4 @@
-"""Benchmark and pictures for `nic synth` (pipeline/synth.py).
+"""Benchmark and pictures for `nic synth` (pipeline/synth/).
 
     python benchmarks/synth.py bench [--size 30000]   # time + peak RSS of one slide -> docs/benchmarks.md
     python benchmarks/synth.py thumbnails             # docs/img/synth_*.png used by docs/synth.md
@@ -22,7 +22,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import openslide
+import tifffile
+from PIL import Image
+from scipy import ndimage
+from skimage.segmentation import find_boundaries
+
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline import synth  # noqa: E402
+
 DOCS = REPO / "docs"
 SECTION = "## Synthetic slides"
 KATHER = REPO.parent / "shared" / "data" / "tiles" / "kather2016_samples"
@@ -38,8 +49,6 @@ def machine() -> str:
 
 def bench(size: int, seed: int) -> dict:
     """Run `nic synth` for one positive size x size slide; return wall s, CPU s, peak RSS, file size."""
-    import tifffile
-
     with tempfile.TemporaryDirectory(prefix="nic-synth-bench-") as tmp:
         cmd = [sys.executable, "-c", "from pipeline.cli import main; main()", "synth", tmp, "--slides", "1", "--width", str(size),
                "--height", str(size), "--positive-fraction", "1", "--lesion-fraction", "0.05",
@@ -94,15 +103,9 @@ and only the low-resolution fields (one value per 32 x 32 px, {-(-r['size'] // 3
 
 def _overlay(thumb, lesion):
     """Thumbnail with the lesion outline in bright green."""
-    import numpy as np
-    from PIL import Image
-    from skimage.segmentation import find_boundaries
-
     up = np.asarray(Image.fromarray(lesion.astype(np.uint8) * 255).resize(
         (thumb.shape[1], thumb.shape[0]), Image.Resampling.NEAREST)) > 127
     edge = find_boundaries(up, mode="thick")
-    from scipy import ndimage
-
     edge = ndimage.binary_dilation(edge, iterations=1)
     out = thumb.copy()
     out[edge] = (0, 200, 0)
@@ -111,17 +114,11 @@ def _overlay(thumb, lesion):
 
 def _panel(truth, close_up_px=768, thumb_px=480):
     """[thumbnail with lesion outline | lesion mask | level-0 lesion close-up | level-0 normal close-up]."""
-    import numpy as np
-    import openslide
-    from PIL import Image
-
     with openslide.OpenSlide(str(truth.path)) as slide:
         thumb = np.asarray(slide.get_thumbnail((thumb_px, thumb_px)).convert("RGB"))
         ds = truth.mask_downsample
         crops = []
         for mask in (truth.lesion_mask, truth.tissue_mask & ~truth.lesion_mask & ~truth.pen_mask):
-            from scipy import ndimage
-
             inner = ndimage.binary_erosion(mask, iterations=4)
             ys, xs = np.nonzero(inner if inner.any() else mask)
             i = len(ys) // 2
@@ -139,10 +136,6 @@ def _panel(truth, close_up_px=768, thumb_px=480):
 
 def thumbnails(out_dir: Path) -> list[Path]:
     """One procedural slide and one kather2016-tiles slide, each as a 4-panel PNG."""
-    from PIL import Image
-
-    from pipeline import synth
-
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with tempfile.TemporaryDirectory(prefix="nic-synth-thumbs-") as tmp:

@@ -94,8 +94,10 @@ def info(slide, as_json, mpp):
               help="Draw tissue folds (darker double-thickness bands).")
 @click.option("--tile-mpp", type=float, default=None,
               help="µm/px of the --texture tiles (default: known datasets, else 0.5).")
+@click.option("--stain-jitter", type=float, default=0.0, show_default=True,
+              help="Per-slide stain variation: scale the H and E vectors by U(1-s, 1+s) from the seed (0: off).")
 def synth(out_dir, n_slides, width, height, mpp, lesion_fraction, positive_fraction, seed, texture,
-          tile_labels, lesion_classes, pen_marks, artifacts, tile_mpp):
+          tile_labels, lesion_classes, pen_marks, artifacts, tile_mpp, stain_jitter):
     """Write a synthetic cohort of pyramidal H&E-like slides, lesion masks and labels.csv."""
     from pipeline.synth import CohortSpec, write_cohort
 
@@ -113,6 +115,7 @@ def synth(out_dir, n_slides, width, height, mpp, lesion_fraction, positive_fract
         pen_marks=pen_marks,
         artifacts=artifacts,
         tile_mpp=tile_mpp,
+        stain_jitter=stain_jitter,
     )
     labels = write_cohort(out_dir, spec, progress=True)
     click.echo(f"wrote {len(labels)} slides and labels.csv to {out_dir}")

@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
+from scipy.stats import pearsonr, spearmanr
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression, Ridge, RidgeCV
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, r2_score, roc_auc_score
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from pipeline.errors import NicError
 
@@ -38,8 +46,6 @@ def align_labels(paths: Sequence[str], labels_csv: str | Path, label_column: str
     Returns ``(rows, y, groups)``: the feature rows that have a label, their labels and groups
     (each path its own group when the CSV has no group column).
     """
-    import pandas as pd
-
     table = pd.read_csv(labels_csv)
     for column in (path_column, label_column):
         if column not in table.columns:
@@ -66,8 +72,6 @@ def infer_kind(y: np.ndarray) -> str:
 
 def make_splitter(kind: str, y, groups, n_splits: int, seed: int):
     """Group-aware folds: StratifiedGroupKFold (classification) or GroupKFold (regression)."""
-    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
-
     n_groups = len(np.unique(groups))
     if n_groups < 2:
         raise NicError(f"group-aware cross-validation needs at least 2 groups, got {n_groups}")
@@ -87,10 +91,6 @@ def make_model(kind: str, C: float = 1.0, alpha: float | None = None, seed: int 
     1e-2..1e4) unless ``alpha`` is given: codes of 128 to 1024 dimensions on a few hundred
     patches need it.
     """
-    from sklearn.linear_model import LogisticRegression, Ridge, RidgeCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     if kind == "classification":
         return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000, random_state=seed))
     ridge = RidgeCV(alphas=RIDGE_ALPHAS) if alpha is None else Ridge(alpha=alpha)
@@ -100,8 +100,6 @@ def make_model(kind: str, C: float = 1.0, alpha: float | None = None, seed: int 
 def out_of_fold(X, y, groups, kind: str, n_splits: int = 5, seed: int = 0, C: float = 1.0,
                 alpha: float | None = None) -> tuple[np.ndarray, list]:
     """Out-of-fold predictions: class probabilities ``(N, K)`` (classes sorted) or values ``(N,)``."""
-    from sklearn.base import clone
-
     X = np.asarray(X, dtype=np.float64)
     splitter = make_splitter(kind, y, groups, n_splits, seed)
     base = make_model(kind, C=C, alpha=alpha, seed=seed)
@@ -121,9 +119,6 @@ def out_of_fold(X, y, groups, kind: str, n_splits: int = 5, seed: int = 0, C: fl
 
 def score(kind: str, y, pred) -> dict:
     """Metrics of pooled out-of-fold predictions (see the module docstring)."""
-    from scipy.stats import pearsonr, spearmanr
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, r2_score, roc_auc_score
-
     if kind == "classification":
         classes = np.unique(y)
         y_idx = np.searchsorted(classes, y)

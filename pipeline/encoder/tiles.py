@@ -2,7 +2,7 @@
 
 Used by ``nic train-encoder`` (random crops of labelled tiles at 0.5 µm/px) and ``nic embed``
 (tiles -> codes of any registry encoder). Tiles are small (a few hundred px) so they are read
-with Pillow into memory; whole slides go through :mod:`pipeline.slides` instead.
+with Pillow into memory; whole slides go through :mod:`pipeline.io` instead.
 
 Resampling is one rule everywhere: a patch of ``size`` px at ``target_mpp`` covers
 ``size * target_mpp / src_mpp`` source px; that (fractional) box is cut out and resized with
@@ -18,6 +18,14 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import pandas as pd
+import tifffile
+import torch
+from PIL import Image
+from skimage.color import hed2rgb, rgb2hed
+from skimage.filters import gaussian
+from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
+from tqdm.auto import tqdm
 
 from models.dihedral import dihedral
 from pipeline.errors import NicError
@@ -30,15 +38,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 def read_rgb(path: str | Path) -> np.ndarray:
     """An image file as uint8 RGB ``(h, w, 3)`` (alpha and palette dropped)."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
     except Exception as exc:  # Pillow cannot read some TIFFs: fall back to tifffile
         try:
-            import tifffile
-
             arr = tifffile.imread(path)
         except Exception:
             raise NicError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
@@ -66,8 +70,6 @@ def read_tile_list(tiles: str | Path, path_column: str = "path") -> tuple[Path, 
             raise NicError(f"{tiles}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
         return tiles, paths
     if tiles.suffix.lower() == ".csv":
-        import pandas as pd
-
         table = pd.read_csv(tiles)
         if path_column not in table.columns:
             raise NicError(f"{tiles}: no {path_column!r} column (columns: {list(table.columns)})")
@@ -96,7 +98,7 @@ def _label_from_name(name: str, regex: str | None) -> str | None:
     return match.group(1) if match else None
 
 
-def read_source(source: dict, data_root: str | Path) -> "pd.DataFrame":
+def read_source(source: dict, data_root: str | Path) -> pd.DataFrame:
     """One data source of a task config -> table ``path, label|value, group, mpp[, mask]``.
 
     Source kinds (keys of ``source``):
@@ -111,8 +113,6 @@ def read_source(source: dict, data_root: str | Path) -> "pd.DataFrame":
     ``group_regex`` (group from the file name), ``mpp`` (required: the tiles' µm/px),
     ``min_size`` (drop smaller tiles).
     """
-    import pandas as pd
-
     data_root = Path(data_root)
     if "mpp" not in source:
         raise NicError(f"data source {source}: says no 'mpp' (µm/px); state it, or what to assume")
@@ -177,8 +177,6 @@ def prepare_image(image: np.ndarray, src_mpp: float, target_mpp: float,
     memory stays at the smaller of the two resolutions. A mask is resampled as a float
     (area average), so it keeps the fraction of positive pixels.
     """
-    from PIL import Image
-
     if src_mpp >= target_mpp * 0.999:
         return image, src_mpp, mask
     h, w = image.shape[:2]
@@ -216,8 +214,6 @@ def crop_resample(image: np.ndarray, box: tuple[float, float, float], size: int)
     Where the box reaches past the image (tile smaller than the patch), the image is
     reflect-padded first.
     """
-    from PIL import Image
-
     x0, y0, side = box
     h, w = image.shape[:2]
     pad = int(np.ceil(max(0.0, -x0, -y0, x0 + side - w, y0 + side - h)))
@@ -250,9 +246,6 @@ def augment_patch(patch: np.ndarray, rng: np.random.Generator, hed_sigma: float 
     and stain color normalization"): each of the H, E, D channels of ``skimage.color.rgb2hed``
     is scaled by ``1 + U(-s, s)`` and shifted by ``U(-s, s)`` times its spread.
     """
-    from skimage.color import hed2rgb, rgb2hed
-    from skimage.filters import gaussian
-
     if use_dihedral:
         patch = dihedral(patch, int(rng.integers(8)), dims=(0, 1))
     x = patch.astype(np.float32) / 255.0
@@ -280,8 +273,6 @@ def group_split(groups: Sequence[str], labels: Sequence | None, val_fraction: fl
     ``GroupShuffleSplit``. LC25000 tiles of one group are copies of one original and MoNuSeg
     patches of one image are one sample: splitting by tile would leak.
     """
-    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
-
     groups = np.asarray(groups)
     idx = np.arange(len(groups))
     n_groups = len(np.unique(groups))
@@ -318,9 +309,6 @@ def embed_tiles(root: str | Path, paths: Sequence[str], encoder, mpp: float | No
     With ``crops > 1`` the code is the mean over ``crops x crops`` patches spread over the tile
     (tiles larger than one patch); with ``crops=1`` it is the centre patch.
     """
-    import torch
-    from tqdm.auto import tqdm
-
     root = Path(root)
     spec = encoder.spec
     src_mpp = float(mpp) if mpp else float(spec.mpp)

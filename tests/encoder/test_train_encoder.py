@@ -5,16 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from click.testing import CliRunner
 from PIL import Image
+from safetensors.numpy import load_file
 
-from pipeline.encoder import tiles as T
+from models.registry import create_encoder, list_encoders, register_from_card
 from pipeline.cli import main
+from pipeline.encoder import tiles as T
+from pipeline.encoder.config import load_config
+from pipeline.encoder.metrics import validation_score
+from pipeline.encoder.train import train_encoder
 from pipeline.errors import NicError
-from pipeline.encoder.train import load_config, train_encoder
 from tests.conftest import shared_path
 
 
@@ -86,8 +93,6 @@ def trained(tiny_data, tmp_path_factory):
 
 
 def test_training_writes_checkpoint_and_card_loadable_by_registry(trained, tiny_data):
-    from models.registry import create_encoder, list_encoders, register_from_card
-
     out, card = trained
     weights, card_path = out / "a" / "tiny-mtl.safetensors", out / "a" / "tiny-mtl.json"
     assert weights.is_file() and card_path.is_file() and (out / "a" / "tiny-mtl.heads.safetensors").is_file()
@@ -114,8 +119,6 @@ def test_training_writes_checkpoint_and_card_loadable_by_registry(trained, tiny_
 
 
 def test_training_is_deterministic_given_seed(trained, tiny_data, tmp_path):
-    from safetensors.numpy import load_file
-
     out, _ = trained
     train_encoder(_config(tmp_path, tiny_data), tmp_path / "b", progress=False)
     a = load_file(str(out / "a" / "tiny-mtl.safetensors"))
@@ -137,8 +140,6 @@ def test_validation_split_keeps_groups_whole(trained):
 
 def test_group_split_never_leaks_lc25000_groups():
     labels = shared_path("lc25000_lung", "labels.csv")
-    import pandas as pd
-
     table = pd.read_csv(labels)
     train, val = T.group_split(table["group"], table["label"], 0.2, seed=0)
     assert not set(table["group"].iloc[train]) & set(table["group"].iloc[val])
@@ -178,6 +179,9 @@ def test_config_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("tasks:\n  - {name: x, type: segmentation, sources: [{folders: a, mpp: 0.5}]}\n")
     with pytest.raises(NicError, match="segmentation"):
+        load_config(bad)
+    bad.write_text("device: gpu\ntasks:\n  - {name: x, type: classification, sources: [{folders: a, mpp: 0.5}]}\n")
+    with pytest.raises(NicError, match="device 'gpu'"):
         load_config(bad)
     with pytest.raises(NicError, match="mpp"):
         T.read_source({"folders": "cls"}, tmp_path)
@@ -230,10 +234,6 @@ def test_real_tiles_tiny_run(tmp_path):
 
 
 def test_validation_score_weights_tasks_by_sqrt_validation_groups():
-    from types import SimpleNamespace
-
-    from pipeline.encoder.train import validation_score
-
     big = SimpleNamespace(name="big", head_kind="classification", groups=np.arange(200).astype(str),
                           val_idx=np.arange(100))
     small = SimpleNamespace(name="small", head_kind="regression", groups=np.arange(8).astype(str),

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import shutil
 import tracemalloc
 
 import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from click.testing import CliRunner
+from PIL import Image
+from scipy import ndimage
 
-from pipeline.synth import core as synth
+from pipeline import synth
+from pipeline.cli import main
 from pipeline.errors import NicError
+from pipeline.synth.stain import restain, restain_matrix, stain_scales
+from pipeline.synth.tiles import _guess_tile_mpp, _is_background, _is_lesion
 from tests.conftest import shared_path
 
 MPP = 0.5
@@ -106,8 +113,6 @@ def test_lesion_fraction_accurate(fraction, size):
 
 
 def test_lesion_is_compact_blobs():
-    from scipy import ndimage
-
     fields = synth.build_fields(16_384, 16_384, MPP, seed=2, lesion_fraction=0.05)
     labels, n = ndimage.label(fields.lesion_mask)
     sizes = np.bincount(labels.ravel())[1:]
@@ -124,8 +129,6 @@ def test_lesion_looks_different_from_normal_tissue(positive):
     h, w = cells.shape[:2]
     lesion = positive.lesion_mask[:h, :w]
     normal = positive.tissue_mask[:h, :w] & ~lesion & ~positive.pen_mask[:h, :w]
-    from scipy import ndimage
-
     lesion = ndimage.binary_erosion(lesion, iterations=1)  # away from the soft edges
     normal = ndimage.binary_erosion(normal, iterations=1)
     assert lesion.sum() > 10 and normal.sum() > 100
@@ -181,10 +184,6 @@ def test_cohort_files_and_labels(tmp_path):
 
 
 def test_cli_synth(tmp_path):
-    from click.testing import CliRunner
-
-    from pipeline.cli import main
-
     result = CliRunner().invoke(main, ["synth", str(tmp_path), "--slides", "2", "--width", "700",
                                        "--height", "600", "--lesion-fraction", "0.2", "--seed", "1"])
     assert result.exit_code == 0, result.output
@@ -193,6 +192,9 @@ def test_cli_synth(tmp_path):
     bad = CliRunner().invoke(main, ["synth", str(tmp_path / "x"), "--slides", "1", "--width", "300",
                                     "--height", "300", "--texture", "paint"])
     assert bad.exit_code == 2 and "unknown texture" in bad.output
+    bad = CliRunner().invoke(main, ["synth", str(tmp_path / "y"), "--slides", "1", "--width", "300",
+                                    "--height", "300", "--stain-jitter", "1.5"])
+    assert bad.exit_code == 2 and "--stain-jitter must be in [0, 1)" in bad.output
 
 
 def test_long_strip_streams_in_bounded_memory(tmp_path):
@@ -225,12 +227,8 @@ def test_tiles_texture_from_kather(tmp_path):
     assert cells[~tissue].mean() > 230                      # glass stays glass
     assert cells[tissue].mean() < 215                       # tissue is stained
     # lesion pixels come from the tumour tiles: compare with a tumour tile's colour
-    from PIL import Image
-
     tumour = np.mean([np.asarray(Image.open(p).convert("RGB"), np.float32).mean(axis=(0, 1))
                       for p in sorted((tiles / "01_TUMOR").iterdir())], axis=0)
-    from scipy import ndimage
-
     core = ndimage.binary_erosion(truth.lesion_mask[:h, :w], iterations=2)
     assert core.any()
     assert np.abs(cells[core].mean(axis=0) - tumour).max() < 30
@@ -246,11 +244,11 @@ def test_tiles_texture_errors(tmp_path):
 
 
 def test_lesion_class_guess():
-    assert synth._is_lesion("01_TUMOR", None) and synth._is_lesion("lung_aca", None)
-    assert synth._is_lesion("lung_scc", None) and not synth._is_lesion("lung_n", None)
-    assert not synth._is_lesion("02_STROMA", None) and synth._is_background("08_EMPTY")
-    assert synth._guess_tile_mpp("/data/tiles/kather2016_samples") == 0.495
-    assert synth._guess_tile_mpp("/data/lc25000_lung/labels.csv") == 1.7
+    assert _is_lesion("01_TUMOR", None) and _is_lesion("lung_aca", None)
+    assert _is_lesion("lung_scc", None) and not _is_lesion("lung_n", None)
+    assert not _is_lesion("02_STROMA", None) and _is_background("08_EMPTY")
+    assert _guess_tile_mpp("/data/tiles/kather2016_samples") == 0.495
+    assert _guess_tile_mpp("/data/lc25000_lung/labels.csv") == 1.7
 
 
 def test_tiles_texture_from_labels_csv(tmp_path):
@@ -263,3 +261,67 @@ def test_tiles_texture_from_labels_csv(tmp_path):
     cells = _block_mean(level0, synth.MASK_DOWNSAMPLE)
     h, w = cells.shape[:2]
     assert cells[truth.tissue_mask[:h, :w]].mean() < cells[~truth.tissue_mask[:h, :w]].mean() - 20
+
+
+# ---------------------------------------------------------------------------- stain jitter
+
+
+def _tissue_colours(cohort_dir, n_slides):
+    """Mean level-1 RGB of each slide's tissue (eroded away from the edges)."""
+    colours = []
+    for i in range(n_slides):
+        path = cohort_dir / f"synth_{i:03d}.tif"
+        with tifffile.TiffFile(path) as tif:
+            level1 = tif.pages[1].asarray().astype(np.float32)
+        cells = _block_mean(level1, synth.MASK_DOWNSAMPLE // 4)
+        h, w = cells.shape[:2]
+        tissue = ndimage.binary_erosion(synth.read_tissue_mask(path), iterations=2)[:h, :w]
+        colours.append(cells[tissue].mean(axis=0))
+    return np.array(colours)
+
+
+def test_stain_jitter_varies_stain_between_slides_only_when_on(tmp_path):
+    """One real tile as the only texture: slides differ in colour only through their stain."""
+    tile = sorted(shared_path("tiles", "kather2016_samples", "02_STROMA").iterdir())[0]
+    (tmp_path / "tiles" / "stroma").mkdir(parents=True)
+    shutil.copy(tile, tmp_path / "tiles" / "stroma" / tile.name)
+    colours = {}
+    for jitter in (0.0, 0.2):
+        out = tmp_path / f"jitter{jitter}"
+        synth.write_cohort(out, synth.CohortSpec(n_slides=2, width=1024, height=1024, positive_fraction=0.0,
+                                                 texture=f"tiles:{tmp_path / 'tiles'}", stain_jitter=jitter))
+        colours[jitter] = _tissue_colours(out, 2)
+        np.testing.assert_array_equal(synth.read_tissue_mask(out / "synth_001.tif"),
+                                      synth.read_tissue_mask(tmp_path / "jitter0.0" / "synth_001.tif"))
+    assert np.abs(colours[0.0][0] - colours[0.0][1]).max() < 1.5
+    assert np.abs(colours[0.2][0] - colours[0.2][1]).max() > 5
+
+
+def test_stain_jitter_recolours_procedural_slides_from_the_seed(tmp_path):
+    plain = synth.write_synthetic_slide(tmp_path / "a.tif", 1024, 1024, seed=3)
+    jittered = synth.write_synthetic_slide(tmp_path / "b.tif", 1024, 1024, seed=3, stain_jitter=0.3)
+    again = synth.write_synthetic_slide(tmp_path / "c.tif", 1024, 1024, seed=3, stain_jitter=0.3)
+    np.testing.assert_array_equal(plain.tissue_mask, jittered.tissue_mask)
+    assert jittered.path.read_bytes() == again.path.read_bytes()
+    a, b = tifffile.imread(plain.path).astype(np.float32), tifffile.imread(jittered.path).astype(np.float32)
+    tissue = np.kron(plain.tissue_mask, np.ones((32, 32), bool))[:1024, :1024]
+    assert np.abs(a[~tissue] - b[~tissue]).mean() < 1                  # glass keeps its colour
+    # tissue optical density per channel changes by a mix of that channel's H and E factors
+    od_a, od_b = (-np.log(np.maximum(x[tissue], 1) / 255).mean(axis=0) for x in (a, b))
+    ratio = od_b / od_a
+    scales = stain_scales(3, 0.3)
+    low, high = np.minimum(1, scales.min(axis=0)), np.maximum(1, scales.max(axis=0))
+    assert ((ratio > low - 0.01) & (ratio < high + 0.01)).all(), (ratio, scales)
+    assert np.abs(ratio - 1).max() > 0.04
+    with pytest.raises(NicError, match="stain jitter"):
+        synth.write_synthetic_slide(tmp_path / "d.tif", 300, 300, stain_jitter=1.5)
+
+
+def test_restain_without_jitter_is_the_identity():
+    np.testing.assert_array_equal(stain_scales(7, 0.0), np.ones((2, 3)))
+    np.testing.assert_allclose(restain_matrix(stain_scales(7, 0.0)), np.eye(3), atol=1e-6)
+    rgb = np.random.default_rng(0).uniform(20, 250, (8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(restain(rgb, restain_matrix(np.ones((2, 3)))), rgb, rtol=1e-4)
+    scales = stain_scales(7, 0.2)
+    assert ((scales >= 0.8) & (scales <= 1.2)).all() and not np.allclose(scales, 1)
+    np.testing.assert_array_equal(scales, stain_scales(7, 0.2))
