@@ -102,8 +102,6 @@ def test_node_lost_mid_run_job_finishes_with_clean_output(dask_cluster, cohort, 
 
 @pytest.mark.slow
 @pytest.mark.timeout(480)
-@pytest.mark.xfail(strict=False, reason="issue 9: task keys carry no run token, so a second job on the cluster "
-                                        "picks up the first job's encode-block results; fixed by run-scoped keys")
 def test_two_jobs_with_different_encoders_share_a_cluster(dask_cluster, cohort, clean_runs, tmp_path):
     cluster = dask_cluster
     cluster.start_scheduler()
