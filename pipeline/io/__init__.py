@@ -15,9 +15,10 @@ from pathlib import Path
 from pipeline.errors import NicError, SlideError
 from pipeline.io.base import Slide, SlideBackend, resample
 from pipeline.io.cucim_backend import CucimReader
-from pipeline.io.files import SUFFIXES, check_file, find_slides, slide_id_of, why_unreadable
+from pipeline.io.files import SUFFIXES, TIFF_SUFFIXES, check_file, find_slides, slide_id_of, why_unreadable
 from pipeline.io.metadata import read_mpp_csv, valid_mpp
 from pipeline.io.openslide_backend import OpenSlideReader
+from pipeline.io.tiff import JpegTileCheck
 from pipeline.runtime.device import cupy_gpu
 
 __all__ = ["SUFFIXES", "Slide", "find_slides", "open_slide", "read_mpp_csv", "resample", "slide_id_of"]
@@ -29,10 +30,17 @@ DEVICES = ("cpu", "cuda")
 
 
 def open_slide(
-    path: str | os.PathLike, mpp: float | None = None, reader: str = "auto", device: str = "cpu"
+    path: str | os.PathLike,
+    mpp: float | None = None,
+    reader: str = "auto",
+    device: str = "cpu",
+    check_tiles: bool = True,
 ) -> Slide:
     """Open a slide with the first backend that claims and opens it (cuCIM, else OpenSlide),
-    or the one ``reader`` names; ``mpp`` overrides the metadata. Bad input is a SlideError."""
+    or the one ``reader`` names; ``mpp`` overrides the metadata. Bad input is a SlideError.
+
+    ``check_tiles``: decode each JPEG tile under a read strictly, once, so that a corrupt tile
+    raises instead of giving black or garbage pixels (docs/slides.md, Corrupt tiles)."""
     if reader not in READERS:
         raise NicError(f"unknown reader {reader!r} (choose from {', '.join(READERS)})")
     if device not in DEVICES:
@@ -50,5 +58,7 @@ def open_slide(
         except Exception as err:  # the C readers raise assorted types; why_unreadable explains
             errors[backend.name] = str(err).replace(f"Reading {path}: ", "")
             continue
-        return Slide(path, opened, mpp_override=mpp, device=device)
+        checked = check_tiles and path.suffix.lower() in TIFF_SUFFIXES
+        tile_check = JpegTileCheck.for_levels(path, opened.level_dimensions, opened.level_downsamples) if checked else None
+        return Slide(path, opened, mpp_override=mpp, device=device, tile_check=tile_check)
     raise SlideError(path, why_unreadable(path, errors))

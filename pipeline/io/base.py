@@ -17,6 +17,7 @@ import numpy as np
 from pipeline.errors import SlideError
 from pipeline.io.files import slide_id_of
 from pipeline.io.metadata import MPP_FIX, valid_mpp
+from pipeline.io.tiff import JpegTileCheck
 from pipeline.runtime.arrays import array_namespace, skimage
 
 LEVEL_TOLERANCE = 0.01  # a level up to 1 % coarser than the target still counts as "not coarser"
@@ -59,12 +60,20 @@ class SlideBackend:
 class Slide:
     """An open whole-slide image: pyramid geometry, µm/px, region reads (numpy, or cupy on GPU)."""
 
-    def __init__(self, path: Path, backend: SlideBackend, mpp_override: float | None = None, device: str = "cpu"):
+    def __init__(
+        self,
+        path: Path,
+        backend: SlideBackend,
+        mpp_override: float | None = None,
+        device: str = "cpu",
+        tile_check: JpegTileCheck | None = None,
+    ):
         self.path = path
         self.slide_id = slide_id_of(path)
         self.device = device
         self._backend = backend
         self.reader = backend.name
+        self._tile_check = tile_check
         self.format = backend.format
         self.vendor = backend.vendor
         self.level_dimensions = [tuple(int(v) for v in dims) for dims in backend.level_dimensions]
@@ -83,8 +92,10 @@ class Slide:
         return f"Slide({str(self.path)!r}, reader={self.reader!r}, mpp={self.mpp})"
 
     def close(self):
-        """Release the reader's file handle."""
+        """Release the reader's file handles."""
         self._backend.close()
+        if self._tile_check is not None:
+            self._tile_check.close()
 
     def require_mpp(self) -> float:
         """The slide's µm/px, or a SlideError saying how to supply it."""
@@ -104,7 +115,7 @@ class Slide:
         if not locations:
             return empty_batch(size, self.device)
         try:
-            return self._backend.read_many(locations, size, level, self.device)
+            return self._read(locations, size, level, self.device)
         except SlideError:
             raise
         except Exception as err:
@@ -135,7 +146,7 @@ class Slide:
         level = self._thumbnail_level(max_size)
         width, height = self.level_dimensions[level]
         try:
-            whole = self._backend.read_many([(0, 0)], (width, height), level, "cpu")
+            whole = self._read([(0, 0)], (width, height), level, "cpu")
         except SlideError:
             raise
         except Exception as err:
@@ -160,6 +171,12 @@ class Slide:
             ],
             "mpp": self.mpp,
         }
+
+    def _read(self, locations, size, level: int, device: str):
+        """The backend's read, after the tile check (CorruptTile when a tile under it is corrupt)."""
+        if self._tile_check is not None:
+            self._tile_check.check(locations, size, level)
+        return self._backend.read_many(locations, size, level, device)
 
     def _check_level(self, level: int):
         if not 0 <= level < self.level_count:

@@ -1,25 +1,23 @@
 """Slide files: which names are slides, finding them, and checking a file before a C reader
-touches it (empty, not a TIFF, truncated, a DICOM that is no whole-slide image), so that bad
-input gives one :class:`~pipeline.errors.SlideError` naming the file and the reason."""
+touches it (empty, not a TIFF, truncated, implausible, a DICOM that is no whole-slide image), so
+that bad input gives one :class:`~pipeline.errors.SlideError` naming the file and the reason."""
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from pathlib import Path
 from typing import Iterable
 
 import pydicom
-import tifffile
 
 from pipeline.errors import SlideError
+from pipeline.io.tiff import check_tiff
 
 SUFFIXES = frozenset(
     {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".dcm", ".vms", ".vmu", ".bif", ".svslide"}
 )
 TIFF_SUFFIXES = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif"})
-TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 DICOM_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 
 
@@ -64,37 +62,8 @@ def check_file(path: Path) -> Path:
     if path.stat().st_size == 0:
         raise SlideError(path, "empty file (0 bytes)")
     if path.suffix.lower() in TIFF_SUFFIXES:
-        check_tiff_complete(path)
+        check_tiff(path)
     return path
-
-
-def check_tiff_complete(path: Path):
-    """SlideError unless ``path`` is a TIFF whose directories and image data lie inside the file."""
-    with path.open("rb") as handle:
-        header = handle.read(4)
-    if header not in TIFF_MAGIC:
-        raise SlideError(path, f"not a slide: a {path.suffix} file must be a TIFF, but it starts with {header!r}")
-    size = path.stat().st_size
-    logger = logging.getLogger("tifffile")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)  # its warnings would duplicate our message
-    try:
-        with tifffile.TiffFile(path) as tif:
-            ends = [_data_end(page) for page in tif.pages]
-    except Exception as err:
-        raise SlideError(path, f"corrupt TIFF: {err}") from None
-    finally:
-        logger.setLevel(level)
-    if not ends:
-        raise SlideError(path, f"truncated or corrupt: no image directory within its {size} bytes")
-    for index, end in enumerate(ends):
-        if end > size:
-            raise SlideError(path, f"truncated: image {index} needs {end} bytes but the file has {size}")
-
-
-def _data_end(page) -> int:
-    """Byte offset just past a TIFF page's last strip or tile."""
-    return max((o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c), default=0)
 
 
 def why_unreadable(path: Path, errors: dict[str, str]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 
@@ -61,3 +62,49 @@ def run_nic(*args) -> subprocess.CompletedProcess:
 
 def diff(a, b) -> np.ndarray:
     return np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+
+
+def damage_tiles(source, path, tiles, how: str, page: int = 0):
+    """Copy of a tiled TIFF with the JPEG data of ``tiles`` (tile indices in ``page``) damaged:
+    ``"flip"`` inverts 64 bytes in the middle of each tile, ``"zero"`` zeroes its first 600 bytes
+    (the JPEG header), as the issue's fault injection did."""
+    data = bytearray(source.read_bytes())
+    with tifffile.TiffFile(source) as tif:
+        spans = [(int(tif.pages[page].dataoffsets[i]), int(tif.pages[page].databytecounts[i])) for i in tiles]
+    for offset, count in spans:
+        if how == "flip":
+            start = offset + count // 2
+            data[start : start + 64] = bytes(b ^ 0xFF for b in data[start : start + 64])
+        else:
+            data[offset : offset + min(600, count)] = bytes(min(600, count))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def claim_size(source, path, width: int, height: int, fill_tiles: bool):
+    """Copy of a one-level, little-endian tiled TIFF whose header claims ``width`` x ``height`` px.
+
+    With ``fill_tiles`` the tile tables are rewritten for that size, every tile pointing at the
+    first tile's bytes (300,000 x 300,000 px in 256 px tiles gives an 11 MB file, as in the
+    issue); without, the tables keep the original few tiles."""
+    data = bytearray(source.read_bytes())
+    with tifffile.TiffFile(source) as tif:
+        page = tif.pages[0]
+        entry_at = {code: page.tags[code].offset for code in (256, 257, 324, 325)}
+        columns, rows = -(-width // page.tilewidth), -(-height // page.tilelength)
+        first_offset, first_count = int(page.dataoffsets[0]), int(page.databytecounts[0])
+
+    def entry(code: int, count: int, value: int) -> bytes:  # one IFD entry of type LONG
+        return struct.pack("<HHII", code, 4, count, value)
+
+    data[entry_at[256] : entry_at[256] + 12] = entry(256, 1, width)
+    data[entry_at[257] : entry_at[257] + 12] = entry(257, 1, height)
+    if fill_tiles:
+        offsets_at = len(data)
+        data += np.full(columns * rows, first_offset, "<u4").tobytes()
+        counts_at = len(data)
+        data += np.full(columns * rows, first_count, "<u4").tobytes()
+        data[entry_at[324] : entry_at[324] + 12] = entry(324, columns * rows, offsets_at)
+        data[entry_at[325] : entry_at[325] + 12] = entry(325, columns * rows, counts_at)
+    path.write_bytes(bytes(data))
+    return path
