@@ -15,13 +15,34 @@ from pathlib import Path
 from pipeline.errors import NicError, SlideError
 from pipeline.io.base import Slide, SlideBackend, resample
 from pipeline.io.cucim_backend import CucimReader
-from pipeline.io.files import SUFFIXES, TIFF_SUFFIXES, check_file, find_slides, slide_id_of, why_unreadable
+from pipeline.io.files import (
+    SUFFIXES,
+    TIFF_SUFFIXES,
+    SlideRow,
+    check_file,
+    discover_slides,
+    find_slides,
+    read_slide_list,
+    slide_id_of,
+    why_unreadable,
+)
 from pipeline.io.metadata import read_mpp_csv, valid_mpp
 from pipeline.io.openslide_backend import OpenSlideReader
 from pipeline.io.tiff import JpegTileCheck
 from pipeline.runtime.device import cupy_gpu
 
-__all__ = ["SUFFIXES", "Slide", "find_slides", "open_slide", "read_mpp_csv", "resample", "slide_id_of"]
+__all__ = [
+    "SUFFIXES",
+    "Slide",
+    "SlideRow",
+    "discover_slides",
+    "find_slides",
+    "open_slide",
+    "read_mpp_csv",
+    "read_slide_list",
+    "resample",
+    "slide_id_of",
+]
 
 BACKENDS: dict[str, type[SlideBackend]] = {"cucim": CucimReader, "openslide": OpenSlideReader}
 """Readers in order of preference: the first that claims a file and opens it reads it."""

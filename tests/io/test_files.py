@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from pipeline.errors import SlideError
-from pipeline.io import find_slides, open_slide
+from pipeline.errors import NicError, SlideError
+from pipeline.io import discover_slides, find_slides, open_slide, read_slide_list
 from tests.conftest import shared_path
 from tests.io.helpers import CMU, TCGA_DICOM, run_nic, truncated_copy, written
 
@@ -84,3 +86,92 @@ def test_nic_info_dicom_exits_2_with_reason():
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert "not a conformant DICOM whole-slide image" in done.stderr
+
+
+# ---------------------------------------------------------------------------- a cohort's problems, one per file
+
+
+def test_discover_slides_reports_each_bad_file_and_keeps_the_rest(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("good.svs", "..tif", "zarr.json.tif", "__meta.svs", "a.svs", "sub/a.tif", "sub/fine.ndpi"):
+        (tmp_path / name).write_bytes(b"II*\x00")
+    (tmp_path / "empty.svs").write_bytes(b"")
+    (tmp_path / "folder.tif").mkdir()
+    (tmp_path / "notes.txt").write_text("not a slide")
+    (tmp_path / "gone.svs").symlink_to(tmp_path / "deleted.svs")
+    (tmp_path / "photo.png").write_bytes(b"x")
+    slides, problems = discover_slides([tmp_path, tmp_path / "good.svs", tmp_path / "missing.svs", tmp_path / "photo.png"])
+    assert slides == [("good", (tmp_path / "good.svs").resolve()), ("fine", (tmp_path / "sub/fine.ndpi").resolve())]
+    reasons = {path.name: reason for path, reason in problems}
+    assert sorted(reasons) == sorted(["..tif", "zarr.json.tif", "__meta.svs", "a.svs", "a.tif", "empty.svs",
+                                      "folder.tif", "gone.svs", "missing.svs", "photo.png"])
+    assert "slide id '.' is empty or only dots" in reasons["..tif"]
+    assert "collide with the store's own metadata file" in reasons["zarr.json.tif"]
+    assert "'__', which Zarr reserves" in reasons["__meta.svs"]
+    assert reasons["a.svs"] == f"slide id 'a' is also the id of {(tmp_path / 'sub/a.tif').resolve()}: rename one of them"
+    assert reasons["a.tif"] == f"slide id 'a' is also the id of {(tmp_path / 'a.svs').resolve()}: rename one of them"
+    assert reasons["empty.svs"] == "empty file (0 bytes)"
+    assert reasons["folder.tif"] == "not a file (a directory)"
+    assert reasons["gone.svs"] == f"broken symbolic link (to {tmp_path / 'deleted.svs'}, which does not exist)"
+    assert reasons["missing.svs"] == "no such file or directory"
+    assert reasons["photo.png"].startswith("unsupported extension '.png'")
+    assert all("\n" not in reason for reason in reasons.values())
+
+
+def test_discover_slides_follows_links_and_counts_a_file_once(tmp_path):
+    (tmp_path / "real.svs").write_bytes(b"II*\x00")
+    (tmp_path / "link.svs").symlink_to(tmp_path / "real.svs")
+    assert discover_slides([tmp_path, tmp_path / "real.svs"]) == ([("real", (tmp_path / "real.svs").resolve())], [])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file, so chmod 000 cannot make one unreadable")
+def test_discover_slides_reports_an_unreadable_file(tmp_path):
+    path = tmp_path / "locked.svs"
+    path.write_bytes(b"II*\x00")
+    path.chmod(0)
+    assert discover_slides(tmp_path) == ([], [(path, "cannot read the file (Permission denied)")])
+
+
+def test_read_slide_list_keeps_good_rows_and_names_each_bad_line(tmp_path):
+    (tmp_path / "slides").mkdir()
+    for name in ("a.svs", "b.tif", "c.svs", "d.svs"):
+        (tmp_path / "slides" / name).write_bytes(b"II*\x00")
+    listing = tmp_path / "cohort.csv"
+    listing.write_text(
+        " Slide_ID , path , mpp \n"
+        "A,slides/a.svs,0.25\n"
+        f"B,{tmp_path / 'slides/b.tif'},\n"
+        "\n"
+        "C,slides/missing.svs,\n"
+        "D,slides/d.svs,-1\n"
+        ",slides/c.svs,\n"
+        "E,,\n"
+        "zarr.json,slides/c.svs,\n"
+        "F,slides/c.svs,\n"
+        "F,slides/d.svs,\n"
+    )
+    rows, problems = read_slide_list(listing)
+    assert rows == [("A", (tmp_path / "slides/a.svs").resolve(), 0.25), ("B", (tmp_path / "slides/b.tif").resolve(), None)]
+    assert rows[0].slide_id == "A" and rows[0].mpp == 0.25
+    reasons = [reason for _, reason in problems]
+    assert reasons[0] == "line 5 of cohort.csv: no such file or directory"
+    assert reasons[1] == "line 6 of cohort.csv: µm/px must be a positive number, got '-1'"
+    assert reasons[2] == "line 7 of cohort.csv: no slide_id"
+    assert reasons[3] == "line 8 of cohort.csv: no path"
+    assert reasons[4].startswith("line 9 of cohort.csv: slide id 'zarr.json' would collide")
+    assert reasons[5:] == [
+        f"slide id 'F' is also the id of {(tmp_path / 'slides/d.svs').resolve()}: rename one of them",
+        f"slide id 'F' is also the id of {(tmp_path / 'slides/c.svs').resolve()}: rename one of them",
+    ]
+    assert [path for path, _ in problems][:4] == [tmp_path / "slides/missing.svs", tmp_path / "slides/d.svs",
+                                                  tmp_path / "slides/c.svs", listing]
+
+
+def test_read_slide_list_needs_its_header(tmp_path):
+    listing = tmp_path / "no-header.csv"
+    listing.write_text("A,slides/a.svs\n")
+    with pytest.raises(NicError, match=r"no-header.csv: a slide list needs a header row slide_id,path\[,mpp\] "
+                                       r"\(found a,slides/a.svs\)"):
+        read_slide_list(listing)
+    with pytest.raises(NicError, match="slide list not found"):
+        read_slide_list(tmp_path / "nowhere.csv")
