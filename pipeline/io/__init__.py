@@ -75,7 +75,7 @@ def open_slide(
     errors = {}
     for backend in candidates:
         try:
-            opened = backend(path)
+            opened = backend(path, device)
         except Exception as err:  # the C readers raise assorted types; why_unreadable explains
             errors[backend.name] = str(err).replace(f"Reading {path}: ", "")
             continue

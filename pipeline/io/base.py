@@ -39,6 +39,10 @@ class SlideBackend:
     suffixes: ClassVar[frozenset[str]] = frozenset()
     decoder: str = ""
 
+    def __init__(self, path: Path, device: str = "cpu"):
+        """Open ``path`` for reads to ``device`` (a reader may choose its decoder by it)."""
+        raise NotImplementedError
+
     @classmethod
     def guess_can_open(cls, path: Path) -> bool:
         """Whether this reader should be tried on ``path`` (by suffix; cheap, never opens it)."""
@@ -73,6 +77,7 @@ class Slide:
         self.device = device
         self._backend = backend
         self.reader = backend.name
+        self.decoder = backend.decoder
         self._tile_check = tile_check
         self.format = backend.format
         self.vendor = backend.vendor

@@ -21,7 +21,7 @@ class OpenSlideReader(SlideBackend):
     suffixes = SUFFIXES
     decoder = "openslide"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, device: str = "cpu"):
         self._slide = openslide.OpenSlide(str(path))
         self._properties = dict(self._slide.properties)
         self.level_dimensions = self._slide.level_dimensions

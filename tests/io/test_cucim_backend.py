@@ -1,7 +1,12 @@
 """pipeline/io/cucim_backend.py: cuCIM reads JPEG 2000 SVS like OpenSlide, hands undecodable TIFFs
-to OpenSlide, and reads to the GPU (device="cuda") the same pixels as on the CPU."""
+to OpenSlide, reads to the GPU (device="cuda") the same pixels as on the CPU, and says which
+decoder ran (nvImageCodec on the GPU when a working one is there)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +14,14 @@ import tifffile
 
 from pipeline.errors import SlideError
 from pipeline.io import open_slide
+from pipeline.io.cucim_backend import (
+    GPU_DECODING_ENV,
+    decoder_name,
+    loaded_plugins,
+    nvimgcodec_problem,
+    nvimgcodec_version,
+)
+from pipeline.runtime.device import cupy_gpu
 from tests.conftest import shared_path
 from tests.io.helpers import TCGA_J2K, diff, smooth_image, write_aperio_tiff
 
@@ -63,3 +76,62 @@ def test_gpu_read_at_mpp_equals_cpu(synthetic, target):
         b = cpu.read_regions_at_mpp([(100, 100), (500, 300)], 64, target)
     assert isinstance(a, cupy.ndarray) and a.shape == b.shape
     assert diff(cupy.asnumpy(a), b).max() <= 2
+
+
+# ---------------------------------------------------------------------------- which decoder runs
+
+
+def test_each_slide_names_the_decoder_that_ran():
+    path = shared_path(*TCGA_J2K)
+    with open_slide(path) as cu, open_slide(path, reader="openslide") as osl:
+        assert (cu.decoder, osl.decoder) == ("cucim-cpu", "openslide")
+    assert any(plugin.startswith("cucim.kit.cuslide@") for plugin in loaded_plugins())
+
+
+def test_decoder_name_follows_the_plugin_cucim_loaded():
+    assert decoder_name(["cucim.kit.cumed@26.06.00.so", "cucim.kit.cuslide2@26.06.00.so"], "cuda") == "cucim-nvimagecodec"
+    assert decoder_name(["cucim.kit.cuslide@26.06.00.so"], "cuda") == "cucim-nvjpeg"
+    assert decoder_name(["cucim.kit.cuslide@26.06.00.so"], "cpu") == "cucim-cpu"
+
+
+def test_nvimagecodec_0_9_is_refused_for_its_broken_gpu_jpeg_regions():
+    assert "NVIDIA/nvImageCodec#55" in nvimgcodec_problem("0.9.0.20")
+    assert nvimgcodec_problem("0.8.0") is None and nvimgcodec_problem("0.10.1") is None
+    assert "not installed" in nvimgcodec_problem(None)
+
+
+def run_fresh(code: str, **env) -> str:
+    """stdout of ``code`` in a fresh interpreter (cuCIM picks its decoder once per process)."""
+    environment = {k: v for k, v in os.environ.items() if k != GPU_DECODING_ENV} | env
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.skipif(cupy_gpu(), reason="checks the machine without a GPU")
+def test_gpu_decoding_stays_off_without_a_gpu():
+    code = ("import os; from pipeline.io.cucim_backend import prepare_gpu_decoding as p; "
+            "print(p(), os.environ.get('ENABLE_CUSLIDE2'))")
+    assert run_fresh(code) == "no CUDA GPU None"
+    assert run_fresh(code, ENABLE_CUSLIDE2="0") == "ENABLE_CUSLIDE2=0 was set 0"
+
+
+@pytest.mark.gpu
+def test_gpu_decoding_uses_nvimagecodec_and_matches_libjpeg(synthetic, tmp_path):
+    """device="cuda" in a fresh process: cuslide2 + nvImageCodec when a working one is installed,
+    and its pixels match libjpeg-turbo's decode of the same tiles (tifffile) within decoder tolerance."""
+    out = tmp_path / "gpu.npy"
+    code = (
+        "import numpy, cupy; from pipeline.io import open_slide\n"
+        f"slide = open_slide({str(synthetic[0])!r}, device='cuda')\n"
+        "batch = slide.read_regions([(0, 0), (300, 500), (700, 260)], (256, 256), 0)\n"
+        f"numpy.save({str(out)!r}, cupy.asnumpy(batch)); print(slide.decoder)"
+    )
+    decoder = run_fresh(code)
+    expected = "cucim-nvimagecodec" if nvimgcodec_problem(nvimgcodec_version()) is None else "cucim-nvjpeg"
+    assert decoder == expected
+    with tifffile.TiffFile(synthetic[0]) as tiff:
+        level0 = tiff.pages[0].asarray()
+    truth = np.stack([level0[y : y + 256, x : x + 256] for x, y in [(0, 0), (300, 500), (700, 260)]])
+    gpu = np.load(out)
+    assert gpu.shape == truth.shape and diff(gpu, truth).mean() < 1.0 and np.percentile(diff(gpu, truth), 99) <= 8
