@@ -1,0 +1,240 @@
+"""TIFF-based slides at the byte level: the image directories (tifffile), checks that a file can
+back what its header claims, and the strict check of the JPEG tiles a read touches.
+
+Both readers decode JPEG with libjpeg(-turbo), which treats corrupt entropy data ("Corrupt JPEG
+data: bad Huffman code", "premature end of data segment") as a *warning*: cuCIM prints it and
+returns black or garbage pixels. So before a region is read, each JPEG tile under it is decoded
+once with libjpeg-turbo in strict mode (simplejpeg, warnings raise), scaled 1/8 and gray so that
+only the entropy decoding, which is what finds corruption, costs time; the verdict is kept per
+tile. See docs/slides.md (Corrupt tiles) for what it finds and what it costs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+import simplejpeg
+import tifffile
+
+from pipeline.errors import SlideError
+
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+JPEG = 7  # TIFF Compression tag value of (new-style) JPEG
+MAX_COMPRESSION = 10_000
+"""The most a slide's level 0 can be compressed (RGB bytes : file bytes). Whole slides in JPEG reach
+about 50:1, blank JPEG tiles about 200:1, deflate at most about 1000:1; a header claiming more than
+10,000:1 describes pixels that the file cannot hold (e.g. 300,000 x 300,000 px in 11 MB)."""
+LIBJPEG_CORRUPTION = re.compile(r"Corrupt JPEG data|Premature end of JPEG file")
+
+
+@dataclass(frozen=True)
+class TiffImage:
+    """One image directory: its size, tiling, codec and where its tiles or strips lie."""
+
+    index: int
+    width: int
+    height: int
+    tile: tuple[int, int] | None  # (width, height) of a tile; None for strips
+    compression: int
+    offsets: np.ndarray
+    counts: np.ndarray
+    jpegtables: bytes | None
+    planes: int  # separately stored sample planes (1 unless PlanarConfiguration is 2)
+
+    @property
+    def tile_grid(self) -> tuple[int, int]:
+        """(columns, rows) of tiles."""
+        return math.ceil(self.width / self.tile[0]), math.ceil(self.height / self.tile[1])
+
+    @property
+    def data_end(self) -> int:
+        """Byte offset just past the last strip or tile."""
+        present = self.counts > 0
+        return int((self.offsets[present] + self.counts[present]).max(initial=0))
+
+
+# ---------------------------------------------------------------------------- reading the layout
+
+
+def read_tiff_images(path: Path) -> list[TiffImage]:
+    """The image directories of a TIFF; a SlideError when tifffile cannot parse it."""
+    stat = path.stat()
+    return _read_tiff_images(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_tiff_images(path: str, mtime_ns: int, size: int) -> list[TiffImage]:
+    """Cached on (path, mtime, size): open_slide checks the file, then the tile check reuses it."""
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)  # its warnings would duplicate our message
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return [_image(index, page) for index, page in enumerate(tif.pages)]
+    except Exception as err:
+        raise SlideError(path, f"corrupt TIFF: {err}") from None
+    finally:
+        logger.setLevel(level)
+
+
+def _image(index: int, page) -> TiffImage:
+    return TiffImage(
+        index=index,
+        width=int(page.imagewidth),
+        height=int(page.imagelength),
+        tile=(int(page.tilewidth), int(page.tilelength)) if page.is_tiled else None,
+        compression=int(page.compression),
+        offsets=np.asarray(page.dataoffsets, dtype=np.int64),
+        counts=np.asarray(page.databytecounts, dtype=np.int64),
+        jpegtables=bytes(page.jpegtables) if page.jpegtables is not None else None,
+        planes=int(page.samplesperpixel) if int(page.planarconfig) == 2 else 1,
+    )
+
+
+# ---------------------------------------------------------------------------- checks at open
+
+
+def check_tiff(path: Path):
+    """SlideError unless ``path`` is a TIFF whose directories and data lie inside the file and
+    whose size claims the file can back (tile counts, compression ratio)."""
+    with path.open("rb") as handle:
+        header = handle.read(4)
+    if header not in TIFF_MAGIC:
+        raise SlideError(path, f"not a slide: a {path.suffix} file must be a TIFF, but it starts with {header!r}")
+    size = path.stat().st_size
+    images = read_tiff_images(path)
+    if not images:
+        raise SlideError(path, f"truncated or corrupt: no image directory within its {size} bytes")
+    for image in images:
+        if image.data_end > size:
+            raise SlideError(path, f"truncated: image {image.index} needs {image.data_end} bytes but the file has {size}")
+        _check_tile_count(path, image)
+    _check_compression_ratio(path, max(images, key=lambda image: image.width * image.height), size)
+
+
+def _check_tile_count(path: Path, image: TiffImage):
+    if image.tile is None or 0 in image.tile:
+        return
+    columns, rows = image.tile_grid
+    expected = columns * rows * image.planes
+    if len(image.offsets) != expected:
+        raise SlideError(
+            path,
+            f"corrupt: image {image.index} claims {image.width} x {image.height} px in {image.tile[0]} x "
+            f"{image.tile[1]} px tiles ({expected} tiles) but lists {len(image.offsets)} tile offsets",
+        )
+
+
+def _check_compression_ratio(path: Path, image: TiffImage, size: int):
+    claimed = image.width * image.height * 3
+    if claimed > MAX_COMPRESSION * size:
+        raise SlideError(
+            path,
+            f"implausible size: image {image.index} claims {image.width} x {image.height} px "
+            f"({claimed / 1e9:.1f} GB as RGB) but the file has {size / 1e6:.1f} MB, a {claimed // size}:1 "
+            f"compression (slides reach well under {MAX_COMPRESSION}:1); its header or tile table is corrupt",
+        )
+
+
+# ---------------------------------------------------------------------------- JPEG tiles under a read
+
+
+class CorruptTile(ValueError):
+    """A JPEG tile that does not decode cleanly."""
+
+
+class JpegTileCheck:
+    """Strictly decodes each JPEG tile under a read once, and raises :class:`CorruptTile` for a
+    bad one (again on every later read that touches it)."""
+
+    def __init__(self, path: Path, images: dict[int, TiffImage], downsamples):
+        self._fd = os.open(path, os.O_RDONLY)
+        self._images = images
+        self._downsamples = [float(d) for d in downsamples]
+        self._good = {level: np.zeros(image.tile_grid[::-1], dtype=bool) for level, image in images.items()}
+        self._bad: dict[tuple[int, int, int], str] = {}
+
+    @classmethod
+    def for_levels(cls, path: Path, level_dimensions, downsamples) -> "JpegTileCheck | None":
+        """The check for the pyramid levels stored as tiled JPEG in ``path``; None when there are none."""
+        images = jpeg_levels(read_tiff_images(path), level_dimensions)
+        return cls(path, images, downsamples) if images else None
+
+    def close(self):
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def check(self, locations, size, level: int):
+        """CorruptTile if any JPEG tile under the regions (level-0 ``locations``, ``size`` at ``level``) is corrupt."""
+        image = self._images.get(level)
+        if image is None:
+            return
+        for row, column in sorted(self._tiles_under(image, locations, size, level)):
+            self._check_tile(image, level, column, row)
+
+    def _tiles_under(self, image: TiffImage, locations, size, level: int) -> set[tuple[int, int]]:
+        """(row, column) of every unchecked tile that the regions overlap, clipped to the image."""
+        downsample = self._downsamples[level]
+        (tile_w, tile_h), (columns, rows) = image.tile, image.tile_grid
+        tiles = set()
+        for x, y in locations:
+            left, top = x / downsample, y / downsample
+            c0, c1 = max(0, math.floor(left) // tile_w), min(columns - 1, (math.ceil(left) + size[0] - 1) // tile_w)
+            r0, r1 = max(0, math.floor(top) // tile_h), min(rows - 1, (math.ceil(top) + size[1] - 1) // tile_h)
+            tiles.update((r, c) for r in range(r0, r1 + 1) for c in range(c0, c1 + 1))
+        return {(r, c) for r, c in tiles if not self._good[level][r, c]}
+
+    def _check_tile(self, image: TiffImage, level: int, column: int, row: int):
+        key = (level, column, row)
+        if key not in self._bad:
+            index = row * image.tile_grid[0] + column
+            offset, count = int(image.offsets[index]), int(image.counts[index])
+            problem = jpeg_problem(os.pread(self._fd, count, offset), image.jpegtables) if count else None
+            if problem is None:
+                self._good[level][row, column] = True
+                return
+            self._bad[key] = f"corrupt JPEG tile at level {level}, tile ({column}, {row}) at byte {offset}: {problem}"
+        raise CorruptTile(self._bad[key])
+
+
+def jpeg_levels(images: list[TiffImage], level_dimensions) -> dict[int, TiffImage]:
+    """Pyramid level -> the tiled JPEG image directory of the same size (in file order)."""
+    free = [image for image in images if image.tile and image.compression == JPEG]
+    levels = {}
+    for level, (width, height) in enumerate(level_dimensions):
+        match = next((image for image in free if (image.width, image.height) == (width, height)), None)
+        if match is not None:
+            levels[level] = match
+            free.remove(match)
+    return levels
+
+
+def jpeg_problem(data: bytes, tables: bytes | None = None) -> str | None:
+    """Why a JPEG tile does not decode cleanly, or None when it does.
+
+    libjpeg-turbo in strict mode finds corrupt entropy data; a stream it merely declines (an
+    unusual subsampling, a benign warning) counts as corrupt only if libjpeg also fails on it.
+    """
+    if tables:
+        data = tables[:-2] + data[2:]  # abbreviated stream: splice in the shared tables (minus EOI/SOI)
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="gray", min_factor=8, strict=True)
+        return None
+    except Exception as err:  # simplejpeg raises ValueError; anything else is as bad
+        strict = str(err)
+    if LIBJPEG_CORRUPTION.search(strict):
+        return strict
+    try:
+        imagecodecs.jpeg8_decode(data)
+        return None
+    except Exception as err:
+        return str(err)
