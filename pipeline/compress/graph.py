@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import platform
 import sys
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -57,8 +59,8 @@ from pipeline.compress.store import (
 )
 from pipeline.compress.tissue import slide_tissue_mask
 from pipeline.errors import NicError, SlideError
-from pipeline.io import find_slides, open_slide, read_mpp_csv
-from pipeline.io.slides import MPP_FIX
+from pipeline.io import discover_slides, open_slide, read_mpp_csv, read_slide_list
+from pipeline.io.metadata import MPP_FIX
 from pipeline.runtime.cluster import gpu_resources
 from pipeline.runtime.preflight import package_versions
 
@@ -119,19 +121,23 @@ class CompressReport:
 
 
 def plan_jobs(paths, mpp: float | None = None, mpp_csv: str | None = None, force_mpp: bool = False) -> list[SlideJob]:
-    """The slides under ``paths`` with their ids and µm/px (the CSV's value beats ``mpp``).
+    """The slides under ``paths`` (files, folders, or CSV slide lists ``slide_id,path[,mpp]``) with
+    their ids and µm/px (a list's or ``mpp_csv``'s value beats ``mpp``).
 
-    Two files with one slide id both become failed jobs (which one is meant is the user's call);
-    the rest of the cohort goes on.
+    A file that cannot be a slide (broken link, unreadable, an id the store cannot hold, two files
+    with one id, a bad line of a list) becomes a failed job with its reason; the rest goes on.
     """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    lists = [Path(p) for p in paths if str(p).lower().endswith(".csv")]
+    found, problems = discover_slides([p for p in paths if not str(p).lower().endswith(".csv")])
     per_slide = read_mpp_csv(mpp_csv) if mpp_csv else {}
-    found = [(path.stem, path) for path in find_slides(paths)]
-    jobs = []
-    for slide_id, path in found:
-        twins = [str(p) for s, p in found if s == slide_id and p != path]
-        problem = f"another file has the slide id {slide_id!r} ({', '.join(twins)}); rename one" if twins else None
-        jobs.append(SlideJob(str(path.resolve()), slide_id if not twins else f"{slide_id} ({path.name})",
-                             per_slide.get(slide_id, mpp), force_mpp, problem))
+    jobs = [SlideJob(str(path), slide_id, per_slide.get(slide_id, mpp), force_mpp) for slide_id, path in found]
+    for slide_list in lists:
+        rows, bad = read_slide_list(slide_list)
+        jobs += [SlideJob(str(row.path), row.slide_id, row.mpp if row.mpp is not None else per_slide.get(row.slide_id, mpp),
+                          force_mpp or row.mpp is not None) for row in rows]
+        problems += bad
+    jobs += [SlideJob(str(path), str(path), problem=reason) for path, reason in problems]
     return jobs
 
 

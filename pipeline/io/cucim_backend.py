@@ -17,6 +17,7 @@ libraries mapped into the process, not from the settings).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.metadata
 import importlib.util
@@ -30,7 +31,7 @@ import numpy as np
 
 from pipeline.io.base import SlideBackend, device_namespace
 from pipeline.io.metadata import cucim_mpp
-from pipeline.runtime.device import cupy_gpu
+from pipeline.runtime.device import cupy_gpu, usable_cpus
 
 BATCH_SIZE = 32  # regions per cuCIM batch
 GPU_DECODING_ENV = "ENABLE_CUSLIDE2"
@@ -52,9 +53,10 @@ class CucimReader(SlideBackend):
     def __init__(self, path: Path, device: str = "cpu"):
         if device == "cuda":
             prepare_gpu_decoding()
-        from cucim import CuImage
+        with quiet_cufile():
+            from cucim import CuImage
 
-        self._image = CuImage(str(path))
+            self._image = CuImage(str(path))
         self._metadata = self._image.metadata
         resolutions = self._image.resolutions
         self.level_dimensions = resolutions["level_dimensions"]
@@ -79,13 +81,42 @@ class CucimReader(SlideBackend):
             size,
             level,
             device=device,
-            num_workers=min(len(locations), os.cpu_count() or 1),
+            num_workers=min(len(locations), usable_cpus()),
             batch_size=min(len(locations), BATCH_SIZE),
         )
         return xp.concatenate([copy_rgb(batch, xp) for batch in batches])
 
     def close(self):
         self._image.close()
+
+
+@contextlib.contextmanager
+def quiet_cufile():
+    """Silence NVIDIA cuFile on machines without a CUDA driver.
+
+    When torch's CUDA wheels are installed, cuCIM finds libcufile, which on a machine without
+    libcuda prints "dlopen error libcuda.so.1 ... cuFile initialization failed" to stdout at
+    every import and slide open, and writes ``cufile.log`` into the current folder. Its log goes
+    to /dev/null (unless ``CUFILE_LOGFILE_PATH`` is set), and without a GPU the process's
+    stdout/stderr are pointed at /dev/null for the duration of the call.
+    """
+    os.environ.setdefault("CUFILE_LOGFILE_PATH", os.devnull)
+    if cupy_gpu():
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
 
 
 def prepare_gpu_decoding() -> str | None:

@@ -40,6 +40,15 @@ def cupy_gpu() -> bool:
         return False
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity (what SLURM or taskset gave the job), not every
+    core of the node."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def resolve_device(wanted: str = "auto") -> str:
     """``cuda`` or ``cpu``: ``auto`` picks the GPU when this process has one."""
     if wanted not in DEVICES:
