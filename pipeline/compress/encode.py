@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -227,8 +228,10 @@ class NicWorker(WorkerPlugin):
 
     @contextlib.contextmanager
     def slide(self, path: str, mpp: float | None, device: str):
-        """An open slide, reused by the blocks of a slide that run on this worker."""
-        key = (path, mpp, device)
+        """An open slide, reused by the blocks of a slide that run on this worker (a file replaced
+        since it was opened is opened anew: the key holds its size and mtime)."""
+        stat = os.stat(path)
+        key = (path, stat.st_size, stat.st_mtime_ns, mpp, device)
         with self._lock:
             entry = self._slides.get(key)
             if entry is None:
@@ -264,10 +267,10 @@ def encode_block(store: str, slide_path: str, slide_id: str, mpp: float, grid: G
     rows, cols = np.nonzero(tissue >= config.min_tissue)
     features = np.zeros((config.code_dim, *block.shape), np.float16)
     with state.slide(slide_path, mpp, encoder.device) as slide:
-        done = 0
+        decoder, done = slide.decoder, 0
         for patches in prefetched(iter_bands(slide, grid, block, rows, cols)):
             n = len(patches)
             features[:, rows[done:done + n], cols[done:done + n]] = encoder.encode(patches).T
             done += n
-    write_block(group, block, features, {"device": encoder.device, "precision": encoder.precision})
+    write_block(group, block, features, {"device": encoder.device, "precision": encoder.precision, "decoder": decoder})
     return {"slide_id": slide_id, "block": block_name(block), "patches": int(len(rows))}

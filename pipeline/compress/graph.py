@@ -62,6 +62,7 @@ from pipeline.errors import NicError, SlideError
 from pipeline.io import discover_slides, open_slide, read_mpp_csv, read_slide_list
 from pipeline.io.metadata import MPP_FIX
 from pipeline.runtime.cluster import gpu_resources
+from pipeline.runtime.device import resolve_device
 from pipeline.runtime.preflight import package_versions
 
 
@@ -212,15 +213,20 @@ def _finished_slide(root: zarr.Group, job: SlideJob, options: RunOptions) -> dic
 
 
 @expected_errors_as_results
-def detect_tissue(store: str, job: SlideJob, config: CompressionConfig, options: RunOptions = RunOptions()) -> dict:
+def detect_tissue(store: str, job: SlideJob, config: CompressionConfig, options: RunOptions = RunOptions(),
+                  device: str = "auto") -> dict:
     """Task: settle the slide's µm/px, find its tissue, lay the grid, create its group; returns the
-    grid and the blocks still to encode (or ``skipped`` for an intact finished slide)."""
+    grid and the blocks still to encode (or ``skipped`` for an intact finished slide).
+
+    On a GPU worker the low-resolution level is read with cuCIM into GPU memory and the mask runs
+    on CuPy, through the same functions as on the CPU.
+    """
     root = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
     if job.slide_id in root and root[job.slide_id].attrs.get("status") == COMPLETE:
         finished = _finished_slide(root, job, options)
         if finished:
             return finished
-    with open_slide(job.path) as slide:
+    with open_slide(job.path, device=resolve_device(device)) as slide:
         mpp, mpp_source = slide_mpp(slide.mpp, job)
         grid = Grid(*slide.dimensions, mpp, config.mpp, config.patch_size, config.stride)
         if 0 in grid.shape:
@@ -274,8 +280,8 @@ class _Run:
 
     def start(self, job: SlideJob) -> None:
         self.in_flight += 1
-        future = self.client.submit(detect_tissue, self.store, job, self.config, self.options,
-                                    key=self.key("detect-tissue", job.slide_id), pure=False)
+        future = self.client.submit(detect_tissue, self.store, job, self.config, self.options, self.settings.device,
+                                    key=self.key("detect-tissue", job.slide_id), resources=self.gpu, pure=False)
         self.pending.add(future)
 
     def submit_blocks(self, job: SlideJob, detected: dict) -> None:

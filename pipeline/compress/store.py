@@ -225,7 +225,9 @@ def write_block(group: zarr.Group, block: Block, features: np.ndarray, record: d
 
 
 def _record_key(group: zarr.Group, block: Block) -> str:
-    return f"{group.path}/_blocks/{block_name(block)}.json"
+    """Beside the shards, inside the features array's folder: no Zarr node, so listing the
+    hierarchy never trips over it."""
+    return f"{group['features'].store_path.path}/_blocks/{block_name(block)}.json"
 
 
 def _read_record(group: zarr.Group, block: Block) -> dict:
@@ -241,9 +243,11 @@ def mark_complete(group: zarr.Group) -> None:
     missing = [blk.index for blk, _ in todo if not block_done(group, blk)]
     if missing:
         raise NicError(f"{attrs.get('source_path')}: {len(missing)} blocks are not written yet")
-    records = {block_name(blk): {**_read_record(group, blk), "bytes": shard_size(group, blk)} for blk, _ in todo}
+    earlier = attrs.get("blocks", {})  # blocks kept from an earlier completion (a rerun re-encoded others)
+    records = {block_name(blk): {**earlier.get(block_name(blk), {}), **_read_record(group, blk),
+                                 "bytes": shard_size(group, blk)} for blk, _ in todo}
     group.attrs.update({"blocks": records, "status": COMPLETE})
-    sync(group.store.delete_dir(f"{group.path}/_blocks"))
+    sync(group.store.delete_dir(f"{group['features'].store_path.path}/_blocks"))
 
 
 def block_name(block: Block) -> str:
@@ -326,11 +330,12 @@ def describe_store(store: str | os.PathLike) -> list[dict]:
             "encoder": attrs.get("encoder"), "encoder_sha256": attrs.get("encoder_sha256"), "mpp": attrs.get("mpp"),
             "slide_mpp": attrs.get("slide_mpp"), "mpp_source": attrs.get("mpp_source"),
             "precisions": sorted({b.get("precision") for b in attrs.get("blocks", {}).values()} - {None}),
+            "decoders": sorted({b.get("decoder") for b in attrs.get("blocks", {}).values()} - {None}),
             "source_path": attrs.get("source_path"), "error": failed.pop(slide_id, None),
         })
     for slide_id, reason in sorted(failed.items()):
         rows.append({"slide_id": slide_id, "status": FAILED, "grid_shape": [], "tissue_cells": 0, "encoder": None,
-                     "encoder_sha256": None, "mpp": None, "slide_mpp": None, "mpp_source": None, "precisions": [],
+                     "encoder_sha256": None, "mpp": None, "slide_mpp": None, "mpp_source": None, "precisions": [], "decoders": [],
                      "source_path": None, "error": reason})
     return rows
 

@@ -239,7 +239,8 @@ def slide_tissue_mask(
 
 
 def slide_image_at_mpp(slide, target_mpp: float, *, max_strip_pixels: int = 16 * 1024 * 1024):
-    """The whole slide as a uint8 NumPy RGB image at exactly ``target_mpp`` µm/px.
+    """The whole slide as a uint8 RGB image at exactly ``target_mpp`` µm/px, on the slide's device
+    (NumPy, or CuPy for a slide opened with ``device="cuda"``: the strips never leave the GPU).
 
     Output shape is ceil(level-0 size * mpp / target_mpp); the part of the last row/column of
     pixels beyond the slide is white.
@@ -261,8 +262,8 @@ def slide_image_at_mpp(slide, target_mpp: float, *, max_strip_pixels: int = 16 *
     for y in range(0, level_h, rows):
         h = min(rows, level_h - y)
         region = slide.read_region((0, int(round(y * downsample))), (level_w, h), level=level)
-        strips.append(to_numpy(_block_mean(region[..., :3], k)))
-    small = np.concatenate(strips, axis=0)
+        strips.append(_block_mean(region[..., :3], k))
+    small = array_namespace(strips[0]).concatenate(strips, axis=0)
 
     out_h = max(1, math.ceil(height0 * base_mpp / target_mpp - 1e-6))
     out_w = max(1, math.ceil(width0 * base_mpp / target_mpp - 1e-6))
@@ -282,31 +283,24 @@ def _block_mean(rgb, k: int):
     return x.reshape((h + ph) // k, k, (w + pw) // k, k, c).mean(axis=(1, 3))
 
 
-def _resample(image: np.ndarray, src_mpp: float, dst_mpp: float, shape) -> np.ndarray:
+def _resample(image, src_mpp: float, dst_mpp: float, shape):
     """Resample a float RGB image from ``src_mpp`` to ``dst_mpp`` µm/px, origin-anchored.
 
     Output pixel i has its centre at (i + 0.5) * dst_mpp µm, i.e. source coordinate
     (i + 0.5) * s - 0.5 with s = dst_mpp / src_mpp; a Gaussian prefilter (sigma (s - 1) / 2,
     as skimage.transform.resize uses) stands in for area averaging. Outside is white.
     """
-    import scipy.ndimage as ndi
-
+    xp = array_namespace(image)
+    ndi = ndimage(xp)
     s = dst_mpp / src_mpp
-    image = image.astype(np.float32)
+    image = image.astype(xp.float32)
     if abs(s - 1.0) < 1e-6 and image.shape[:2] == tuple(shape):
-        return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+        return xp.clip(xp.rint(image), 0, 255).astype(xp.uint8)
     if s > 1:
         image = ndi.gaussian_filter(image, sigma=((s - 1) / 2, (s - 1) / 2, 0), mode="nearest")
-    out = np.empty((*shape, 3), np.float32)
-    for c in range(3):
-        ndi.affine_transform(
-            image[..., c],
-            matrix=[s, s],
-            offset=[0.5 * s - 0.5, 0.5 * s - 0.5],
-            output_shape=tuple(shape),
-            output=out[..., c],
-            order=1,
-            mode="constant",
-            cval=255.0,
-        )
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    out = xp.stack([
+        ndi.affine_transform(image[..., c], matrix=xp.asarray([s, s]), offset=[0.5 * s - 0.5, 0.5 * s - 0.5],
+                             output_shape=tuple(shape), order=1, mode="constant", cval=255.0)
+        for c in range(3)
+    ], axis=-1)
+    return xp.clip(xp.rint(out), 0, 255).astype(xp.uint8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -30,12 +31,14 @@ SETTINGS = EncoderSettings(precision="bf16")
 
 
 def _store_bytes(store: Path, slide_id: str) -> dict[str, str]:
-    """sha256 of every chunk and metadata file of one slide group."""
+    """sha256 of every chunk and metadata file of one slide group (its attributes first, as
+    themselves, so that a difference reads as one)."""
+    attrs = json.loads((store / slide_id / "zarr.json").read_text())["attributes"]
     root = store / slide_id
     return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
+        "attributes": attrs,
+        **{str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+           for p in sorted(root.rglob("*")) if p.is_file()},
     }
 
 

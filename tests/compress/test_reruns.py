@@ -152,7 +152,8 @@ def test_a_finished_slide_is_checked_again_on_rerun(tmp_path, external_cluster, 
         assert changed.failed and "the slide file changed" in changed.failed[0].error
         assert "--redo-changed" in changed.failed[0].error
         redone = compress(jobs, store, client, SETTINGS, block=4, progress=False, options=RunOptions(redo_changed=True))
-    assert clean.slides[0].status == "complete" and redone.slides[0].status == "complete"
+    assert clean.slides[0].status == "complete"
+    assert redone.slides[0].status == "complete", redone.slides[0].error
     assert not np.array_equal(_features(store), reference)
 
 

@@ -87,7 +87,7 @@ def test_one_shard_per_block_and_completion_needs_every_block_with_tissue(tmp_pa
     for block in blocks[2:]:
         write_block(group, block, np.ones((8, *block.shape), np.float16))
     mark_complete(group)
-    assert not (store / "slide" / "_blocks").exists()  # the records are folded into the attributes
+    assert not (store / "slide" / "features" / "_blocks").exists()  # the records are folded into the attributes
     assert slide_status(root, "slide") == COMPLETE and list_slides(store) == ["slide"]
     features = xr.open_zarr(store, group="slide", consolidated=False)["features"].values
     assert (features[:, :4, :4] == 2.5).all() and (features[:, :4, 4:8] == 0).all()
