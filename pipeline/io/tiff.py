@@ -183,7 +183,7 @@ class JpegTileCheck:
             return
         tiles = sorted(self._tiles_under(image, locations, size, level))
         check = functools.partial(self._verdict, image, level)
-        verdicts = _pool().map(check, tiles) if len(tiles) >= PARALLEL_FROM else map(check, tiles)
+        verdicts = _pool(os.getpid()).map(check, tiles) if len(tiles) >= PARALLEL_FROM else map(check, tiles)
         for problem in verdicts:
             if problem:
                 raise CorruptTile(problem)
@@ -216,8 +216,9 @@ class JpegTileCheck:
 
 
 @functools.cache
-def _pool() -> ThreadPoolExecutor:
-    """Threads for checking many tiles at once (libjpeg-turbo decodes without the GIL)."""
+def _pool(pid: int) -> ThreadPoolExecutor:
+    """Threads for checking many tiles at once (libjpeg-turbo decodes without the GIL); one pool
+    per process id, since a forked child inherits the pool but not its threads."""
     return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="jpeg-tile-check")
 
 
