@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ MAX_COMPRESSION = 10_000
 """The most a slide's level 0 can be compressed (RGB bytes : file bytes). Whole slides in JPEG reach
 about 50:1, blank JPEG tiles about 200:1, deflate at most about 1000:1; a header claiming more than
 10,000:1 describes pixels that the file cannot hold (e.g. 300,000 x 300,000 px in 11 MB)."""
+PARALLEL_FROM = 16  # unchecked tiles under one read from which the check runs on all cores
 LIBJPEG_CORRUPTION = re.compile(r"Corrupt JPEG data|Premature end of JPEG file")
 
 
@@ -174,12 +176,17 @@ class JpegTileCheck:
             self._fd = -1
 
     def check(self, locations, size, level: int):
-        """CorruptTile if any JPEG tile under the regions (level-0 ``locations``, ``size`` at ``level``) is corrupt."""
+        """CorruptTile if any JPEG tile under the regions (level-0 ``locations``, ``size`` at
+        ``level``) is corrupt: the first in row order. Many new tiles are checked on all cores."""
         image = self._images.get(level)
         if image is None:
             return
-        for row, column in sorted(self._tiles_under(image, locations, size, level)):
-            self._check_tile(image, level, column, row)
+        tiles = sorted(self._tiles_under(image, locations, size, level))
+        check = functools.partial(self._verdict, image, level)
+        verdicts = _pool(os.getpid()).map(check, tiles) if len(tiles) >= PARALLEL_FROM else map(check, tiles)
+        for problem in verdicts:
+            if problem:
+                raise CorruptTile(problem)
 
     def _tiles_under(self, image: TiffImage, locations, size, level: int) -> set[tuple[int, int]]:
         """(row, column) of every unchecked tile that the regions overlap, clipped to the image."""
@@ -193,7 +200,9 @@ class JpegTileCheck:
             tiles.update((r, c) for r in range(r0, r1 + 1) for c in range(c0, c1 + 1))
         return {(r, c) for r, c in tiles if not self._good[level][r, c]}
 
-    def _check_tile(self, image: TiffImage, level: int, column: int, row: int):
+    def _verdict(self, image: TiffImage, level: int, tile: tuple[int, int]) -> str | None:
+        """Why the tile at (row, column) is corrupt, or None; decoded once, remembered."""
+        row, column = tile
         key = (level, column, row)
         if key not in self._bad:
             index = row * image.tile_grid[0] + column
@@ -201,9 +210,16 @@ class JpegTileCheck:
             problem = jpeg_problem(os.pread(self._fd, count, offset), image.jpegtables) if count else None
             if problem is None:
                 self._good[level][row, column] = True
-                return
+                return None
             self._bad[key] = f"corrupt JPEG tile at level {level}, tile ({column}, {row}) at byte {offset}: {problem}"
-        raise CorruptTile(self._bad[key])
+        return self._bad[key]
+
+
+@functools.cache
+def _pool(pid: int) -> ThreadPoolExecutor:
+    """Threads for checking many tiles at once (libjpeg-turbo decodes without the GIL); one pool
+    per process id, since a forked child inherits the pool but not its threads."""
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="jpeg-tile-check")
 
 
 def jpeg_levels(images: list[TiffImage], level_dimensions) -> dict[int, TiffImage]:
