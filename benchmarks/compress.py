@@ -144,7 +144,8 @@ def end_to_end(slide_path: Path, store: Path, encoder: str, client) -> dict:
     """Patches/s of the compression graph on warm workers, and each worker's peak RSS."""
     import shutil
 
-    from pipeline.compress.graph import compress, plan_jobs
+    from pipeline.compress.graph import compress
+    from pipeline.compress.jobs import plan_jobs
     from pipeline.compress.encode import EncoderSettings
 
     shutil.rmtree(store, ignore_errors=True)

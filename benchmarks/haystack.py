@@ -141,7 +141,8 @@ def cohort_sizes(slides_dir: Path, store: Path) -> dict:
 def run_cohort(cohort: Cohort, work: Path, client, models=MODELS, folds: int = FOLDS) -> None:
     """Synthesize, compress and cross-validate every model of one cohort; skip what is done."""
     from pipeline.classify import train_cohort
-    from pipeline.compress.graph import compress, plan_jobs
+    from pipeline.compress.graph import compress
+    from pipeline.compress.jobs import plan_jobs
 
     results = load_results(work)
     entry = results.get(cohort.name, {})

@@ -15,7 +15,8 @@ from models.registry import create_encoder
 from pipeline.classify import predict_cohort, train_cohort
 from pipeline.classify.explain import explain_cohort
 from pipeline.compress.encode import EncoderSettings
-from pipeline.compress.graph import CompressReport, RunOptions, SlideJob, plan_jobs
+from pipeline.compress.graph import CompressReport, RunOptions
+from pipeline.compress.jobs import SlideJob, plan_jobs
 from pipeline.compress.graph import compress as run_compress
 from pipeline.io import open_slide
 from pipeline.runtime.cluster import connect

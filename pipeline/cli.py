@@ -167,7 +167,7 @@ def compress(paths, store, workers, scheduler, scheduler_file, wait_workers, wai
     """Compress slides (files or folders) into a Zarr store of per-slide code grids."""
     from models.registry import get_spec
     from pipeline.api import compress as run_compress
-    from pipeline.compress.graph import plan_jobs
+    from pipeline.compress.jobs import plan_jobs
     from pipeline.runtime.cluster import connect
 
     jobs = plan_jobs(paths, mpp=mpp, mpp_csv=mpp_csv, force_mpp=force_mpp)

@@ -44,7 +44,8 @@ def run_demo(out_dir: Path, spec: DemoSpec = DemoSpec()) -> dict:
     """Run every step into ``out_dir``; returns the cross-validated metrics."""
     from pipeline.classify import train_cohort
     from pipeline.runtime.cluster import connect
-    from pipeline.compress.graph import compress, plan_jobs
+    from pipeline.compress.graph import compress
+    from pipeline.compress.jobs import plan_jobs
     from pipeline.classify.explain import explain_cohort
     from pipeline.viz.views import save_store_views
 

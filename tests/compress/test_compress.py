@@ -17,7 +17,8 @@ import xarray as xr
 import zarr
 
 from pipeline.runtime.cluster import connect
-from pipeline.compress.graph import compress, plan_jobs
+from pipeline.compress.graph import compress
+from pipeline.compress.jobs import plan_jobs
 from pipeline.compress.encode import EncoderSettings, NicWorker, encode_patches, read_cells
 from pipeline.errors import NicError
 from pipeline.compress.grid import Grid, iter_blocks

@@ -18,7 +18,8 @@ import zarr
 from distributed import Client
 
 from pipeline.compress.encode import EncoderSettings
-from pipeline.compress.graph import RunOptions, compress, plan_jobs
+from pipeline.compress.graph import RunOptions, compress
+from pipeline.compress.jobs import plan_jobs
 from pipeline.compress.store import describe_store
 from pipeline.errors import NicError
 from pipeline.runtime.preflight import check_versions, check_visible
