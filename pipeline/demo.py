@@ -13,6 +13,12 @@ from pathlib import Path
 
 import click
 
+from pipeline.classify import train_cohort
+from pipeline.classify.explain import explain_cohort
+from pipeline.compress.graph import compress, plan_jobs
+from pipeline.runtime.cluster import connect
+from pipeline.synth import CohortSpec, write_cohort
+from pipeline.viz.views import save_store_views
 
 @dataclass(frozen=True)
 class DemoSpec:
@@ -29,8 +35,6 @@ class DemoSpec:
 
 def synthesize(slides_dir: Path, spec: DemoSpec) -> Path:
     """The synthetic cohort (slides, lesion masks, labels.csv); reused when already there."""
-    from pipeline.synth import CohortSpec, write_cohort
-
     labels = slides_dir / "labels.csv"
     if not labels.exists():
         cohort = CohortSpec(n_slides=spec.slides, width=spec.size, height=spec.size, mpp=0.5,
@@ -42,12 +46,6 @@ def synthesize(slides_dir: Path, spec: DemoSpec) -> Path:
 
 def run_demo(out_dir: Path, spec: DemoSpec = DemoSpec()) -> dict:
     """Run every step into ``out_dir``; returns the cross-validated metrics."""
-    from pipeline.classify import train_cohort
-    from pipeline.runtime.cluster import connect
-    from pipeline.compress.graph import compress, plan_jobs
-    from pipeline.classify.explain import explain_cohort
-    from pipeline.viz.views import save_store_views
-
     out_dir = Path(out_dir)
     slides_dir, store = out_dir / "slides", out_dir / "cohort.zarr"
     run_dir, heatmaps, views = out_dir / "run", out_dir / "heatmaps", out_dir / "views"

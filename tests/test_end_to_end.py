@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 
+@pytest.mark.slow
 def test_nic_demo_learns_an_easy_cohort_end_to_end(tmp_path):
     out = tmp_path / "demo"
     command = [sys.executable, "-m", "pipeline", "demo", str(out), "--slides", "12", "--size", "3072",

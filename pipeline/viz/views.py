@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
+import matplotlib
 
-from pipeline.classify.explain import pca_rgb
-from pipeline.io import find_slides, open_slide
-from pipeline.compress.store import list_slides, open_slide_tensor
+matplotlib.use("Agg", force=False)
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
+import numpy as np  # noqa: E402
+
+from pipeline.compress.store import list_slides, open_slide_tensor  # noqa: E402
+from pipeline.io import find_slides, open_slide  # noqa: E402
+from pipeline.viz.pca import pca_rgb  # noqa: E402
 
 
 def slide_files_by_id(folders) -> dict[str, Path]:
@@ -23,11 +27,6 @@ def slide_files_by_id(folders) -> dict[str, Path]:
 
 def save_compressed_view(store, slide_id: str, out_png: Path, slide_path: Path | None = None) -> Path:
     """Write one PNG: thumbnail (when the slide file is given) | PCA-RGB of the compressed slide."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ds = open_slide_tensor(store, slide_id)
     features, tissue = ds["features"].values, ds["tissue"].values
     rgb = pca_rgb(features, tissue >= ds.attrs["min_tissue"])
