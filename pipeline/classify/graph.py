@@ -97,8 +97,9 @@ def _store_info(source: SlideSource, slide_ids) -> dict:
     return {k: attrs[k] for k in keep if k in attrs} | {"code_dim": next(iter(dims))}
 
 
-def _cohort(store, labels, task) -> tuple[pd.DataFrame, list[str]]:
-    """Labels of the complete slides in the store; NicError naming labelled slides not in it."""
+def _cohort(store, labels, task) -> tuple[pd.DataFrame, dict]:
+    """Labels of the complete slides in the store, and what was left out (store slides without a
+    row, rows without a label: counted in metrics.json); NicError naming labelled slides not in it."""
     frame = load_labels(labels, task)
     available = set(list_store_slides(store))
     missing = [s for s in frame["slide_id"] if s not in available]
@@ -106,7 +107,10 @@ def _cohort(store, labels, task) -> tuple[pd.DataFrame, list[str]]:
         raise NicError(f"{store}: {len(missing)} labelled slide(s) not complete in the store "
                        f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); "
                        "compress them or drop them from the labels CSV")
-    return frame.reset_index(drop=True), sorted(available - set(frame["slide_id"]))
+    without = frame.attrs.get("without_label", [])
+    left_out = {"unlabelled_slides_in_store": len(available - set(frame["slide_id"]) - set(without)),
+                "slides_without_label": len(without), "slides_without_label_ids": without}
+    return frame.reset_index(drop=True), left_out
 
 
 def train_cohort(store, labels, out, model="nic-cnn", task: str = "binary", folds: int = 5,
@@ -120,7 +124,7 @@ def train_cohort(store, labels, out, model="nic-cnn", task: str = "binary", fold
     """
     model = get_slide_model_spec(model)  # tasks get the entry itself: heads registered at run time work
     params = resolve_params(model, {**(params or {}), "seed": seed})
-    frame, unlabelled = _cohort(store, labels, task)
+    frame, left_out = _cohort(store, labels, task)
     spec = target_spec(frame, task)
     slide_ids = frame["slide_id"].tolist()
     info = _store_info(SlideSource(store, 0), slide_ids)
@@ -134,7 +138,7 @@ def train_cohort(store, labels, out, model="nic-cnn", task: str = "binary", fold
             results = _run_graph(own, store, out, model, task, spec, params, info, slide_ids, fold_of, records, token)
     else:
         results = _run_graph(client, store, out, model, task, spec, params, info, slide_ids, fold_of, records, token)
-    return _write_outputs(out, model, task, spec, params, info, results, unlabelled, folds)
+    return _write_outputs(out, model, task, spec, params, info, results, left_out, folds)
 
 
 def _run_graph(client, store, out, model, task, spec, params, info, slide_ids, fold_of, records, token,
@@ -154,7 +158,7 @@ def _run_graph(client, store, out, model, task, spec, params, info, slide_ids, f
     return [future.result() | {"key": future.key} for future in futures]
 
 
-def _write_outputs(out, model, task, spec, params, info, results, unlabelled, folds) -> dict:
+def _write_outputs(out, model, task, spec, params, info, results, left_out, folds) -> dict:
     fold_results = [r for r in results if r["fold"] != "final"]
     rows = [row for r in fold_results for row in r["predictions"]]
     oof = pd.DataFrame(rows)
@@ -168,7 +172,7 @@ def _write_outputs(out, model, task, spec, params, info, results, unlabelled, fo
         "mean_over_folds": summarize_folds([r["metrics"] for r in fold_results]),
         "pooled": task_metrics(task, oof, spec.get("classes")) if len(oof) else {},
         "final_model": "model.safetensors",
-        "unlabelled_slides_in_store": len(unlabelled),
+        **left_out,
     }
     (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
     timeline = [{k: r[k] for k in ("key", "fold", "worker", "pid", "start", "end")} for r in results]

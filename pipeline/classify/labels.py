@@ -3,6 +3,8 @@ slide out."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
@@ -13,29 +15,61 @@ from pipeline.errors import NicError
 
 def load_labels(path, task: str) -> pd.DataFrame:
     """Read a labels CSV (slide_id,label[,group] or slide_id,time,event[,group]) or check a
-    DataFrame of the same columns; NicError if malformed. Rows without a label are dropped."""
+    DataFrame of the same columns; NicError if malformed.
+
+    Column names and text values are stripped of spaces (``tumor `` is ``tumor``). Rows without a
+    label (empty or NaN) are left out with a warning naming them; their slide ids are in
+    ``frame.attrs["without_label"]``.
+    """
     if task not in TASKS:
         raise NicError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
     if isinstance(path, pd.DataFrame):
         frame, path = path.copy(), "labels"
-        if "slide_id" in frame.columns:
-            frame["slide_id"] = frame["slide_id"].astype(str)
     else:
-        try:
-            frame = pd.read_csv(path, dtype={"slide_id": str, "group": str})
-        except (OSError, pd.errors.ParserError) as err:
-            raise NicError(f"{path}: cannot read labels CSV ({err})") from err
+        frame = _read_csv(path)
+    frame.columns = [str(c).strip() for c in frame.columns]
     needed = ["slide_id"] + (["time", "event"] if task == "survival" else ["label"])
     missing = [c for c in needed if c not in frame.columns]
     if missing:
-        raise NicError(f"{path}: labels CSV lacks column(s) {', '.join(missing)} needed for task {task}")
-    frame = frame.dropna(subset=needed[1:]).reset_index(drop=True)
+        raise NicError(f"{path}: labels CSV lacks column(s) {', '.join(missing)} needed for task {task} "
+                       f"(it has {', '.join(map(str, frame.columns)) or 'none'})")
+    frame = _strip_values(frame)
+    unlabelled = frame[needed[1:]].isna().any(axis=1)
+    without = frame.loc[unlabelled, "slide_id"].astype(str).tolist()
+    if without:
+        warnings.warn(f"{path}: {len(without)} slide(s) without a label left out: {_some(without)}", stacklevel=2)
+    frame = frame[~unlabelled].reset_index(drop=True)
     dupes = frame["slide_id"][frame["slide_id"].duplicated()].tolist()
     if dupes:
         raise NicError(f"{path}: slide_id listed more than once: {', '.join(dupes[:5])}")
     if len(frame) == 0:
         raise NicError(f"{path}: no labelled slides")
+    frame.attrs["without_label"] = without
     return frame
+
+
+def _read_csv(path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, dtype={"slide_id": str, "group": str}, skipinitialspace=True)
+    except pd.errors.EmptyDataError as err:
+        raise NicError(f"{path}: the labels CSV is empty; expected a header slide_id,label") from err
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as err:
+        raise NicError(f"{path}: cannot read labels CSV ({err})") from err
+
+
+def _strip_values(frame: pd.DataFrame) -> pd.DataFrame:
+    """Text cells stripped of surrounding spaces; cells left empty become NaN."""
+    frame = frame.copy()
+    frame["slide_id"] = frame["slide_id"].astype(str)
+    for column in frame.columns:
+        if frame[column].dtype == object:
+            stripped = frame[column].map(lambda v: v.strip() if isinstance(v, str) else v)
+            frame[column] = stripped.replace("", np.nan)
+    return frame
+
+
+def _some(names, k: int = 5) -> str:
+    return ", ".join(map(str, names[:k])) + (f", ... ({len(names)} in all)" if len(names) > k else "")
 
 
 def target_spec(labels: pd.DataFrame, task: str) -> dict:
@@ -50,11 +84,22 @@ def target_spec(labels: pd.DataFrame, task: str) -> dict:
             raise NicError("task multiclass needs at least 2 label values")
         spec["classes"] = classes
     elif task == "regression":
-        values = pd.to_numeric(labels["label"], errors="coerce")
-        if values.isna().any():
-            raise NicError("task regression needs numeric labels")
+        values = _finite(labels, "label", "task regression needs finite numeric labels")
         spec["mean"], spec["std"] = float(values.mean()), float(values.std(ddof=0) or 1.0)
+    else:
+        _finite(labels, "time", "task survival needs finite numeric times")
+        _finite(labels, "event", "task survival needs events of 0 or 1")
     return spec
+
+
+def _finite(labels: pd.DataFrame, column: str, need: str) -> pd.Series:
+    """The column as floats; NicError naming the slides whose value is not a finite number."""
+    values = pd.to_numeric(labels[column], errors="coerce").astype(float)
+    bad = ~np.isfinite(values.to_numpy())
+    if bad.any():
+        shown = [f"{sid}={value!r}" for sid, value in zip(labels.loc[bad, "slide_id"], labels.loc[bad, column])]
+        raise NicError(f"{need}: {_some(shown)}")
+    return values
 
 
 def _natural_key(value: str):

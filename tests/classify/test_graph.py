@@ -116,3 +116,14 @@ def test_cli_train_predict_heatmap(client, tmp_path):
     result = runner.invoke(main, ["train", str(store), "--labels", str(labels), "--out", str(tmp_path / "x"),
                                   "--param", "stepz=3", "--scheduler", address])
     assert result.exit_code == 2 and "stepz" in result.output
+
+
+def test_slides_without_a_label_are_counted_in_metrics(cohort, client, tmp_path):
+    store, labels, _ = cohort
+    frame = pd.read_csv(labels)
+    frame.loc[[0, 5], "label"] = np.nan
+    with pytest.warns(UserWarning, match="slide-000, slide-005"):
+        metrics = train_cohort(store, frame, tmp_path / "run", model="mean", folds=3, client=client)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["slides_without_label"] == 2 and saved["slides_without_label_ids"] == ["slide-000", "slide-005"]
+    assert saved["unlabelled_slides_in_store"] == 0 and metrics["n_slides"] == N_SLIDES - 2

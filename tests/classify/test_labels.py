@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from pipeline.classify import assign_folds, load_labels
+from pipeline.classify import assign_folds, encode_targets, load_labels, target_spec
 from pipeline.errors import NicError
 
 
@@ -31,3 +31,36 @@ def test_folds_are_stratified_and_keep_patients_together():
         assert labels["label"][folds == k].nunique() == 2
     with pytest.raises(NicError, match="fewer --folds"):
         assign_folds(labels.head(4), "binary", 5)
+
+
+def test_labels_without_a_value_are_reported_by_slide(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("slide_id,label\na,1\nb,\nc,0\nd,NaN\ne,1\n")
+    with pytest.warns(UserWarning, match=r"2 slide\(s\) without a label left out: b, d"):
+        frame = load_labels(path, "binary")
+    assert frame["slide_id"].tolist() == ["a", "c", "e"] and frame.attrs["without_label"] == ["b", "d"]
+
+
+def test_labels_and_column_names_are_stripped(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("slide_id , label \na,tumor\nb,tumor \nc, normal\nd,normal\n")
+    frame = load_labels(path, "binary")
+    assert target_spec(frame, "binary")["classes"] == ["normal", "tumor"]
+    assert encode_targets(frame, target_spec(frame, "binary"))["target"].tolist() == [1, 1, 0, 0]
+
+
+def test_non_finite_targets_are_refused_naming_the_slide(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("slide_id,label\na,1.5\nb,inf\nc,2.0\n")
+    with pytest.raises(NicError, match="b=inf"):
+        target_spec(load_labels(path, "regression"), "regression")
+    path.write_text("slide_id,time,event\na,3,1\nb,-inf,0\nc,5,1\n")
+    with pytest.raises(NicError, match="b=-inf"):
+        target_spec(load_labels(path, "survival"), "survival")
+
+
+def test_an_empty_labels_csv_is_one_clear_error(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("")
+    with pytest.raises(NicError, match="labels CSV is empty"):
+        load_labels(path, "binary")
