@@ -1,7 +1,7 @@
 """abmil: gated attention MIL pooling over the tissue cells of a slide (Ilse et al., ICML 2018).
 
-Reads a bag of cell codes; one forward pass gives the slide's output; explains itself by its
-attention weights relative to uniform (:meth:`GatedAttentionMIL.instance_scores`).
+Reads a bag of cell codes; one forward pass gives the slide's output; explains itself by each
+cell's attention-weighted contribution to the output (:meth:`GatedAttentionMIL.instance_scores`).
 """
 
 from __future__ import annotations
@@ -38,9 +38,12 @@ class GatedAttentionMIL(nn.Module):
         return self.head(a @ h)[None]  # (1, n_out)
 
     def instance_scores(self, bag: torch.Tensor, output_index: int = 0) -> torch.Tensor:
-        """Attention of each cell (n,) times n: 1 is an average cell (the same for every output)."""
-        _, attention = self.attention(bag)
-        return attention * bag.shape[0]
+        """Each cell's contribution to output ``output_index`` (n,): n * a_i * (w . h_i). The
+        output is their mean plus the bias (the head is linear), so the values compare across
+        slides: a cell that draws attention on a negative slide but does not push the output up
+        stays quiet. ``attention`` alone is relative to its own slide."""
+        h, attention = self.attention(bag)
+        return attention * bag.shape[0] * (h @ self.head.weight[output_index])
 
 
 @register_slide_model(
@@ -48,7 +51,7 @@ class GatedAttentionMIL(nn.Module):
     defaults=dict(epochs=200, batch_size=8, lr=5e-4, weight_decay=5e-4, dropout=0.25, embed=128, attention=64,
                   max_cells=8192),
     scores="one forward pass over all tissue cells",
-    explanation="attention",
+    explanation="attention x cell logit",
     description="gated attention MIL pooling over tissue cells (Ilse et al. 2018)")
 def build_abmil(in_channels: int, n_outputs: int, embed=128, attention=64, dropout=0.25, **_) -> GatedAttentionMIL:
     return GatedAttentionMIL(in_channels, n_outputs, embed=embed, attention=attention, dropout=dropout)

@@ -162,3 +162,12 @@ def test_registry_entries_say_what_they_read_and_refuse_clashes():
     with pytest.raises(ValueError, match="need crop"):
         register_slide_model("bad-grid", input="grid", defaults=dict(epochs=1), build=NicCNN)
     assert "bad-grid" not in list_slide_models()
+
+
+def test_attention_contributions_add_up_to_the_output():
+    torch.manual_seed(5)
+    model = GatedAttentionMIL(6, 2, dropout=0.0).eval()
+    bag = torch.randn(40, 6)
+    for index in range(2):
+        contrib = model.instance_scores(bag, index)
+        assert torch.isclose(contrib.mean() + model.head.bias[index], model(bag)[0, index], atol=1e-5)
