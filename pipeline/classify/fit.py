@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -20,9 +22,10 @@ from pipeline.runtime.device import torch_device
 
 
 def fit(model, task: str, source: SlideSource, slide_ids: list[str], targets: dict,
-        spec: dict, params: dict, store_info: dict | None = None) -> SlideModel:
+        spec: dict, params: dict, store_info: dict | None = None, progress=None) -> SlideModel:
     """Train ``model`` (registry name or entry) on the slides ``slide_ids`` (targets from
-    :func:`pipeline.classify.labels.encode_targets`)."""
+    :func:`pipeline.classify.labels.encode_targets`). ``progress(n)`` is called after every
+    :func:`training_units` unit (a step of a grid model, an epoch of a bag model)."""
     entry = get_slide_model_spec(model)
     params = resolve_params(entry, params)
     torch.manual_seed(params["seed"])
@@ -42,7 +45,7 @@ def fit(model, task: str, source: SlideSource, slide_ids: list[str], targets: di
                   trained_on=len(slide_ids), store=store_info or {})
     bundle = SlideModel(config, module, entry)
     tensors = {k: torch.as_tensor(v) for k, v in targets.items()}
-    LOOPS[entry.input](bundle, source, slide_ids, tensors, params, rng, n_classes)
+    LOOPS[entry.input](bundle, source, slide_ids, tensors, params, rng, n_classes, progress or _no_progress)
     bundle.module.eval()
     return bundle
 
@@ -95,7 +98,7 @@ def _crop_centres(source: SlideSource, slide_ids) -> list:
     return centres
 
 
-def fit_grid(bundle: SlideModel, source, slide_ids, tensors, params, rng, n_classes) -> None:
+def fit_grid(bundle: SlideModel, source, slide_ids, tensors, params, rng, n_classes, progress) -> None:
     """Random tissue-centred crops, random rotation/flip, Adam with exponential lr decay."""
     task, size, steps, device = bundle.task, params["crop"], params["steps"], bundle.device
     centres = _crop_centres(source, slide_ids)
@@ -128,9 +131,10 @@ def fit_grid(bundle: SlideModel, source, slide_ids, tensors, params, rng, n_clas
         loss.backward()
         optimiser.step()
         scheduler.step()
+        progress(1)
 
 
-def fit_bag(bundle: SlideModel, source, slide_ids, tensors, params, rng, n_classes) -> None:
+def fit_bag(bundle: SlideModel, source, slide_ids, tensors, params, rng, n_classes, progress) -> None:
     """Mini-batches of whole bags (``batch_size``, default all), sub-sampled to ``max_cells``
     (default all), class-weighted loss, Adam. A module with a parameter-free ``pool`` and a
     ``classify`` head has every slide pooled once, then trains the head alone."""
@@ -159,6 +163,7 @@ def fit_bag(bundle: SlideModel, source, slide_ids, tensors, params, rng, n_class
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
+        progress(1)
 
 
 def _subsample(codes: np.ndarray, max_cells: int | None, rng) -> np.ndarray:
@@ -167,4 +172,37 @@ def _subsample(codes: np.ndarray, max_cells: int | None, rng) -> np.ndarray:
     return codes
 
 
+def _no_progress(_: int) -> None:
+    pass
+
+
 LOOPS = {"grid": fit_grid, "bag": fit_bag}
+UNITS = {"grid": ("steps", "step"), "bag": ("epochs", "epoch")}
+
+
+def training_units(entry, params: dict) -> tuple[int, str]:
+    """How many progress units training takes, and their name: steps (grid) or epochs (bag)."""
+    key, name = UNITS[entry.input]
+    return int(params[key]), name
+
+
+def seconds_per_unit(entry, params: dict, code_dim: int, n_train: int) -> float:
+    """Measured compute time of one training unit on this machine's CPU with one thread (as a
+    fold task runs): one step of random crops (grid), or ``n_train`` random bags (bag). Reading
+    the store is not included, so this is a lower bound."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        module = entry.create(code_dim + (1 if entry.input == "grid" else 0), 1, **params).train()
+        if entry.input == "grid":
+            x = torch.randn(params["batch_size"], code_dim + 1, params["crop"], params["crop"])
+        else:
+            x = torch.randn(min(params.get("max_cells") or 4096, 4096), code_dim)
+        seconds = []
+        for _ in range(2):  # the first pass warms up
+            start = time.perf_counter()
+            module(x).sum().backward()
+            seconds.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return seconds[-1] * (1 if entry.input == "grid" else n_train)

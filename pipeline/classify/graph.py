@@ -21,6 +21,7 @@ import math
 import os
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,21 +32,23 @@ from tqdm.auto import tqdm
 
 from models.slide_models import get_slide_model_spec
 from pipeline.classify.bundle import SlideModel, check_store_matches, resolve_params
-from pipeline.classify.fit import fit
+from pipeline.classify.fit import UNITS, fit, seconds_per_unit, training_units
 from pipeline.classify.labels import assign_folds, encode_targets, load_labels, target_spec
 from pipeline.classify.metrics import json_safe, summarize_folds, task_metrics
 from pipeline.classify.source import SlideSource, list_store_slides
 from pipeline.errors import NicError
 from pipeline.runtime.cluster import connect, gpu_resources
 
+LONG_RUN_S = 600  # warn with an estimate when CPU training will take longer
+
 
 def run_fold(store, run_dir, fold, train_ids, test_ids, labels_records, model, task, spec, params,
-             store_info=None) -> dict:
+             store_info=None, topic=None) -> dict:
     """One Dask task: train on ``train_ids``, save weights, predict ``test_ids``.
 
     ``fold`` is an int (cross-validation fold, weights in RUN_DIR/folds/fold-K) or "final"
-    (all slides, weights in RUN_DIR). Returns small results: prediction rows, metrics and
-    which worker ran it and when.
+    (all slides, weights in RUN_DIR). Training progress goes to the client as events on
+    ``topic``. Returns small results: prediction rows, metrics and which worker ran it and when.
     """
     started = time.time()
     threads = torch.get_num_threads()
@@ -55,7 +58,10 @@ def run_fold(store, run_dir, fold, train_ids, test_ids, labels_records, model, t
         params = dict(params, seed=int(params.get("seed", 0)) + (0 if fold == "final" else 1000 * (int(fold) + 1)))
         source = SlideSource(store, params.get("cache_mb", 1024))
         train = labels.loc[list(train_ids)].reset_index()
-        bundle = fit(model, task, source, list(train_ids), encode_targets(train, spec), spec, params, store_info)
+        progress = _Progress(topic)
+        bundle = fit(model, task, source, list(train_ids), encode_targets(train, spec), spec, params, store_info,
+                     progress)
+        progress.flush()
         bundle.config["fold"] = fold
         directory = Path(run_dir) if fold == "final" else Path(run_dir) / "folds" / f"fold-{fold}"
         bundle.save(directory)
@@ -74,6 +80,28 @@ def run_fold(store, run_dir, fold, train_ids, test_ids, labels_records, model, t
         torch.set_num_threads(threads)
     return dict(fold=fold, predictions=rows, metrics=metrics, worker=_worker_address(),
                 pid=os.getpid(), start=started, end=time.time(), weights=str(directory / "model.safetensors"))
+
+
+class _Progress:
+    """Sends a fold task's training progress to the client as Dask worker events, at most once a
+    second (nothing outside a worker)."""
+
+    def __init__(self, topic: str | None):
+        self.topic, self.pending, self.last = topic, 0, time.monotonic()
+        try:
+            self.worker = get_worker() if topic else None
+        except ValueError:
+            self.worker = None
+
+    def __call__(self, n: int) -> None:
+        self.pending += n
+        if time.monotonic() - self.last >= 1.0:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending and self.worker is not None:
+            self.worker.log_event(self.topic, self.pending)
+        self.pending, self.last = 0, time.monotonic()
 
 
 def _worker_address() -> str:
@@ -144,18 +172,49 @@ def train_cohort(store, labels, out, model="nic-cnn", task: str = "binary", fold
 def _run_graph(client, store, out, model, task, spec, params, info, slide_ids, fold_of, records, token,
                progress=True):
     resources = gpu_resources(client)
-    futures = []
     jobs = [(int(k), [s for s, f in zip(slide_ids, fold_of) if f != k], [s for s, f in zip(slide_ids, fold_of) if f == k])
             for k in sorted(set(fold_of.tolist())) if k >= 0]
     jobs.append(("final", slide_ids, []))
-    for fold, train_ids, test_ids in jobs:
-        key = f"train-{'final' if fold == 'final' else f'fold-{fold}'}-{model.name}-{token}"
-        futures.append(client.submit(run_fold, str(store), str(out), fold, train_ids, test_ids, records, model,
-                                     task, spec, params, info, key=key, pure=False, resources=resources))
-    with tqdm(total=len(futures), desc=f"{model.name} folds + final model", unit="task", disable=not progress) as bar:
-        for _ in as_completed(futures):
-            bar.update(1)
+    if not resources:
+        _warn_if_long(client, model, params, info["code_dim"], jobs)
+    units, unit = training_units(model, params)
+    topic = f"nic-train-{token}"
+    desc = f"{model.name}: {len(jobs) - 1} folds + final model"
+    with tqdm(total=units * len(jobs), desc=desc, unit=unit, disable=not progress) as bar:
+        client.subscribe_topic(topic, lambda event: bar.update(event[1]))
+        try:
+            futures = [client.submit(run_fold, str(store), str(out), fold, train_ids, test_ids, records, model, task,
+                                     spec, params, info, topic, key=_task_key(fold, model, token), pure=False,
+                                     resources=resources)
+                       for fold, train_ids, test_ids in jobs]
+            for done, _ in enumerate(as_completed(futures), 1):
+                bar.set_postfix(tasks=f"{done}/{len(futures)}")
+            bar.update(bar.total - bar.n)  # the last events may still be on their way
+        finally:
+            client.unsubscribe_topic(topic)
     return [future.result() | {"key": future.key} for future in futures]
+
+
+def _task_key(fold, model, token: str) -> str:
+    return f"train-{'final' if fold == 'final' else f'fold-{fold}'}-{model.name}-{token}"
+
+
+def _warn_if_long(client, model, params: dict, code_dim: int, jobs) -> None:
+    """Warn, with an estimate, when training on CPU workers will take over LONG_RUN_S."""
+    per_unit = seconds_per_unit(model, params, code_dim, max(len(train) for _, train, _ in jobs))
+    units, unit = training_units(model, params)
+    slots = max(sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()), 1)
+    per_task = per_unit * units
+    wall = per_task * math.ceil(len(jobs) / slots)
+    if wall > LONG_RUN_S:
+        warnings.warn(f"{model.name} on CPU workers will take about {_minutes(per_task)} per fold task ({units} {unit}s "
+                      f"at {per_unit:.2g} s) and about {_minutes(wall)} for {len(jobs)} tasks on {slots} worker "
+                      f"thread(s); on a CPU, --model abmil (or fewer --param {UNITS[model.input][0]}=...) is faster",
+                      stacklevel=4)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def _write_outputs(out, model, task, spec, params, info, results, left_out, folds) -> dict:

@@ -149,5 +149,15 @@ def assign_folds(labels: pd.DataFrame, task: str, k: int, seed: int = 0) -> np.n
         for fold, (_, test) in enumerate(splitter.split(np.zeros(n), strata, groups)):
             folds[test] = fold
     except ValueError as err:
-        raise NicError(f"cannot make {k} folds from {n} slides ({err}); use fewer --folds") from err
+        most = _most_folds(strata, groups, n)
+        hint = f"use fewer --folds: at most {most}" if most >= 2 else "use fewer --folds (below 2: final model only)"
+        raise NicError(f"cannot make {k} folds from {n} slides ({err}); {hint}") from err
     return folds
+
+
+def _most_folds(strata, groups, n: int) -> int:
+    """The most folds the split can make: every fold needs a patient (group) of every class."""
+    units = pd.Series(groups if groups is not None else np.arange(n))
+    if strata is None:
+        return int(units.nunique())
+    return int(units.groupby(pd.Series(strata)).nunique().min())

@@ -4,13 +4,16 @@ cluster."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pipeline.classify import predict_cohort, train_cohort
+from models.slide_models import get_slide_model_spec
+from pipeline.classify import predict_cohort, resolve_params, train_cohort
+from pipeline.classify.graph import _warn_if_long
 from pipeline.classify.explain import explain_cohort
 from pipeline.classify.metrics import auc
 from pipeline.cli import main
@@ -127,3 +130,25 @@ def test_slides_without_a_label_are_counted_in_metrics(cohort, client, tmp_path)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["slides_without_label"] == 2 and saved["slides_without_label_ids"] == ["slide-000", "slide-005"]
     assert saved["unlabelled_slides_in_store"] == 0 and metrics["n_slides"] == N_SLIDES - 2
+
+
+def test_progress_inside_folds_reaches_the_client(cohort, client, tmp_path, capfd):
+    store, labels, _ = cohort
+    params = dict(crop=16, steps=40, batch_size=2, width=8)
+    train_cohort(store, labels, tmp_path / "run", model="nic-cnn", folds=2, client=client, params=params)
+    err = capfd.readouterr().err
+    assert "nic-cnn: 2 folds + final model" in err and "120/120" in err and "step" in err
+    reported = [sum(msg for _, msg in events) for topic, events in client.get_events().items()
+                if topic.startswith("nic-train-")]
+    assert 120 in reported  # every step of the 3 tasks was reported from the workers
+
+
+def test_a_long_cpu_run_is_announced_with_an_estimate(client):
+    entry = get_slide_model_spec("nic-cnn")
+    params = resolve_params(entry)
+    jobs = [(k, [f"s{i}" for i in range(30)], []) for k in range(5)]
+    with pytest.warns(UserWarning, match=r"nic-cnn on CPU workers will take about .* per fold task \(2000 steps"):
+        _warn_if_long(client, entry, params, 128, jobs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_long(client, entry, dict(params, steps=2, crop=16, width=8), 16, jobs)

@@ -64,3 +64,13 @@ def test_an_empty_labels_csv_is_one_clear_error(tmp_path):
     path.write_text("")
     with pytest.raises(NicError, match="labels CSV is empty"):
         load_labels(path, "binary")
+
+
+def test_too_many_folds_says_how_many_can_be_made():
+    labels = pd.DataFrame({"slide_id": [f"s{i}" for i in range(8)], "label": [i % 2 for i in range(8)]})
+    with pytest.raises(NicError, match="cannot make 5 folds from 8 slides .*use fewer --folds: at most 4"):
+        assign_folds(labels, "binary", 5)
+    assert set(assign_folds(labels, "binary", 4)) == {0, 1, 2, 3}
+    grouped = labels.assign(group=[f"p{i // 4}" for i in range(8)])  # 2 patients, both classes each
+    with pytest.raises(NicError, match="at most 2"):
+        assign_folds(grouped, "binary", 3)
