@@ -51,7 +51,7 @@ def make_cohort(root, n_slides=N_SLIDES, grid=GRID, channels=CHANNELS, seed=0, s
             {"features": (("feature", "y", "x"), codes.astype(np.float16)), "tissue": (("y", "x"), tissue)},
             coords={"y": centres, "x": centres, "feature": np.arange(channels)},
             attrs=dict(encoder="synthetic-codes", encoder_sha256="0" * 64, code_dim=channels, mpp=SLIDE_MPP,
-                       slide_mpp=SLIDE_MPP, patch_size=CELL_PX, stride=CELL_PX, status="complete"),
+                       slide_mpp=SLIDE_MPP, patch_size=CELL_PX, stride=CELL_PX, min_tissue=0.1, status="complete"),
         )
         ds.to_zarr(store, group=sid, mode="w", zarr_format=3, consolidated=False)
         rows.append({"slide_id": sid, "label": label, "group": f"patient-{i // 2:03d}"})
