@@ -206,7 +206,7 @@ def _print_compress_report(report) -> None:
 @click.option("--size", type=int, default=4096, show_default=True, help="Side of each slide in px (0.5 µm/px).")
 @click.option("--lesion-fraction", type=float, default=0.2, show_default=True,
               help="Lesion share of the tissue on positive slides.")
-@click.option("--model", type=click.Choice(["nic-cnn", "abmil", "mean", "max"]), default="abmil", show_default=True)
+@click.option("--model", default="abmil", show_default=True, help="A registered slide model (see `nic train --help`).")
 @click.option("--folds", type=int, default=4, show_default=True)
 @click.option("--workers", type=int, default=None, help="Workers of the embedded cluster.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -350,7 +350,8 @@ def _parse_params(pairs) -> dict:
 @click.option("--labels", required=True, type=EXISTING_PATH,
               help="CSV slide_id,label[,group] (survival: slide_id,time,event[,group]).")
 @click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
-@click.option("--model", type=click.Choice(["nic-cnn", "abmil", "mean", "max"]), default="nic-cnn", show_default=True)
+@click.option("--model", default="nic-cnn", show_default=True,
+              help="A registered slide model: nic-cnn, abmil, mean, max (see docs/classify.md).")
 @click.option("--task", type=click.Choice(["binary", "multiclass", "regression", "survival"]), default="binary",
               show_default=True)
 @click.option("--folds", type=int, default=5, show_default=True, help="Cross-validation folds (<2: final model only).")

@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 
+@pytest.mark.slow
 def test_nic_demo_learns_an_easy_cohort_end_to_end(tmp_path):
     out = tmp_path / "demo"
     command = [sys.executable, "-m", "pipeline", "demo", str(out), "--slides", "12", "--size", "3072",
@@ -29,3 +31,6 @@ def test_nic_demo_learns_an_easy_cohort_end_to_end(tmp_path):
     heat = pd.read_csv(out / "heatmaps" / "heatmaps.csv")
     positives = heat[heat["slide_id"].isin(labels.loc[labels["label"] == 1, "slide_id"])]
     assert positives["lesion_auc"].median() >= 0.8  # the explanation points at the lesion
+    # every number printed is out of fold: heatmaps come from the fold model that held the slide out
+    assert heat["model"].str.startswith("out of fold").all()
+    assert '"out_of_fold_heatmap_lesion_auc"' in result.stdout and '"heatmap_lesion_auc"' not in result.stdout

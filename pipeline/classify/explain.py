@@ -1,10 +1,11 @@
 """Explanations of slide-level models, drawn over the slide and its compressed tensor.
 
-For each slide: a relevance map on the compressed grid (Grad-CAM for nic-cnn, attention for
-abmil, per-cell contribution of the linear head for mean/max; see SlideModel.explain), drawn
-over the slide thumbnail when the slide file is given, beside the PCA-RGB view of the codes
-(:func:`pca_rgb`). Where a lesion mask exists (synthetic cohorts), the AUC of the relevance
-values against the lesion cells is reported: how well the explanation finds the lesion.
+For each slide: a relevance map on the compressed grid, as the model explains itself (Grad-CAM
+for nic-cnn, attention for abmil, per-cell contribution of the linear head for mean/max; see
+SlideModel.explain), drawn over the slide thumbnail when the slide file is given, beside the
+PCA-RGB view of the codes (:mod:`pipeline.viz`). Where a lesion mask exists (synthetic cohorts),
+the AUC of the relevance values against the lesion cells is reported: how well the explanation
+finds the lesion.
 """
 
 from __future__ import annotations
@@ -15,50 +16,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.classify.bundle import SlideModel, check_store_matches
+from pipeline.classify.labels import load_labels
+from pipeline.classify.metrics import auc
+from pipeline.classify.source import SlideSource, list_store_slides
 from pipeline.compress.grid import cell_coverage
-from pipeline.io.masks import mask_downsample, read_mask
-from pipeline.runtime.arrays import array_namespace
 from pipeline.errors import NicError
+from pipeline.io import find_slides, open_slide
+from pipeline.io.masks import mask_downsample, read_mask
+from pipeline.viz.heatmap import HeatScale, render
+from pipeline.viz.pca import PcaRgb, sample_codes
 
-
-def pca_rgb(features, tissue, background: str = "white", percentiles=(1.0, 99.0)):
-    """RGB view of a compressed tensor: PCA of the codes over tissue cells to 3 components.
-
-    features (C, ny, nx), tissue (ny, nx) fraction; returns uint8 (ny, nx, 3) in the input's
-    array namespace. Each component is scaled to 0..255 between its 1st and 99th percentile;
-    signs are fixed (largest loading positive) so the colours are reproducible. Cells without
-    tissue codes are white (``background="white"``) or black.
-    """
-    xp = array_namespace(features)
-    feats = xp.asarray(features, dtype=xp.float32)
-    if feats.ndim != 3:
-        raise ValueError(f"features must be (C, y, x), got shape {feats.shape}")
-    valid = (xp.asarray(tissue) > 0) & xp.any(feats != 0, axis=0)
-    _, ny, nx = feats.shape
-    out = xp.full((ny, nx, 3), 255 if background == "white" else 0, dtype=xp.uint8)
-    n = int(valid.sum())
-    if n == 0:
-        return out
-    codes = feats[:, valid].T.astype(xp.float64)
-    codes = codes - codes.mean(axis=0)
-    cov = codes.T @ codes / max(n - 1, 1)
-    _, vectors = xp.linalg.eigh(cov)
-    components = vectors[:, ::-1][:, :3]
-    k = components.shape[1]
-    pick = xp.argmax(xp.abs(components), axis=0)
-    signs = xp.sign(components[pick, xp.arange(k)])
-    signs = xp.where(signs == 0, 1.0, signs)
-    projected = codes @ (components * signs)
-    if k < 3:
-        projected = xp.concatenate([projected, xp.zeros((n, 3 - k))], axis=1)
-    lo = xp.percentile(projected, percentiles[0], axis=0)
-    hi = xp.percentile(projected, percentiles[1], axis=0)
-    scaled = xp.clip((projected - lo) / xp.maximum(hi - lo, 1e-12), 0.0, 1.0)
-    out[valid] = (scaled * 255 + 0.5).astype(xp.uint8)
-    return out
+THUMBNAIL_PX = 2048  # longer side of the slide thumbnail under a heatmap
+PCA_CELLS, SCALE_CELLS = 2000, 5000  # cells per slide sampled for the cohort's PCA and colour scale
 
 
 def _cell_step(coords: np.ndarray, attrs: dict) -> float:
+    """µm between cell centres along one axis (from the coordinates, else the store attrs)."""
     if len(coords) > 1:
         return float(np.median(np.diff(coords)))
     return float(attrs.get("stride", attrs.get("patch_size", 1)) * attrs.get("mpp", 1.0))
@@ -90,119 +64,179 @@ def mask_to_grid(mask: np.ndarray, meta: dict, um_per_px: tuple[float, float]) -
 def heatmap_auc(heat: np.ndarray, lesion_fraction: np.ndarray, threshold: float = 0.5) -> float:
     """AUC of relevance values against lesion cells (fraction >= threshold) over tissue cells
     (finite heat values); NaN when the slide has no lesion or no normal cell."""
-    from pipeline.classify.metrics import auc
-
     valid = np.isfinite(heat)
     return auc(lesion_fraction[valid] >= threshold, heat[valid])
 
 
-def _find_slide(slides_dir, slide_id):
+def _slide_files(slides_dir) -> dict[str, Path]:
+    """Slide files under ``slides_dir`` by slide id (name up to the first dot)."""
     if slides_dir is None:
-        return None
-    from pipeline.io import find_slides
-
-    for path in find_slides([Path(slides_dir)]):
-        if Path(path).stem == slide_id or Path(path).name.split(".")[0] == slide_id:
-            return Path(path)
-    return None
+        return {}
+    return {Path(path).name.split(".")[0]: Path(path) for path in find_slides([Path(slides_dir)])}
 
 
-def _slide_view(path, meta):
-    """(thumbnail, (height_um, width_um)) of the slide file, or (None, None)."""
+def _slide_extent(path, meta) -> tuple[float, float] | None:
+    """(height_um, width_um) of the slide file, or None."""
     if path is None:
-        return None, None
-    from pipeline.io import open_slide
-
+        return None
     with open_slide(path) as slide:
         mpp = slide.mpp or meta["attrs"].get("slide_mpp")
         width, height = slide.dimensions
-        thumb = slide.thumbnail()
-    return thumb, ((height * mpp, width * mpp) if mpp else None)
+    return (height * mpp, width * mpp) if mpp else None
 
 
-def render(path, heat, rgb, meta, thumbnail=None, extent_um=None, lesion=None, title=""):
-    """Write the PNG: relevance over the thumbnail (or alone) | PCA-RGB of the codes."""
-    import matplotlib
+def _thumbnail(path):
+    if path is None:
+        return None
+    with open_slide(path) as slide:
+        return slide.thumbnail(THUMBNAIL_PX)
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
 
-    attrs = meta["attrs"]
-    step_y, step_x = _cell_step(meta["y"], attrs), _cell_step(meta["x"], attrs)
-    extent = (meta["x"][0] - step_x / 2, meta["x"][-1] + step_x / 2,
-              meta["y"][-1] + step_y / 2, meta["y"][0] - step_y / 2)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5), dpi=100)
-    ax = axes[0]
-    if thumbnail is not None and extent_um is not None:
-        ax.imshow(thumbnail, extent=(0, extent_um[1], extent_um[0], 0))
-        ax.imshow(np.ma.masked_invalid(heat), cmap="jet", alpha=0.45, extent=extent, interpolation="nearest")
+def _grid_extent(meta: dict) -> tuple[float, float, float, float]:
+    """(left, right, bottom, top) in µm of the grid's cells, for imshow."""
+    step_y, step_x = _cell_step(meta["y"], meta["attrs"]), _cell_step(meta["x"], meta["attrs"])
+    return (meta["x"][0] - step_x / 2, meta["x"][-1] + step_x / 2,
+            meta["y"][-1] + step_y / 2, meta["y"][0] - step_y / 2)
+
+
+def _lesion(masks_dir, slide_id, meta, extent_um):
+    """Lesion fraction per cell (ny, nx) from ``<slide_id>_lesion.png``, or None."""
+    path = masks_dir / f"{slide_id}_lesion.png" if masks_dir is not None else None
+    if path is None or not path.exists():
+        return None
+    mask = read_mask(path)
+    return mask_to_grid(mask, meta, mask_um_per_px(mask.shape, meta, extent_um, mask_downsample(path)))
+
+
+class _Models:
+    """The model that explains each slide: the model of the fold that held it out (out of fold),
+    else the final model."""
+
+    def __init__(self, run_dir, out_of_fold: bool):
+        self.run_dir = Path(run_dir)
+        self.final = SlideModel.load(run_dir)
+        self.fold_of: dict[str, int] = {}
+        if out_of_fold:
+            oof = self.run_dir / "oof_predictions.csv"
+            if not oof.exists():
+                raise NicError(f"{run_dir}: no out-of-fold predictions (trained with --folds < 2)")
+            table = pd.read_csv(oof, dtype={"slide_id": str})
+            self.fold_of = dict(zip(table["slide_id"], table["fold"].astype(int)))
+        self._folds: dict[int, SlideModel] = {}
+
+    def for_slide(self, slide_id: str) -> tuple[SlideModel, str]:
+        fold = self.fold_of.get(slide_id)
+        if fold is None:
+            return self.final, "final model"
+        if fold not in self._folds:
+            self._folds[fold] = SlideModel.load(self.run_dir / "folds" / f"fold-{fold}")
+        return self._folds[fold], f"out of fold (fold {fold})"
+
+
+def _true_labels(run_dir, labels, task: str) -> dict[str, str]:
+    """Slide id -> the true label as text, from ``labels`` or the run's out-of-fold table."""
+    if labels is not None:
+        frame = load_labels(labels, task)
+    elif (Path(run_dir) / "oof_predictions.csv").exists():
+        frame = pd.read_csv(Path(run_dir) / "oof_predictions.csv", dtype={"slide_id": str, "label": str})
     else:
-        ax.imshow(np.ma.masked_invalid(heat), cmap="jet", extent=extent, interpolation="nearest")
-    if lesion is not None and lesion.max() >= 0.5:
-        ax.contour(meta["x"], meta["y"], lesion, levels=[0.5], colors="white", linewidths=1)
-    ax.set_title("relevance" + (" (lesion outlined)" if lesion is not None else ""), fontsize=9)
-    axes[1].imshow(rgb, extent=extent, interpolation="nearest")
-    axes[1].set_title("compressed tensor, PCA to RGB", fontsize=9)
-    for ax in axes:
-        ax.set_xlabel("µm")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        return {}
+    if task == "survival" and {"time", "event"} <= set(frame.columns):
+        return {s: f"time {t:g}, event {int(e)}" for s, t, e in zip(frame["slide_id"], frame["time"], frame["event"])}
+    if "label" not in frame.columns:
+        return {}
+    return dict(zip(frame["slide_id"].astype(str), frame["label"].astype(str)))
 
 
-def explain_cohort(store, run_dir, out_dir, slides_dir=None, masks_dir=None, slide_ids=None) -> pd.DataFrame:
+def score_text(bundle: SlideModel, prediction: dict) -> str:
+    """The prediction named as what it is: P(<positive class>), predicted class, value or risk."""
+    task = bundle.task
+    if task == "binary":
+        return f"P({bundle.config['target']['classes'][1]}) = {prediction['score']:.3f}"
+    if task == "multiclass":
+        best = max(v for k, v in prediction.items() if k.startswith("score_"))
+        return f"predicted {prediction['pred']} (P = {best:.3f})"
+    if task == "regression":
+        return f"predicted value {prediction['score']:.3g}"
+    return f"risk score {prediction['score']:.3g}"
+
+
+def _sample(values: np.ndarray, n: int, seed: int) -> np.ndarray:
+    if len(values) <= n:
+        return values
+    return np.random.default_rng(seed).choice(values, n, replace=False)
+
+
+def explain_cohort(store, run_dir, out_dir, slides_dir=None, masks_dir=None, slide_ids=None, labels=None,
+                   out_of_fold: bool = False) -> pd.DataFrame:
     """Write a heatmap PNG per slide to ``out_dir`` and heatmaps.csv / heatmaps.json.
 
-    Lesion masks ``<slide_id>_lesion.png`` are looked up in ``masks_dir`` (default:
-    ``slides_dir``); where found, the heatmap AUC against lesion cells is reported.
+    Relevance maps are saved as ``relevance/<slide_id>.npy`` and drawn on one colour scale for
+    all slides, beside PCA-RGB views that share one PCA fitted on cells of all slides. With
+    ``out_of_fold`` each slide of the run's cross-validation is explained (and scored) by the
+    model of the fold that held it out, so lesion AUCs are not measured on training slides.
+    True labels come from ``labels`` (CSV or DataFrame) or the run's out-of-fold table. Lesion
+    masks ``<slide_id>_lesion.png`` are looked up in ``masks_dir`` (default: ``slides_dir``);
+    where found, the heatmap AUC against lesion cells is reported.
     """
-    from pipeline.classify import SlideModel, SlideSource, check_store_matches, list_store_slides
-
-    bundle = SlideModel.load(run_dir)
-    source = SlideSource(store, bundle.config["params"].get("cache_mb", 1024))
-    slide_ids = list(slide_ids) if slide_ids is not None else list_store_slides(store)
+    models = _Models(run_dir, out_of_fold)
+    source = SlideSource(store, models.final.config["params"].get("cache_mb", 1024))
+    if slide_ids is None:
+        slide_ids = sorted(models.fold_of) if out_of_fold else list_store_slides(store)
+    slide_ids = list(slide_ids)
     if not slide_ids:
         raise NicError(f"{store}: no complete slides to explain")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "relevance").mkdir(parents=True, exist_ok=True)
     masks_dir = Path(masks_dir) if masks_dir is not None else (Path(slides_dir) if slides_dir else None)
-    rows = []
-    for sid in slide_ids:
+    files, truth = _slide_files(slides_dir), _true_labels(run_dir, labels, models.final.task)
+    rows, titles, codes, values = [], {}, [], []
+    for i, sid in enumerate(slide_ids):  # pass 1: relevance, scores, lesion AUC, samples for the scales
+        bundle, origin = models.for_slide(sid)
         check_store_matches(bundle, source, sid)
         meta = source.meta(sid)
         scores = bundle.raw_scores(source, sid)
         prediction = bundle.predict_row(source, sid, scores)
         heat = bundle.explain(source, sid, scores)
-        rgb = pca_rgb(source.features(sid), source.tissue(sid))
-        thumbnail, extent_um = _slide_view(_find_slide(slides_dir, sid), meta)
-        mask_path = masks_dir / f"{sid}_lesion.png" if masks_dir is not None else None
-        lesion = None
-        if mask_path is not None and mask_path.exists():
-            mask = read_mask(mask_path)
-            scale = mask_um_per_px(mask.shape, meta, extent_um, mask_downsample(mask_path))
-            lesion = mask_to_grid(mask, meta, scale)
-        row = {"slide_id": sid, **prediction, "n_tissue_cells": int(np.isfinite(heat).sum())}
+        np.save(out_dir / "relevance" / f"{sid}.npy", heat)
+        codes.append(sample_codes(source.features(sid), source.tissue(sid), PCA_CELLS, seed=i))
+        values.append(_sample(heat[np.isfinite(heat)], SCALE_CELLS, seed=i))
+        row = {"slide_id": sid, **prediction, "true_label": truth.get(sid), "model": origin,
+               "n_tissue_cells": int(np.isfinite(heat).sum())}
+        lesion = _lesion(masks_dir, sid, meta, _slide_extent(files.get(sid), meta))
         if lesion is not None:
             row["n_lesion_cells"] = int(((lesion >= 0.5) & np.isfinite(heat)).sum())
             row["lesion_auc"] = heatmap_auc(heat, lesion)
-        score = prediction.get("score", prediction.get("pred"))
-        title = f"{sid} — {bundle.name}, score {score:.3f}" if isinstance(score, float) else f"{sid} — {bundle.name}, {score}"
-        render(out_dir / f"{sid}.png", heat, rgb, meta, thumbnail, extent_um, lesion, title)
         rows.append(row)
-        source._cache.clear()  # one slide at a time
-        source._cached_bytes = 0
+        titles[sid] = (f"{sid} — {bundle.name}, {origin}: {score_text(bundle, prediction)}"
+                       f"   ·   true label: {truth.get(sid, 'not given')}")
+        source.clear()  # one slide at a time
+    scale = HeatScale.from_values(np.concatenate(values))
+    pca = PcaRgb.fit(np.concatenate(codes))
+    for sid in slide_ids:  # pass 2: draw every slide on the cohort's scale and PCA
+        meta = source.meta(sid)
+        extent_um = _slide_extent(files.get(sid), meta)
+        render(out_dir / f"{sid}.png", np.load(out_dir / "relevance" / f"{sid}.npy"),
+               pca.apply(source.features(sid), source.tissue(sid)), _grid_extent(meta), scale,
+               thumbnail=_thumbnail(files.get(sid)), thumbnail_extent=extent_um, tissue=source.tissue(sid),
+               lesion=_lesion(masks_dir, sid, meta, extent_um), lesion_xy=(meta["x"], meta["y"]),
+               title=titles[sid], relevance_label=models.final.entry.explanation)
+        source.clear()
     frame = pd.DataFrame(rows)
     frame.to_csv(out_dir / "heatmaps.csv", index=False)
-    summary = {"model": bundle.name, "task": bundle.task, "method": _method(bundle.name), "n_slides": len(frame)}
+    _write_summary(out_dir, models, frame, scale, out_of_fold)
+    return frame
+
+
+def _write_summary(out_dir: Path, models: _Models, frame: pd.DataFrame, scale: HeatScale, out_of_fold: bool):
+    final = models.final
+    summary = {"model": final.name, "task": final.task, "method": final.entry.explanation, "n_slides": len(frame),
+               "models": "out of fold (each slide by the fold model that held it out)" if out_of_fold
+               else "final model (in-sample on its training slides)",
+               "scale": scale.as_dict(), "pca": "one PCA for the cohort"}
     if "lesion_auc" in frame.columns:
         aucs = frame["lesion_auc"].dropna()
         summary.update(lesion_auc_mean=float(aucs.mean()) if len(aucs) else None,
                        lesion_auc_min=float(aucs.min()) if len(aucs) else None,
                        n_slides_with_lesion=int(len(aucs)))
     (out_dir / "heatmaps.json").write_text(json.dumps(summary, indent=2))
-    return frame
-
-
-def _method(model: str) -> str:
-    return {"nic-cnn": "grad-cam", "abmil": "attention"}.get(model, "linear contribution per cell")

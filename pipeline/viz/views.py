@@ -1,19 +1,24 @@
 """Pictures of compressed slides: the slide thumbnail beside the PCA-RGB view of its codes.
 
-The first three principal components of a slide's codes, taken over its tissue cells, become
-red, green and blue: regions the encoder sees alike get alike colours, so a glance tells whether
-the compression kept the tissue's structure (tumour, stroma, fat apart) and where it encoded.
+The first three principal components of the codes, taken over tissue cells, become red, green and
+blue: regions the encoder sees alike get alike colours, so a glance tells whether the compression
+kept the tissue's structure (tumour, stroma, fat apart) and where it encoded. One PCA serves all
+the slides of a store, so the same code has the same colour on every slide.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
+import matplotlib
 
-from pipeline.classify.explain import pca_rgb
-from pipeline.io import find_slides, open_slide
-from pipeline.compress.store import list_slides, open_slide_tensor
+matplotlib.use("Agg", force=False)
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
+import numpy as np  # noqa: E402
+
+from pipeline.compress.store import list_slides, open_slide_tensor  # noqa: E402
+from pipeline.io import find_slides, open_slide  # noqa: E402
+from pipeline.viz.pca import PcaRgb, pca_rgb, sample_codes  # noqa: E402
 
 
 def slide_files_by_id(folders) -> dict[str, Path]:
@@ -21,19 +26,27 @@ def slide_files_by_id(folders) -> dict[str, Path]:
     return {path.stem: path for path in find_slides(folders)} if folders else {}
 
 
-def save_compressed_view(store, slide_id: str, out_png: Path, slide_path: Path | None = None) -> Path:
-    """Write one PNG: thumbnail (when the slide file is given) | PCA-RGB of the compressed slide."""
-    import matplotlib
+def cohort_pca(store, slide_ids, cells_per_slide: int = 2000) -> PcaRgb:
+    """One PCA-RGB projection for the slides of a store, fitted on a sample of each one's cells."""
+    samples = []
+    for i, slide_id in enumerate(slide_ids):
+        ds = open_slide_tensor(store, slide_id)
+        tissue = ds["tissue"].values >= ds.attrs["min_tissue"]
+        samples.append(sample_codes(ds["features"].values, tissue, cells_per_slide, seed=i))
+    return PcaRgb.fit(np.concatenate(samples))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def save_compressed_view(store, slide_id: str, out_png: Path, slide_path: Path | None = None,
+                         pca: PcaRgb | None = None) -> Path:
+    """Write one PNG: thumbnail (when the slide file is given) | PCA-RGB of the compressed slide
+    (through ``pca``, else a PCA of this slide alone)."""
     ds = open_slide_tensor(store, slide_id)
     features, tissue = ds["features"].values, ds["tissue"].values
-    rgb = pca_rgb(features, tissue >= ds.attrs["min_tissue"])
+    on_tissue = tissue >= ds.attrs["min_tissue"]
+    rgb = pca.apply(features, on_tissue) if pca is not None else pca_rgb(features, on_tissue)
     cell = ds.attrs["stride"] * ds.attrs["mpp"]
     extent = (0, tissue.shape[1] * cell, tissue.shape[0] * cell, 0)  # µm, image convention
-    panels = [("compressed: PCA of the codes to RGB", rgb, extent)]
+    panels = [("compressed: PCA of the codes to RGB" + (" (one PCA for the store)" if pca else ""), rgb, extent)]
     if slide_path is not None:
         with open_slide(slide_path, mpp=ds.attrs["slide_mpp"]) as slide:
             width, height = slide.dimensions
@@ -56,9 +69,12 @@ def save_compressed_view(store, slide_id: str, out_png: Path, slide_path: Path |
 
 
 def save_store_views(store, out_dir: Path, slides=None) -> list[Path]:
-    """One view PNG per complete slide of ``store``; thumbnails from the slide files under ``slides``."""
+    """One view PNG per complete slide of ``store``, all through one PCA (colours compare across
+    slides); thumbnails from the slide files under ``slides``."""
     files = slide_files_by_id(slides)
+    slide_ids = list_slides(store)
+    pca = cohort_pca(store, slide_ids) if slide_ids else None
     return [
-        save_compressed_view(store, slide_id, Path(out_dir) / f"{slide_id}.png", files.get(slide_id))
-        for slide_id in list_slides(store)
+        save_compressed_view(store, slide_id, Path(out_dir) / f"{slide_id}.png", files.get(slide_id), pca)
+        for slide_id in slide_ids
     ]

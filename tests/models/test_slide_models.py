@@ -7,18 +7,20 @@ import math
 import pytest
 import torch
 
-from models.classifiers import (
-    GatedAttentionMIL,
-    NicCNN,
-    PoolingLinear,
-    build_model,
+from models.dihedral import dihedral, dihedral_inverse
+from models.errors import NicError
+from models.slide_models import (
     cox_loss,
-    dihedral,
-    dihedral_inverse,
-    grad_cam,
+    create_slide_model,
+    get_slide_model_spec,
+    list_slide_models,
     predict_dihedral,
+    register_slide_model,
     task_loss,
 )
+from models.slide_models.abmil import GatedAttentionMIL
+from models.slide_models.nic_cnn import NicCNN, grad_cam
+from models.slide_models.pooling import PoolingLinear
 
 torch.set_num_threads(1)
 
@@ -141,8 +143,31 @@ def test_cox_loss_matches_hand_computed_partial_likelihood():
 
 
 def test_build_model_names():
-    assert isinstance(build_model("nic-cnn", 5, 1, width=8, crop=32), NicCNN)
-    assert isinstance(build_model("abmil", 5, 1), GatedAttentionMIL)
-    assert build_model("max", 5, 1).pooling == "max"
+    assert isinstance(create_slide_model("nic-cnn", 5, 1, width=8, crop=32), NicCNN)
+    assert isinstance(create_slide_model("abmil", 5, 1), GatedAttentionMIL)
+    assert create_slide_model("max", 5, 1).pooling == "max"
     with pytest.raises(ValueError):
-        build_model("resnet", 5, 1)
+        create_slide_model("resnet", 5, 1)
+
+
+def test_registry_entries_say_what_they_read_and_refuse_clashes():
+    assert set(list_slide_models()) >= {"nic-cnn", "abmil", "mean", "max"}
+    assert get_slide_model_spec("nic-cnn").input == "grid" and get_slide_model_spec("abmil").input == "bag"
+    assert get_slide_model_spec("abmil").defaults["epochs"] == 200
+    with pytest.raises(NicError, match="choose one of"):
+        get_slide_model_spec("resnet")
+    with pytest.raises(ValueError, match="already registered"):
+        register_slide_model("mean", input="bag", defaults=dict(epochs=1, lr=1.0, weight_decay=0.0),
+                             build=lambda c, n, **_: PoolingLinear(c, n))
+    with pytest.raises(ValueError, match="need crop"):
+        register_slide_model("bad-grid", input="grid", defaults=dict(epochs=1), build=NicCNN)
+    assert "bad-grid" not in list_slide_models()
+
+
+def test_attention_contributions_add_up_to_the_output():
+    torch.manual_seed(5)
+    model = GatedAttentionMIL(6, 2, dropout=0.0).eval()
+    bag = torch.randn(40, 6)
+    for index in range(2):
+        contrib = model.instance_scores(bag, index)
+        assert torch.isclose(contrib.mean() + model.head.bias[index], model(bag)[0, index], atol=1e-5)

@@ -1,0 +1,76 @@
+"""Labels CSV, targets and folds."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from pipeline.classify import assign_folds, encode_targets, load_labels, target_spec
+from pipeline.errors import NicError
+
+
+def test_load_labels_names_missing_columns(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("slide_id,label\na,1\nb,0\n")
+    assert len(load_labels(path, "binary")) == 2
+    with pytest.raises(NicError, match="time, event"):
+        load_labels(path, "survival")
+    path.write_text("slide_id,label\na,1\na,0\n")
+    with pytest.raises(NicError, match="more than once"):
+        load_labels(path, "binary")
+
+
+def test_folds_are_stratified_and_keep_patients_together():
+    labels = pd.DataFrame({"slide_id": [f"s{i}" for i in range(30)], "label": [i % 3 == 0 for i in range(30)],
+                           "group": [f"p{i // 2}" for i in range(30)]})
+    folds = assign_folds(labels, "binary", 3, seed=1)
+    assert set(folds) == {0, 1, 2}
+    for _, patient in labels.assign(fold=folds).groupby("group"):
+        assert patient["fold"].nunique() == 1
+    for k in range(3):
+        assert labels["label"][folds == k].nunique() == 2
+    with pytest.raises(NicError, match="fewer --folds"):
+        assign_folds(labels.head(4), "binary", 5)
+
+
+def test_labels_without_a_value_are_reported_by_slide(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("slide_id,label\na,1\nb,\nc,0\nd,NaN\ne,1\n")
+    with pytest.warns(UserWarning, match=r"2 slide\(s\) without a label left out: b, d"):
+        frame = load_labels(path, "binary")
+    assert frame["slide_id"].tolist() == ["a", "c", "e"] and frame.attrs["without_label"] == ["b", "d"]
+
+
+def test_labels_and_column_names_are_stripped(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("slide_id , label \na,tumor\nb,tumor \nc, normal\nd,normal\n")
+    frame = load_labels(path, "binary")
+    assert target_spec(frame, "binary")["classes"] == ["normal", "tumor"]
+    assert encode_targets(frame, target_spec(frame, "binary"))["target"].tolist() == [1, 1, 0, 0]
+
+
+def test_non_finite_targets_are_refused_naming_the_slide(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("slide_id,label\na,1.5\nb,inf\nc,2.0\n")
+    with pytest.raises(NicError, match="b=inf"):
+        target_spec(load_labels(path, "regression"), "regression")
+    path.write_text("slide_id,time,event\na,3,1\nb,-inf,0\nc,5,1\n")
+    with pytest.raises(NicError, match="b=-inf"):
+        target_spec(load_labels(path, "survival"), "survival")
+
+
+def test_an_empty_labels_csv_is_one_clear_error(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("")
+    with pytest.raises(NicError, match="labels CSV is empty"):
+        load_labels(path, "binary")
+
+
+def test_too_many_folds_says_how_many_can_be_made():
+    labels = pd.DataFrame({"slide_id": [f"s{i}" for i in range(8)], "label": [i % 2 for i in range(8)]})
+    with pytest.raises(NicError, match="cannot make 5 folds from 8 slides .*use fewer --folds: at most 4"):
+        assign_folds(labels, "binary", 5)
+    assert set(assign_folds(labels, "binary", 4)) == {0, 1, 2, 3}
+    grouped = labels.assign(group=[f"p{i // 4}" for i in range(8)])  # 2 patients, both classes each
+    with pytest.raises(NicError, match="at most 2"):
+        assign_folds(grouped, "binary", 3)
