@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import dask
 import numpy as np
 
-from pipeline.compress.store import list_slides, open_slide_tensor
+from pipeline.compress.store import list_slides, open_cohort
 from pipeline.errors import NicError
 
 
@@ -24,18 +23,15 @@ def list_store_slides(store) -> list[str]:
         raise NicError(f"{store}: not a readable Zarr store ({err})") from err
 
 
-def _values(array) -> np.ndarray:
-    """Read an xarray slice into numpy, synchronously (safe inside a Dask worker task)."""
-    with dask.config.set(scheduler="synchronous"):
-        return np.asarray(array.values)
-
-
 class SlideSource:
     """Reads slide tensors from a store one slide (or one crop) at a time.
 
-    Whole slides are kept in a least-recently-used cache bounded by ``cache_mb`` (float16 as
-    stored), so small cohorts are read once while cohorts larger than memory stream from Zarr.
-    A slide larger than the cache is never loaded whole for crops: crops are read directly.
+    The store is opened once, from its consolidated metadata (one read for the whole cohort,
+    where opening each slide's group would cost a few file reads per slide); arrays are read
+    with Zarr directly. Whole slides are kept in a least-recently-used cache bounded by
+    ``cache_mb`` (float16 as stored), so small cohorts are read once while cohorts larger than
+    memory stream from Zarr. A slide larger than the cache is never loaded whole for crops:
+    crops are read directly.
     """
 
     def __init__(self, store, cache_mb: float = 1024):
@@ -45,16 +41,23 @@ class SlideSource:
         self._cached_bytes = 0
         self._tissue: dict[str, np.ndarray] = {}
         self._meta: dict[str, dict] = {}
+        self._root = None
 
-    def dataset(self, slide_id: str):
-        return open_slide_tensor(self.store, slide_id)
+    def group(self, slide_id: str):
+        """The slide's Zarr group (from the cohort's consolidated metadata when there is one)."""
+        if self._root is None:
+            self._root = open_cohort(self.store)
+        try:
+            return self._root[slide_id]
+        except KeyError:
+            raise NicError(f"{self.store}: no slide {slide_id!r} in this store") from None
 
-    def _read(self, slide_id: str, name: str, dims: tuple, window=None) -> np.ndarray:
+    def _read(self, slide_id: str, name: str, window=None) -> np.ndarray:
         """Array ``name`` of a slide (optionally a window of it) as numpy; NicError naming the
         store and the slide when it cannot be read."""
         try:
-            array = self.dataset(slide_id)[name].transpose(*dims)
-            return _values(array if window is None else array[window])
+            array = self.group(slide_id)[name]
+            return array[...] if window is None else array[window]
         except NicError:
             raise
         except Exception as err:  # noqa: BLE001 - zarr/codecs raise many types for damaged chunks
@@ -64,20 +67,16 @@ class SlideSource:
     def meta(self, slide_id: str) -> dict:
         """Shape (C, ny, nx), attrs and cell-centre coordinates of a slide."""
         if slide_id not in self._meta:
-            try:
-                ds = self.dataset(slide_id)
-                feats = ds["features"].transpose("feature", "y", "x")
-                self._meta[slide_id] = dict(
-                    shape=tuple(int(s) for s in feats.shape), attrs=dict(ds.attrs),
-                    y=np.asarray(ds["y"].values, dtype=float), x=np.asarray(ds["x"].values, dtype=float))
-            except Exception as err:  # noqa: BLE001
-                raise NicError(f"{self.store}: cannot open slide {slide_id!r} ({err})") from err
+            group = self.group(slide_id)
+            self._meta[slide_id] = dict(
+                shape=tuple(int(s) for s in group["features"].shape), attrs=dict(group.attrs),
+                y=self._read(slide_id, "y").astype(float), x=self._read(slide_id, "x").astype(float))
         return self._meta[slide_id]
 
     def tissue(self, slide_id: str) -> np.ndarray:
         """Tissue fraction per cell, float32 (ny, nx) (small; always kept)."""
         if slide_id not in self._tissue:
-            self._tissue[slide_id] = self._read(slide_id, "tissue", ("y", "x")).astype(np.float32)
+            self._tissue[slide_id] = self._read(slide_id, "tissue").astype(np.float32)
         return self._tissue[slide_id]
 
     def features(self, slide_id: str) -> np.ndarray:
@@ -85,7 +84,7 @@ class SlideSource:
         if slide_id in self._cache:
             self._cache.move_to_end(slide_id)
             return self._cache[slide_id]
-        feats = self._read(slide_id, "features", ("feature", "y", "x")).astype(np.float16, copy=False)
+        feats = self._read(slide_id, "features").astype(np.float16, copy=False)
         if feats.nbytes <= self.budget:
             while self._cache and self._cached_bytes + feats.nbytes > self.budget:
                 _, old = self._cache.popitem(last=False)
@@ -109,8 +108,7 @@ class SlideSource:
             if slide_id in self._cache or c * ny * nx * 2 <= self.budget:
                 window = self.features(slide_id)[:, ys:ye, xs:xe]
             else:
-                window = self._read(slide_id, "features", ("feature", "y", "x"),
-                                    (slice(None), slice(ys, ye), slice(xs, xe)))
+                window = self._read(slide_id, "features", (slice(None), slice(ys, ye), slice(xs, xe)))
             out[:, ys - y0:ye - y0, xs - x0:xe - x0] = window
             tis[ys - y0:ye - y0, xs - x0:xe - x0] = self.tissue(slide_id)[ys:ye, xs:xe]
         return out, tis
