@@ -134,6 +134,40 @@ def encoders():
                    f"{(spec.licence or 'weights from your own file').split(';')[0]}{marker}")
 
 
+def cluster_options(command):
+    """Options shared by compress and train: worker jobs on a batch system, and TLS certificates."""
+    options = [
+        click.option("--cluster", "batch_system", type=click.Choice(["slurm", "pbs"]), default=None,
+                     help="Submit worker jobs to this batch system (dask-jobqueue; settings in "
+                          "~/.config/dask/jobqueue.yaml)."),
+        click.option("--jobs", type=int, default=1, show_default=True, help="Worker jobs (--cluster); the most with --adapt."),
+        click.option("--adapt", is_flag=True, help="Scale worker jobs between 1 and --jobs with the load (--cluster)."),
+        click.option("--gpus-per-job", type=int, default=1, show_default=True,
+                     help="GPUs per worker job, one `dask cuda worker` each (--cluster); 0: CPU worker jobs."),
+        click.option("--cpu-jobs", type=int, default=0, show_default=True,
+                     help="Extra CPU worker jobs for the CPU-side stages (--cluster; jobqueue.<system>-cpu config)."),
+        click.option("--tls/--no-tls", default=True, show_default=True,
+                     help="With --cluster and no certificates: TLS with temporary ones."),
+        click.option("--tls-ca-file", type=click.Path(exists=True), default=None, help="CA certificate (PEM) for TLS."),
+        click.option("--tls-cert", type=click.Path(exists=True), default=None, help="Certificate (PEM) for TLS."),
+        click.option("--tls-key", type=click.Path(exists=True), default=None, help="Private key (PEM) for TLS."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _connect_options(batch_system, jobs, adapt, gpus_per_job, cpu_jobs, tls, tls_ca_file, tls_cert, tls_key) -> dict:
+    """connect() keywords from the cluster options."""
+    from pipeline.runtime.cluster import tls_security
+    from pipeline.runtime.jobqueue import BatchSettings
+
+    batch = None
+    if batch_system:
+        batch = BatchSettings(batch_system, jobs=jobs, adapt=adapt, gpus_per_job=gpus_per_job, cpu_jobs=cpu_jobs, tls=tls)
+    return {"security": tls_security(tls_ca_file, tls_cert, tls_key), "batch": batch}
+
+
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "store", required=True, type=click.Path(path_type=Path), help="Output Zarr store (one per cohort).")
@@ -161,9 +195,10 @@ def encoders():
 @click.option("--min-tissue", type=float, default=0.1, show_default=True, help="Tissue fraction a cell needs to be encoded.")
 @click.option("--verify", is_flag=True, help="Re-read finished slides' shards and check every checksum.")
 @click.option("--redo-changed", is_flag=True, help="Compress again slides whose file or µm/px changed.")
+@cluster_options
 def compress(paths, store, workers, scheduler, scheduler_file, wait_workers, wait_timeout, encoder, weights,
              random_init, seed, mpp, mpp_csv, force_mpp, precision, dihedral_mean, device, block, min_tissue,
-             verify, redo_changed):
+             verify, redo_changed, **cluster):
     """Compress slides (files or folders) into a Zarr store of per-slide code grids."""
     from models.registry import get_spec
     from pipeline.api import compress as run_compress
@@ -175,12 +210,12 @@ def compress(paths, store, workers, scheduler, scheduler_file, wait_workers, wai
         raise click.UsageError("no slides found under the given paths")
     spec = get_spec(encoder)
     click.echo(f"encoder: {spec.name} ({(spec.licence or 'your own weights').split(';')[0]})")
-    with connect(scheduler, scheduler_file, workers) as client:
+    with connect(scheduler, scheduler_file, workers, **_connect_options(**cluster)) as client:
         click.echo(f"dashboard: {client.dashboard_link}")
         report = run_compress(jobs, store, client, encoder=encoder, weights=weights, random_init=random_init, seed=seed,
                               precision=precision, dihedral_mean=dihedral_mean, device=device, block=block,
                               min_tissue=min_tissue, verify=verify, redo_changed=redo_changed,
-                              wait_workers=wait_workers if (scheduler or scheduler_file) else 0,
+                              wait_workers=wait_workers if (scheduler or scheduler_file or cluster["batch_system"]) else 0,
                               wait_timeout=wait_timeout)
     _print_compress_report(report)
     if report.failed or report.fatal:
@@ -360,13 +395,19 @@ def _parse_params(pairs) -> dict:
 @click.option("--scheduler", default=None, help="Address of a running Dask scheduler.")
 @click.option("--scheduler-file", type=click.Path(path_type=Path), default=None, help="Dask scheduler file.")
 @click.option("--workers", type=int, default=None, help="Workers of the local cluster (no scheduler named).")
-def train_cmd(store, labels, run_dir, model, task, folds, seed, params, scheduler, scheduler_file, workers):
+@cluster_options
+def train_cmd(store, labels, run_dir, model, task, folds, seed, params, scheduler, scheduler_file, workers, **cluster):
     """Cross-validate a slide-level model on compressed STORE, then train the final model."""
-    from pipeline.classify import metrics_summary, train_cohort
+    from pipeline.api import train
+    from pipeline.classify import metrics_summary
+    from pipeline.runtime.cluster import connect
 
-    metrics = train_cohort(store, labels, run_dir, model=model, task=task, folds=folds, seed=seed,
-                           params=_parse_params(params), scheduler=scheduler,
-                           scheduler_file=str(scheduler_file) if scheduler_file else None, workers=workers)
+    scheduler_file = str(scheduler_file) if scheduler_file else None
+    with connect(scheduler, scheduler_file, workers, **_connect_options(**cluster)) as client:
+        click.echo(f"dashboard: {client.dashboard_link}")
+        metrics = train(store, labels, run_dir, client, model=model, task=task, folds=folds, seed=seed,
+                        params=_parse_params(params),
+                        wait_workers=1 if (scheduler or scheduler_file or cluster["batch_system"]) else 0)
     click.echo(metrics_summary(metrics))
     click.echo(f"wrote {run_dir}/metrics.json, oof_predictions.csv and the final model")
 

@@ -3,7 +3,10 @@
 With no scheduler named, :func:`connect` starts a local ``distributed`` cluster: one dask-cuda
 worker per GPU when GPUs and dask-cuda are present (each declaring a ``GPU`` resource), CPU
 worker processes otherwise. Naming a scheduler address or scheduler file submits to an existing
-cluster instead (``dask scheduler`` + ``dask worker`` / ``dask-cuda-worker`` on HPC nodes).
+cluster instead (``dask scheduler`` + ``dask worker`` / ``dask cuda worker`` on HPC nodes), and
+naming a batch system (``--cluster slurm``) submits worker jobs through dask-jobqueue
+(:mod:`pipeline.runtime.jobqueue`). Connections use TLS when certificates are given (flags, or
+``distributed.comm.tls`` in the Dask config); the embedded cluster's dashboard listens on localhost only.
 """
 
 from __future__ import annotations
@@ -15,8 +18,13 @@ import logging
 import os
 from typing import Iterator
 
+import dask
+from distributed import Client, LocalCluster
+from distributed.security import Security
+
 from pipeline.errors import NicError
 from pipeline.runtime.device import gpu_count
+from pipeline.runtime.jobqueue import BatchSettings, batch_cluster
 
 
 def tcmalloc_path() -> str | None:
@@ -40,10 +48,9 @@ def _worker_environment() -> dict[str, str]:
 
 def start_local_cluster(workers: int | None = None, threads_per_worker: int = 1, dashboard: bool = True):
     """Start the embedded cluster: dask-cuda workers on GPUs, else ``workers`` CPU processes."""
-    import dask
-    from distributed import LocalCluster
 
-    address = ":8787" if dashboard else ":0"  # ":0": a free port, never a clash with a running dashboard
+    # localhost only: the dashboard has no authentication. ":0": a free port, never a clash with a running one
+    address = "127.0.0.1:8787" if dashboard else "127.0.0.1:0"
     gpus = gpu_count()
     if gpus:
         try:
@@ -66,24 +73,58 @@ def start_local_cluster(workers: int | None = None, threads_per_worker: int = 1,
         )
 
 
+def tls_security(ca_file: str | None = None, cert: str | None = None, key: str | None = None) -> Security | None:
+    """TLS for every role from certificate files (``--tls-ca-file/--tls-cert/--tls-key``), or None
+    when none is given: Dask then reads ``distributed.comm.tls`` from its config."""
+    given = [ca_file, cert, key]
+    if not any(given):
+        return None
+    if not all(given):
+        raise NicError("TLS needs all of --tls-ca-file, --tls-cert and --tls-key")
+    roles = {f"tls_{role}_{part}": path for role in ("client", "scheduler", "worker")
+             for part, path in (("cert", cert), ("key", key))}
+    return Security(tls_ca_file=ca_file, require_encryption=True, **roles)
+
+
+def _client(scheduler: str | None, scheduler_file: str | None, security: Security | None) -> Client:
+    """A client on an existing scheduler, errors the user can fix as NicError."""
+    try:
+        return Client(address=scheduler, scheduler_file=scheduler_file, security=security, timeout="30s")
+    except (OSError, TimeoutError, ValueError, TypeError) as err:  # TypeError: a tls:// address, no certificates
+        hint = ""
+        if "tls" in str(err).lower() or "ssl" in str(err).lower():
+            hint = " (a TLS scheduler: give its certificates with --tls-ca-file/--tls-cert/--tls-key or the Dask config)"
+        raise NicError(f"cannot reach the Dask scheduler at {scheduler or scheduler_file}: {err}{hint}") from err
+
+
+def wait_for_batch_workers(client: Client, gpu: bool) -> None:
+    """Block until a worker job has joined (one declaring a GPU when ``gpu``): jobs may queue a while,
+    and tasks pin to GPU workers only once one is known."""
+    client.wait_for_workers(1)
+    while gpu and gpu_resources(client) is None:
+        client.wait_for_workers(len(client.scheduler_info(n_workers=-1)["workers"]) + 1)
+
+
 @contextlib.contextmanager
 def connect(
     scheduler: str | None = None,
     scheduler_file: str | None = None,
     workers: int | None = None,
     dashboard: bool = True,
-) -> Iterator["distributed.Client"]:  # noqa: F821
-    """A client on the named cluster, or on an embedded local one closed on exit."""
-    from distributed import Client
-
-    if scheduler and scheduler_file:
-        raise NicError("name either --scheduler or --scheduler-file, not both")
+    security: Security | None = None,
+    batch: BatchSettings | None = None,
+) -> Iterator[Client]:
+    """A client on the named cluster, on worker jobs of a batch system, or on an embedded local
+    cluster; clusters started here are closed (their jobs cancelled) on exit."""
+    if sum(bool(x) for x in (scheduler, scheduler_file, batch)) > 1:
+        raise NicError("name one of --scheduler, --scheduler-file or --cluster")
     if scheduler or scheduler_file:
-        try:
-            client = Client(address=scheduler, scheduler_file=scheduler_file, timeout="30s")
-        except (OSError, TimeoutError, ValueError) as err:
-            raise NicError(f"cannot reach the Dask scheduler at {scheduler or scheduler_file}: {err}") from err
-        with client:
+        with _client(scheduler, scheduler_file, security) as client:
+            yield client
+        return
+    if batch is not None:
+        with batch_cluster(batch, security) as cluster, Client(cluster) as client:
+            wait_for_batch_workers(client, gpu=batch.gpus_per_job > 0)
             yield client
         return
     cluster = start_local_cluster(workers, dashboard=dashboard)

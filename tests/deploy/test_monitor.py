@@ -1,0 +1,36 @@
+"""Progress published by a client shows on the scheduler's Prometheus ``/metrics`` page."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline.runtime.cluster import connect
+from pipeline.runtime.monitor import publish_progress
+
+
+def _metrics(url: str, run: str) -> dict[str, float]:
+    """The nic_* samples of one run on a /metrics page (real HTTP GET)."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name.startswith("nic_") and sample.labels.get("run") == run}
+
+
+def test_published_progress_is_on_the_scheduler_metrics_page():
+    with connect(workers=1, dashboard=False) as client:
+        url = client.dashboard_link.replace("/status", "/metrics")
+        publish_progress(client, "run-a", slides_done=1, slides_total=4, patches_done=100)
+        time.sleep(1.0)
+        publish_progress(client, "run-a", slides_done=3, slides_total=4, patches_done=400)
+        deadline = time.monotonic() + 20
+        metrics = _metrics(url, "run-a")
+        while metrics.get("nic_slides_done") != 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            metrics = _metrics(url, "run-a")
+    assert metrics["nic_slides_done"] == 3 and metrics["nic_slides_total"] == 4
+    assert metrics["nic_run_progress"] == 0.75
+    assert metrics["nic_patches_encoded_total"] == 400
+    assert 100 < metrics["nic_patches_per_second"] <= 300  # 300 patches in a little over one second
