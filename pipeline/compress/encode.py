@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from distributed import WorkerPlugin, get_worker
+from distributed.metrics import context_meter
 
 from models.registry import create_encoder
 
@@ -270,7 +271,9 @@ def encode_block(store: str, slide_path: str, slide_id: str, mpp: float, grid: G
         decoder, done = slide.decoder, 0
         for patches in prefetched(iter_bands(slide, grid, block, rows, cols)):
             n = len(patches)
-            features[:, rows[done:done + n], cols[done:done + n]] = encoder.encode(patches).T
+            with context_meter.meter("encode"):
+                features[:, rows[done:done + n], cols[done:done + n]] = encoder.encode(patches).T
             done += n
-    write_block(group, block, features, {"device": encoder.device, "precision": encoder.precision, "decoder": decoder})
+    with context_meter.meter("write"):
+        write_block(group, block, features, {"device": encoder.device, "precision": encoder.precision, "decoder": decoder})
     return {"slide_id": slide_id, "block": block_name(block), "patches": int(len(rows))}

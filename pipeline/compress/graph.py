@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import zarr
-from distributed import as_completed
+from distributed import as_completed, span
 from tqdm.auto import tqdm
 
 from models.registry import get_spec, weights_sha256
@@ -61,6 +61,7 @@ from pipeline.compress.jobs import SlideJob, slide_mpp
 from pipeline.io import open_slide
 from pipeline.runtime.cluster import gpu_resources
 from pipeline.runtime.device import resolve_device
+from pipeline.runtime.monitor import publish_progress
 from pipeline.runtime.preflight import package_versions
 
 
@@ -228,6 +229,7 @@ class _Run:
         self.slides_bar = tqdm(total=0, desc="slides", unit="slide", disable=not progress, position=0)
         self.patches_bar = tqdm(total=0, desc="patches", unit="patch", disable=not progress, position=1)
         self.in_flight = 0
+        self.published = 0.0
         self.fatal: str | None = None
 
     def key(self, kind: str, slide_id: str, *rest) -> tuple:
@@ -235,21 +237,24 @@ class _Run:
 
     def start(self, job: SlideJob) -> None:
         self.in_flight += 1
-        future = self.client.submit(detect_tissue, self.store, job, self.config, self.options, self.settings.device,
-                                    key=self.key("detect-tissue", job.slide_id), resources=self.gpu, pure=False)
+        with span("nic-compress", self.token, job.slide_id):
+            future = self.client.submit(detect_tissue, self.store, job, self.config, self.options, self.settings.device,
+                                        key=self.key("detect-tissue", job.slide_id), resources=self.gpu, pure=False)
         self.pending.add(future)
 
     def submit_blocks(self, job: SlideJob, detected: dict) -> None:
         blocks = [blk for blk, _ in detected["todo"]]
         n = len(blocks)
-        futures = self.client.map(
-            encode_block_task, [self.store] * n, [job.path] * n, [job.slide_id] * n, [detected["mpp"]] * n,
-            [detected["grid"]] * n, blocks, [self.config] * n, [self.settings] * n,
-            key=[self.key("encode-block", job.slide_id, *blk.index) for blk in blocks], resources=self.gpu, pure=False,
-        )
+        with span("nic-compress", self.token, job.slide_id):  # the dashboard's metrics, per slide
+            futures = self.client.map(
+                encode_block_task, [self.store] * n, [job.path] * n, [job.slide_id] * n, [detected["mpp"]] * n,
+                [detected["grid"]] * n, blocks, [self.config] * n, [self.settings] * n,
+                key=[self.key("encode-block", job.slide_id, *blk.index) for blk in blocks], resources=self.gpu,
+                pure=False,
+            )
+            final = self.client.submit(finalize_slide, self.store, job.slide_id, *futures,
+                                       key=self.key("finalize-slide", job.slide_id), pure=False)
         self.pending.update(futures)
-        final = self.client.submit(finalize_slide, self.store, job.slide_id, *futures,
-                                   key=self.key("finalize-slide", job.slide_id), pure=False)
         self.pending.add(final)
 
     def finish(self, result: SlideResult, status: str, error: str | None = None) -> None:
@@ -258,6 +263,15 @@ class _Run:
         result.status, result.error = status, error
         self.in_flight -= 1
         self.slides_bar.update(1)
+        self.publish(force=True)
+
+    def publish(self, force: bool = False) -> None:
+        """Progress to the scheduler's Prometheus metrics, at most once a second."""
+        now = time.monotonic()
+        if force or now - self.published >= 1.0:
+            self.published = now
+            publish_progress(self.client, self.token, self.slides_bar.n, self.slides_bar.total,
+                             sum(r.patches for r in self.results.values()))
 
     def handle(self, future) -> None:
         kind, _, slide_id = future.key[:3]
@@ -283,6 +297,7 @@ class _Run:
             result.blocks_encoded += 1
             result.patches += value["patches"]
             self.patches_bar.update(value["patches"])
+            self.publish()
         else:
             self.finish(result, "complete")
 
