@@ -62,7 +62,7 @@ from pipeline.io import open_slide
 from pipeline.runtime.cluster import gpu_resources
 from pipeline.runtime.device import resolve_device
 from pipeline.runtime.monitor import publish_progress
-from pipeline.runtime.preflight import package_versions
+from pipeline.runtime.preflight import absolute, package_versions
 
 
 @dataclass(frozen=True)
@@ -340,7 +340,7 @@ def compress(
     ``window``: slides in flight at once (default: twice the workers, at least 4).
     """
     started = time.perf_counter()
-    store = str(store)
+    store = absolute(store)  # the workers' working directory is not this one
     config = compression_config(settings, block, min_tissue, mask_mpp)
     root = open_store(store, config)
     client.register_plugin(NicWorker())
