@@ -140,7 +140,8 @@ def cluster_options(command):
         click.option("--cluster", "batch_system", type=click.Choice(["slurm", "pbs"]), default=None,
                      help="Submit worker jobs to this batch system (dask-jobqueue; settings in "
                           "~/.config/dask/jobqueue.yaml)."),
-        click.option("--jobs", type=int, default=1, show_default=True, help="Worker jobs (--cluster); the most with --adapt."),
+        click.option("--jobs", type=int, default=1, show_default=True,
+                     help="Worker jobs (--cluster); the most with --adapt."),
         click.option("--adapt", is_flag=True, help="Scale worker jobs between 1 and --jobs with the load (--cluster)."),
         click.option("--gpus-per-job", type=int, default=1, show_default=True,
                      help="GPUs per worker job, one `dask cuda worker` each (--cluster); 0: CPU worker jobs."),

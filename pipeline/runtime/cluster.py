@@ -93,7 +93,7 @@ def _client(scheduler: str | None, scheduler_file: str | None, security: Securit
     except (OSError, TimeoutError, ValueError, TypeError) as err:  # TypeError: a tls:// address, no certificates
         hint = ""
         if "tls" in str(err).lower() or "ssl" in str(err).lower():
-            hint = " (a TLS scheduler: give its certificates with --tls-ca-file/--tls-cert/--tls-key or the Dask config)"
+            hint = " (a TLS scheduler: give its certificates with --tls-ca-file/--tls-cert/--tls-key or Dask config)"
         raise NicError(f"cannot reach the Dask scheduler at {scheduler or scheduler_file}: {err}{hint}") from err
 
 

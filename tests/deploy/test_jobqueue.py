@@ -15,8 +15,10 @@ from tests.deploy.conftest import job_environment, nic, slide_statuses
 JOB = {"cores": 4, "memory": "8GiB", "walltime": "01:00:00", "queue": "gpu"}
 
 
-@pytest.mark.parametrize("system, gpu_line, queue_line, cpu_request", [("slurm", "#SBATCH --gres=gpu:2", "#SBATCH -p ", "--cpus-per-task=8"),
-                                                         ("pbs", "#PBS -l ngpus=2", "#PBS -q ", "ncpus=8")])
+@pytest.mark.parametrize("system, gpu_line, queue_line, cpu_request", [
+    ("slurm", "#SBATCH --gres=gpu:2", "#SBATCH -p ", "--cpus-per-task=8"),
+    ("pbs", "#PBS -l ngpus=2", "#PBS -q ", "ncpus=8"),
+])
 def test_gpu_worker_jobs_request_gpus_and_declare_the_resource(system, gpu_line, queue_line, cpu_request, tmp_path):
     config = {**{f"jobqueue.{system}.{k}": v for k, v in JOB.items()},
               f"jobqueue.{system}.shared-temp-directory": str(tmp_path),

@@ -17,7 +17,8 @@ SMALL = ("--cpus-per-task=1", "--mem=1G", "--time=00:15:00")
 @pytest.mark.slow
 def test_sbatch_scripts_compress_and_train(slurm, cohort, tmp_path):
     env = job_environment(NIC_SCHEDULER_FILE=str(tmp_path / "scheduler.json"), NIC_TLS_DIR=str(tmp_path / "tls"),
-                          NIC_INTERFACE="lo", NIC_DASHBOARD_ADDRESS=":0", NIC_WAIT="300", NIC_WORKER_LIFETIME="14m", NIC_LIFETIME_STAGGER="30s")
+                          NIC_INTERFACE="lo", NIC_DASHBOARD_ADDRESS=":0", NIC_WAIT="300",
+                          NIC_WORKER_LIFETIME="14m", NIC_LIFETIME_STAGGER="30s")
     store, run = tmp_path / "cohort.zarr", tmp_path / "run"
     jobs = [sbatch(SLURM / "scheduler.sbatch", options=SMALL, env=env, log=tmp_path / "scheduler.log")]
     try:
