@@ -28,6 +28,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
+import dask
 import numpy as np
 import zarr
 from distributed import as_completed, span
@@ -230,6 +231,7 @@ class _Run:
         self.patches_bar = tqdm(total=0, desc="patches", unit="patch", disable=not progress, position=1)
         self.in_flight = 0
         self.published = 0.0
+        self.annotations: dict[str, dict] = {}
         self.fatal: str | None = None
 
     def key(self, kind: str, slide_id: str, *rest) -> tuple:
@@ -237,7 +239,8 @@ class _Run:
 
     def start(self, job: SlideJob) -> None:
         self.in_flight += 1
-        with span("nic-compress", self.token, job.slide_id):
+        with span("nic-compress", self.token, job.slide_id):  # the dashboard's metrics, per slide
+            self.annotations[job.slide_id] = dask.get_annotations()
             future = self.client.submit(detect_tissue, self.store, job, self.config, self.options, self.settings.device,
                                         key=self.key("detect-tissue", job.slide_id), resources=self.gpu, pure=False)
         self.pending.add(future)
@@ -245,7 +248,7 @@ class _Run:
     def submit_blocks(self, job: SlideJob, detected: dict) -> None:
         blocks = [blk for blk, _ in detected["todo"]]
         n = len(blocks)
-        with span("nic-compress", self.token, job.slide_id):  # the dashboard's metrics, per slide
+        with dask.annotate(**self.annotations.pop(job.slide_id)):  # the same span as its detect-tissue
             futures = self.client.map(
                 encode_block_task, [self.store] * n, [job.path] * n, [job.slide_id] * n, [detected["mpp"]] * n,
                 [detected["grid"]] * n, blocks, [self.config] * n, [self.settings] * n,
@@ -261,6 +264,7 @@ class _Run:
         if result.status in ("complete", "skipped", "failed"):
             return
         result.status, result.error = status, error
+        self.annotations.pop(result.slide_id, None)
         self.in_flight -= 1
         self.slides_bar.update(1)
         self.publish(force=True)
