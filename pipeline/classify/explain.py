@@ -152,13 +152,23 @@ def score_text(bundle: SlideModel, prediction: dict) -> str:
     """The prediction named as what it is: P(<positive class>), predicted class, value or risk."""
     task = bundle.task
     if task == "binary":
-        return f"P({bundle.config['target']['classes'][1]}) = {prediction['score']:.3f}"
+        positive = bundle.config["target"]["classes"][1]
+        name = f"positive, label {positive}" if _is_number(positive) else positive
+        return f"P({name}) = {prediction['score']:.3f}"
     if task == "multiclass":
         best = max(v for k, v in prediction.items() if k.startswith("score_"))
         return f"predicted {prediction['pred']} (P = {best:.3f})"
     if task == "regression":
         return f"predicted value {prediction['score']:.3g}"
     return f"risk score {prediction['score']:.3g}"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _sample(values: np.ndarray, n: int, seed: int) -> np.ndarray:

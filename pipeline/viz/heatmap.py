@@ -78,14 +78,15 @@ def heatmap_figure(heat, rgb, extent, scale: HeatScale, *, thumbnail=None, thumb
     elif tissue is not None:
         ax.imshow(tissue, cmap="Greys", vmin=0, vmax=4, extent=mm, interpolation="nearest")
     ax.imshow(scale.overlay(heat), extent=mm, interpolation="nearest")
-    if lesion is not None and lesion.max() >= 0.5:
+    outlined = lesion is not None and lesion.max() >= 0.5
+    if outlined:
         ax.contour(np.asarray(lesion_xy[0]) / 1000, np.asarray(lesion_xy[1]) / 1000, lesion, levels=[0.5],
                    colors=LESION_COLOUR, linewidths=1.5)
     ax.set_xlim(mm[0], mm[1])
     ax.set_ylim(mm[2], mm[3])
     fig.colorbar(ScalarMappable(scale.normalize(), scale.cmap), ax=ax, fraction=0.04, pad=0.02,
                  label=f"{relevance_label} (one scale for the cohort)")
-    ax.set_title("relevance" + (" — lesion outlined in cyan" if lesion is not None else ""), fontsize=11)
+    ax.set_title("relevance" + (" — lesion outlined in cyan" if outlined else ""), fontsize=11)
     ax_rgb.imshow(rgb, extent=mm, interpolation="nearest")
     ax_rgb.set_title("compressed codes, PCA to RGB (one PCA for the cohort)", fontsize=11)
     for axis in (ax, ax_rgb):

@@ -51,5 +51,7 @@ def test_heatmaps_share_one_scale_are_out_of_fold_and_name_the_score(cohort, cli
 def test_score_is_named_as_what_it_is():
     bundle = SimpleNamespace(task="binary", config={"target": {"classes": ["normal", "tumor"]}})
     assert score_text(bundle, {"score": 0.912}) == "P(tumor) = 0.912"
+    numeric = SimpleNamespace(task="binary", config={"target": {"classes": ["0", "1"]}})
+    assert score_text(numeric, {"score": 0.5}) == "P(positive, label 1) = 0.500"
     bundle.task = "multiclass"
     assert score_text(bundle, {"score_a": 0.2, "score_b": 0.8, "pred": "b"}) == "predicted b (P = 0.800)"

@@ -1,0 +1,48 @@
+"""The saved model bundle: save/load round trip, parameters, and refusing a mismatched store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.classify import (
+    SlideModel,
+    SlideSource,
+    check_store_matches,
+    encode_targets,
+    fit,
+    resolve_params,
+    target_spec,
+)
+from pipeline.errors import NicError
+from tests.classify.cohort import make_cohort
+
+
+def test_a_saved_model_loads_and_scores_the_same(tmp_path):
+    store, labels, _ = make_cohort(tmp_path / "a", n_slides=4, grid=12, channels=4, lesion_size=3)
+    frame = pd.read_csv(labels)
+    spec = target_spec(frame, "binary")
+    source = SlideSource(store)
+    for model, params in [("max", dict(epochs=5)), ("nic-cnn", dict(crop=8, steps=2, batch_size=2, width=8))]:
+        bundle = fit(model, "binary", source, frame["slide_id"].tolist(), encode_targets(frame, spec), spec, params)
+        bundle.save(tmp_path / model)
+        loaded = SlideModel.load(tmp_path / model)
+        assert loaded.entry.name == model and loaded.config["params"] == bundle.config["params"]
+        for sid in frame["slide_id"]:
+            np.testing.assert_allclose(loaded.raw_scores(source, sid), bundle.raw_scores(source, sid), rtol=1e-5)
+            heat = loaded.explain(source, sid)
+            assert np.isfinite(heat).sum() == source.valid_cells(sid).sum()
+
+    other, _, _ = make_cohort(tmp_path / "b", n_slides=1, grid=12, channels=6, lesion_size=3)
+    with pytest.raises(NicError, match="has 6 codes per cell, the model expects 4"):
+        check_store_matches(loaded, SlideSource(other), "slide-000")
+    with pytest.raises(NicError, match="no trained model"):
+        SlideModel.load(tmp_path / "nothing")
+
+
+def test_params_are_the_entry_defaults_with_overrides():
+    params = resolve_params("abmil", {"epochs": 3})
+    assert params["epochs"] == 3 and params["max_cells"] == 8192 and params["seed"] == 0
+    with pytest.raises(NicError, match="unknown parameter.*stepz"):
+        resolve_params("nic-cnn", {"stepz": 3})
