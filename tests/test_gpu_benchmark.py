@@ -79,7 +79,8 @@ def test_dry_run_runs_every_step_on_the_cpu_and_leaves_docs_alone(tmp_path):
     assert all(row["rate"] > 0 for row in rows.values() if "rate" in row)
     assert rows["tissue-gpu"]["agreement"] == 1.0  # the same NumPy code twice
     # the cluster's worker and the CPU-only command decode and encode alike at fp32
-    assert rows["codes-gpu-fp32"]["cells"] > 0 and rows["codes-gpu-fp32"]["max_abs"] < 1e-3
+    assert rows["codes-gpu-fp32"]["cells"] > 0 and rows["codes-gpu-fp32"]["cells_in_one_only"] == 0
+    assert rows["codes-gpu-fp32"]["max_abs"] < 1e-3
     assert rows["codes-gpu-fp32"]["within_tolerance"]
     assert rows["api-nic-big"]["patches"] > rows["api-nic-slide"]["patches"] > 0
     assert rows["command-nic-slide"]["patches"] == rows["api-nic-slide"]["patches"]
