@@ -89,7 +89,8 @@ def tls_security(ca_file: str | None = None, cert: str | None = None, key: str |
 def _client(scheduler: str | None, scheduler_file: str | None, security: Security | None) -> Client:
     """A client on an existing scheduler, errors the user can fix as NicError."""
     try:
-        return Client(address=scheduler, scheduler_file=scheduler_file, security=security, timeout="30s")
+        return Client(address=scheduler, scheduler_file=scheduler_file, security=security,
+                      timeout=dask.config.get("distributed.comm.timeouts.connect"))  # 30 s unless configured
     except (OSError, TimeoutError, ValueError, TypeError) as err:  # TypeError: a tls:// address, no certificates
         hint = ""
         if "tls" in str(err).lower() or "ssl" in str(err).lower():

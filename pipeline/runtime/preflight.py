@@ -93,4 +93,7 @@ def preflight(client, *, inputs: list[str] = (), outputs: list[str] = (), wait_w
     wait_for_workers(client, wait_workers, timeout)
     check_versions(client)
     check_visible(client, list(inputs), "input")
-    check_visible(client, [str(Path(p).parent) for p in outputs], "the folder of output")
+    folders = [Path(p).parent for p in outputs]
+    for folder in folders:  # made here, so that the workers' view of it can be checked
+        folder.mkdir(parents=True, exist_ok=True)
+    check_visible(client, [str(f) for f in folders], "the folder of output")

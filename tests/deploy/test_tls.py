@@ -57,7 +57,8 @@ def test_tls_scheduler_refuses_clients_without_the_certificate(tls_cluster, coho
     # refused clients run in their own processes, as users' would
     for target in (address, address.replace("tls://", "tcp://")):
         refused = subprocess.run([sys.executable, "-m", "pipeline", "compress", str(cohort), "--out",
-                                  str(tmp_path / "x.zarr"), "--scheduler", target], env=job_environment(),
+                                  str(tmp_path / "x.zarr"), "--scheduler", target],
+                                 env=job_environment(DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="10s"),
                                  capture_output=True, text=True, timeout=300)
         assert refused.returncode == 2 and "cannot reach the Dask scheduler" in refused.stderr, refused.stderr
     with connect(scheduler=address, security=tls_security(str(pem["ca"]), str(pem["cert"]), str(pem["key"]))) as client:
