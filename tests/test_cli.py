@@ -2,7 +2,7 @@
 
 from click.testing import CliRunner
 
-from models.registry import DEFAULT_ENCODER, list_encoders
+from models.registry import DEFAULT_ENCODER, get_spec, list_encoders
 from pipeline.cli import main
 
 
@@ -21,6 +21,8 @@ def test_encoders_lists_the_registry_and_marks_the_default():
         assert name in result.output
     default_line = next(line for line in result.output.splitlines() if line.startswith(DEFAULT_ENCODER + " "))
     assert default_line.endswith("(= nic)")
+    licence = get_spec(DEFAULT_ENCODER).licence.split(";")[0]
+    assert licence in default_line and "NC-SA" in licence  # the whole licence, not cut mid-word
 
 
 def test_usage_errors_exit_2_and_a_missing_store_is_one_line():

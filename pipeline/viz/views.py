@@ -16,7 +16,8 @@ matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 import numpy as np  # noqa: E402
 
-from pipeline.compress.store import list_slides, open_slide_tensor  # noqa: E402
+from pipeline.compress.store import list_slides, open_cohort, open_slide_tensor  # noqa: E402
+from pipeline.errors import NicError  # noqa: E402
 from pipeline.io import find_slides, open_slide  # noqa: E402
 from pipeline.viz.pca import PcaRgb, pca_rgb, sample_codes  # noqa: E402
 
@@ -68,13 +69,26 @@ def save_compressed_view(store, slide_id: str, out_png: Path, slide_path: Path |
     return out_png
 
 
+def slide_file(store, slide_id: str, files: dict[str, Path]) -> Path | None:
+    """The slide's file: from ``files`` (``--slides``), else the source path the store recorded,
+    when it still exists; None (no thumbnail) otherwise."""
+    if slide_id in files:
+        return files[slide_id]
+    recorded = open_cohort(store)[slide_id].attrs.get("source_path")
+    return Path(recorded) if recorded and Path(recorded).is_file() else None
+
+
 def save_store_views(store, out_dir: Path, slides=None) -> list[Path]:
     """One view PNG per complete slide of ``store``, all through one PCA (colours compare across
-    slides); thumbnails from the slide files under ``slides``."""
+    slides); thumbnails from the slide files under ``slides``, else where the store says they are.
+    Folders given in ``slides`` that hold none of the store's slides are an error, not ignored."""
     files = slide_files_by_id(slides)
     slide_ids = list_slides(store)
+    if slides and not set(files) & set(slide_ids):
+        raise NicError(f"no slide of {store} is under {', '.join(map(str, slides))} (--slides); "
+                       "leave it out to use the paths the store recorded")
     pca = cohort_pca(store, slide_ids) if slide_ids else None
     return [
-        save_compressed_view(store, slide_id, Path(out_dir) / f"{slide_id}.png", files.get(slide_id), pca)
+        save_compressed_view(store, slide_id, Path(out_dir) / f"{slide_id}.png", slide_file(store, slide_id, files), pca)
         for slide_id in slide_ids
     ]

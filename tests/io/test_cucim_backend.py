@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +136,18 @@ def test_gpu_decoding_uses_nvimagecodec_and_matches_libjpeg(synthetic, tmp_path)
     truth = np.stack([level0[y : y + 256, x : x + 256] for x, y in [(0, 0), (300, 500), (700, 260)]])
     gpu = np.load(out)
     assert gpu.shape == truth.shape and diff(gpu, truth).mean() < 1.0 and np.percentile(diff(gpu, truth), 99) <= 8
+
+
+def test_opening_slides_prints_no_cufile_noise_and_writes_nothing_here(tmp_path):
+    """With torch's CUDA wheels installed and no GPU, cuFile printed 'dlopen error libcuda.so.1 …
+    cuFile initialization failed' at every slide open and wrote cufile.log into the current folder."""
+    svs = shared_path("slides", "CMU-1-Small-Region.svs")
+    code = ("import torch\nfrom pipeline.io import open_slide\n"
+            f"with open_slide({str(svs)!r}) as s:\n    s.read_region((0, 0), (64, 64))\n"
+            f"with open_slide({str(svs)!r}) as s:\n    print(s.reader)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "cucim"
+    assert "cuFile" not in done.stdout + done.stderr and "libcuda" not in done.stdout + done.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import zarr
 from PIL import Image
 
+from pipeline.compress.store import consolidate
+from pipeline.errors import NicError
+from pipeline.synth import write_synthetic_slide
 from pipeline.viz.pca import PcaRgb
-from pipeline.viz.views import cohort_pca, save_store_views
+from pipeline.viz.views import cohort_pca, save_store_views, slide_file
 from tests.classify.cohort import make_cohort
 
 
@@ -17,3 +22,18 @@ def test_store_views_share_one_pca(tmp_path):
     paths = save_store_views(store, tmp_path / "views")
     assert sorted(p.name for p in paths) == ["slide-000.png", "slide-001.png", "slide-002.png"]
     assert Image.open(paths[0]).size[0] > 0
+
+
+
+def test_thumbnails_come_from_the_recorded_source_and_a_wrong_slides_folder_is_an_error(tmp_path):
+    """`nic view` finds the slide files where the store recorded them; a --slides folder holding
+    none of the store's slides is refused instead of silently ignored."""
+    store, _, _ = make_cohort(tmp_path, n_slides=1, grid=12, channels=4, lesion_size=3)
+    slide = write_synthetic_slide(tmp_path / "slide-000.tif", 1536, 1536, mpp=0.5, seed=1).path
+    zarr.open_group(str(store), path="slide-000", mode="r+").attrs["source_path"] = str(slide)
+    consolidate(store)
+    assert slide_file(store, "slide-000", {}) == slide
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "other.tif").write_bytes(b"")
+    with pytest.raises(NicError, match="no slide of .* is under"):
+        save_store_views(store, tmp_path / "views", [tmp_path / "elsewhere"])
