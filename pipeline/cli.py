@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -19,10 +20,16 @@ from pipeline.errors import NicError
 EXISTING_PATH = click.Path(exists=True, path_type=Path)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings for users as one line, without Python's file, line and source."""
+    return f"warning: {message}\n"
+
+
 class NicGroup(click.Group):
     """A click group that turns :class:`NicError` into a one-line message and exit code 2."""
 
     def invoke(self, ctx):
+        warnings.formatwarning = _one_line_warning
         try:
             return super().invoke(ctx)
         except NicError as err:

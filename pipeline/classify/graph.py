@@ -42,6 +42,15 @@ from pipeline.runtime.cluster import connect, gpu_resources
 LONG_RUN_S = 600  # warn with an estimate when CPU training will take longer
 
 
+def run_fold_task(*args, **kwargs) -> dict:
+    """:func:`run_fold` as a Dask task: a failure the user can fix (a damaged store, say) comes
+    back as ``{"error": ...}`` for the client to print as one line, not as a worker traceback."""
+    try:
+        return run_fold(*args, **kwargs)
+    except NicError as err:
+        return {"error": str(err)}
+
+
 def run_fold(store, run_dir, fold, train_ids, test_ids, labels_records, model, task, spec, params,
              store_info=None, topic=None) -> dict:
     """One Dask task: train on ``train_ids``, save weights, predict ``test_ids``.
@@ -183,7 +192,7 @@ def _run_graph(client, store, out, model, task, spec, params, info, slide_ids, f
     with tqdm(total=units * len(jobs), desc=desc, unit=unit, disable=not progress) as bar:
         client.subscribe_topic(topic, lambda event: bar.update(event[1]))
         try:
-            futures = [client.submit(run_fold, str(store), str(out), fold, train_ids, test_ids, records, model, task,
+            futures = [client.submit(run_fold_task, str(store), str(out), fold, train_ids, test_ids, records, model, task,
                                      spec, params, info, topic, key=_task_key(fold, model, token), pure=False,
                                      resources=resources)
                        for fold, train_ids, test_ids in jobs]
@@ -192,7 +201,11 @@ def _run_graph(client, store, out, model, task, spec, params, info, slide_ids, f
             bar.update(bar.total - bar.n)  # the last events may still be on their way
         finally:
             client.unsubscribe_topic(topic)
-    return [future.result() | {"key": future.key} for future in futures]
+    results = [future.result() | {"key": future.key} for future in futures]
+    failed = [r["error"] for r in results if "error" in r]
+    if failed:
+        raise NicError(failed[0])
+    return results
 
 
 def _task_key(fold, model, token: str) -> str:

@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from pipeline.compress.store import list_slides, open_cohort
+from pipeline.compress.store import block_name, check_slide, list_slides, open_cohort
 from pipeline.errors import NicError
 
 
@@ -65,9 +65,16 @@ class SlideSource:
                            f"({type(err).__name__}: {err}); the store is damaged: recompress this slide") from err
 
     def meta(self, slide_id: str) -> dict:
-        """Shape (C, ny, nx), attrs and cell-centre coordinates of a slide."""
+        """Shape (C, ny, nx), attrs and cell-centre coordinates of a slide; a NicError when a shard
+        its compression recorded is missing or of another size (Zarr would read it as zeros)."""
         if slide_id not in self._meta:
             group = self.group(slide_id)
+            if "blocks" in group.attrs:
+                damaged = check_slide(group)
+                if damaged:
+                    block, why = damaged[0]
+                    raise NicError(f"{self.store}: slide {slide_id!r} is damaged (block {block_name(block)} {why}); "
+                                   "rerun nic compress on it to mend it")
             self._meta[slide_id] = dict(
                 shape=tuple(int(s) for s in group["features"].shape), attrs=dict(group.attrs),
                 y=self._read(slide_id, "y").astype(float), x=self._read(slide_id, "x").astype(float))

@@ -261,7 +261,7 @@ class _Run:
         self.pending.add(final)
 
     def finish(self, result: SlideResult, status: str, error: str | None = None) -> None:
-        if result.status in ("complete", "skipped", "failed"):
+        if result.status in ("complete", "skipped", "failed", "stopped"):
             return
         result.status, result.error = status, error
         self.annotations.pop(result.slide_id, None)
@@ -286,9 +286,9 @@ class _Run:
         else:
             value = future.result()
         if "error" in value:
-            if value.get("fatal"):
+            if value.get("fatal"):  # the run stops: this slide is not at fault
                 self.fatal = value["error"]
-            self.finish(result, "failed", value["error"])
+            self.finish(result, "stopped" if value.get("fatal") else "failed", value["error"])
         elif kind == "detect-tissue":
             if value.get("skipped"):
                 self.finish(result, "skipped")

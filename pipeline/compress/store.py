@@ -158,6 +158,8 @@ def create_slide(root: zarr.Group, slide_id: str, grid: Grid, config: Compressio
                 "(file, µm/px or grid changed); pass --redo-changed to compress it again"
             )
         del root[slide_id]  # half-made: nothing encoded yet
+    else:  # a folder that lost its zarr.json is no group to Zarr: clear what is left of it
+        sync(root.store.delete_dir(_child_path(root, slide_id)))
     ny, nx = grid.shape
     group = root.create_group(slide_id)
     block, chunk = config.block, math.gcd(config.block, CHUNK)
@@ -302,11 +304,33 @@ def consolidate(store: str | os.PathLike) -> None:
         zarr.consolidate_metadata(str(store), zarr_format=3)
 
 
+def _child_path(root: zarr.Group, name: str) -> str:
+    return f"{root.path}/{name}".strip("/")
+
+
+def _groups(root: zarr.Group) -> list[str]:
+    """The slide groups of a store (Zarr warns about folders that are no node; they are listed
+    by :func:`lost_groups` instead)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Object at .* is not recognized")
+        return sorted(name for name, _ in root.groups())
+
+
+def lost_groups(root: zarr.Group) -> list[str]:
+    """Folders of the store that look like slides but lost their zarr.json (a damaged store)."""
+    children = {name for name in sync(_list(root.store.list_dir(root.path))) if "." not in name and
+                not name.startswith("_")}
+    return sorted(children - set(_groups(root)))
+
+
+async def _list(iterator) -> list[str]:
+    return [name.rstrip("/") async for name in iterator]
+
+
 def list_slides(store: str | os.PathLike, complete_only: bool = True) -> list[str]:
     """Slide ids in a store, sorted; only the complete ones unless told otherwise."""
     root = open_cohort(store)
-    ids = sorted(name for name, _ in root.groups())
-    return [s for s in ids if not complete_only or slide_status(root, s) == COMPLETE]
+    return [s for s in _groups(root) if not complete_only or slide_status(root, s) == COMPLETE]
 
 
 def open_slide_tensor(store: str | os.PathLike, slide_id: str) -> xr.Dataset:
@@ -315,11 +339,15 @@ def open_slide_tensor(store: str | os.PathLike, slide_id: str) -> xr.Dataset:
 
 
 def describe_store(store: str | os.PathLike) -> list[dict]:
-    """One row per slide, failed ones included: id, status, grid, encoded cells, encoder, source."""
-    root = open_cohort(store)
+    """One row per slide, failed ones included: id, status, grid, encoded cells, encoder, source.
+    Read from each slide's own metadata (not the consolidated copy, which a killed run leaves stale)."""
+    try:
+        root = zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as err:
+        raise NicError(f"{store}: not a compressed-slide store ({err})") from err
     failed = dict(root.attrs.get("failed", {}))
     rows = []
-    for slide_id in list_slides(store, complete_only=False):
+    for slide_id in _groups(root):
         attrs = root[slide_id].attrs
         status = attrs.get("status", IN_PROGRESS)
         if status != COMPLETE and slide_id in failed:
@@ -333,6 +361,8 @@ def describe_store(store: str | os.PathLike) -> list[dict]:
             "decoders": sorted({b.get("decoder") for b in attrs.get("blocks", {}).values()} - {None}),
             "source_path": attrs.get("source_path"), "error": failed.pop(slide_id, None),
         })
+    lost = "its zarr.json is lost: rerun nic compress to make the slide again"
+    failed.update({slide_id: lost for slide_id in lost_groups(root) if slide_id not in failed})
     for slide_id, reason in sorted(failed.items()):
         rows.append({"slide_id": slide_id, "status": FAILED, "grid_shape": [], "tissue_cells": 0, "encoder": None,
                      "encoder_sha256": None, "mpp": None, "slide_mpp": None, "mpp_source": None, "precisions": [], "decoders": [],

@@ -231,7 +231,8 @@ def slide_tissue_mask(
     mask = to_numpy(tissue_mask(image, mpp=mask_mpp))
     if require_tissue and not mask.any():
         xp = array_namespace(image)
-        grayscale = bool(xp.all(image[..., 0] == image[..., 1]) and xp.all(image[..., 1] == image[..., 2]))
+        grey = bool(xp.all(image[..., 0] == image[..., 1]) and xp.all(image[..., 1] == image[..., 2]))
+        grayscale = grey and bool(image.min() < 200)  # an image, not just a white (or glass-only) slide
         why = ("the slide is grayscale, and tissue is found by its stain colour (H&E)" if grayscale
                else "the slide looks blank (background only or marker ink)")
         raise SlideError(slide.path, f"no tissue found at {mask_mpp:g} µm/px: {why}")

@@ -16,6 +16,8 @@ import ctypes.util
 import glob
 import logging
 import os
+import signal
+import socket
 from typing import Iterator
 
 import dask
@@ -46,31 +48,52 @@ def _worker_environment() -> dict[str, str]:
     return env
 
 
+def dashboard_address(wanted: bool = True, port: int = 8787) -> str:
+    """Where the embedded dashboard listens: localhost only (it has no authentication), on 8787
+    when that port is free, else on any free port (a second job on one machine gets its own,
+    without distributed's warning about the clash)."""
+    if wanted:
+        with contextlib.closing(socket.socket()) as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                return f"127.0.0.1:{port}"
+    return "127.0.0.1:0"
+
+
+@contextlib.contextmanager
+def sigint_ignored():
+    """Start processes that ignore Ctrl-C: the terminal sends SIGINT to the whole process group,
+    and the client, not each worker, should answer it (one line, then the cluster closes)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def start_local_cluster(workers: int | None = None, threads_per_worker: int = 1, dashboard: bool = True):
     """Start the embedded cluster: dask-cuda workers on GPUs, else ``workers`` CPU processes."""
-
-    # localhost only: the dashboard has no authentication. ":0": a free port, never a clash with a running one
-    address = "127.0.0.1:8787" if dashboard else "127.0.0.1:0"
+    address = dashboard_address(dashboard)
     gpus = gpu_count()
-    if gpus:
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError:
-            LocalCUDACluster = None
-        if LocalCUDACluster is not None:
-            return LocalCUDACluster(
-                n_workers=workers or gpus, threads_per_worker=threads_per_worker,
-                resources={"GPU": 1}, dashboard_address=address, silence_logs=logging.ERROR,
+    with sigint_ignored():
+        if gpus:
+            try:
+                from dask_cuda import LocalCUDACluster
+            except ImportError:
+                LocalCUDACluster = None
+            if LocalCUDACluster is not None:
+                return LocalCUDACluster(
+                    n_workers=workers or gpus, threads_per_worker=threads_per_worker,
+                    resources={"GPU": 1}, dashboard_address=address, silence_logs=logging.ERROR,
+                )
+        environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **_worker_environment()}
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+            return LocalCluster(
+                n_workers=workers or os.cpu_count() or 1,
+                threads_per_worker=threads_per_worker,
+                processes=True,
+                dashboard_address=address,
+                silence_logs=logging.ERROR,
             )
-    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **_worker_environment()}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-        return LocalCluster(
-            n_workers=workers or os.cpu_count() or 1,
-            threads_per_worker=threads_per_worker,
-            processes=True,
-            dashboard_address=address,
-            silence_logs=logging.ERROR,
-        )
 
 
 def tls_security(ca_file: str | None = None, cert: str | None = None, key: str | None = None) -> Security | None:

@@ -18,14 +18,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
 import dask
-from dask_jobqueue import PBSCluster, SLURMCluster
 from distributed.security import Security
 
-from pipeline.errors import NicError
+_sigint = signal.getsignal(signal.SIGINT)
+from dask_jobqueue import PBSCluster, SLURMCluster  # noqa: E402
+
+# dask_jobqueue.runner, imported above, replaces the SIGINT handler with sys.exit() (Ctrl-C would
+# exit 0 in silence): put back Python's, which the CLI turns into one line and exit 130.
+if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, _sigint)
+
+from pipeline.errors import NicError  # noqa: E402
 
 CLUSTERS = {"slurm": SLURMCluster, "pbs": PBSCluster}
 GPU_DIRECTIVE = {"slurm": "--gres=gpu:{n}", "pbs": "-l ngpus={n}"}

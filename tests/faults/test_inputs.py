@@ -103,8 +103,6 @@ def test_a_grayscale_slide_is_not_told_about_an_option_it_cannot_pass(cohort):
     assert "require_tissue" not in line and "grayscale" in line
 
 
-@pytest.mark.xfail(strict=True, reason="a uniform white slide (R=G=B) is called grayscale, not blank: "
-                                       "pipeline/compress/tissue.py slide_tissue_mask tests R==G==B over the whole image")
 def test_a_white_slide_is_called_blank(cohort):
     line = next(line for line in cohort[0].stderr.splitlines() if "white.tif" in line)
     assert "looks blank" in line and "grayscale" not in line

@@ -43,11 +43,6 @@ def test_ctrl_c_prints_one_line_and_exits_130(interrupted):
         "interrupted: run the same command again to go on where it stopped"]
 
 
-@pytest.mark.xfail(strict=False, reason="intermittent (2 of about 12 runs): Ctrl-C reaches the embedded cluster's "
-                                        "worker processes too (one process group) and a worker may print a ~30-line "
-                                        "KeyboardInterrupt traceback from distributed/nanny.py before the cluster "
-                                        "closes it (pipeline/runtime/cluster.py start_local_cluster); make it strict "
-                                        "once workers ignore SIGINT")
 def test_ctrl_c_prints_no_traceback(interrupted):
     assert not noise(interrupted), noise(interrupted)
 

@@ -102,9 +102,6 @@ def test_a_half_created_slide_group_is_made_again(damaged, finished_store):
     assert np.array_equal(features(damaged["store"], "half"), finished_store[1])
 
 
-@pytest.mark.xfail(strict=True, reason="a slide folder without zarr.json is not a group to zarr, so create_slide "
-                                       "(pipeline/compress/store.py) does not delete it and create_array('features') "
-                                       "raises ContainsArrayError: the slide fails with a worker traceback")
 def test_a_lost_slide_zarr_json_is_made_again(damaged, finished_store):
     assert not [line for line in failed_lines(damaged["rerun"]) if "lost.tif" in line]
     assert np.array_equal(features(damaged["store"], "lost"), finished_store[1])
@@ -123,8 +120,6 @@ def test_an_intact_slide_is_skipped(damaged):
     assert not [line for line in failed_lines(damaged["rerun"]) if "intact.tif" in line]
 
 
-@pytest.mark.xfail(strict=True, reason="the lost-zarr.json slide's ContainsArrayError comes with distributed's "
-                                       "'Compute Failed' traceback dump (see test_a_lost_slide_zarr_json_is_made_again)")
 def test_the_rerun_prints_no_traceback(damaged):
     assert not noise(damaged["rerun"]), noise(damaged["rerun"])
 
@@ -148,8 +143,6 @@ def test_inspect_lists_a_half_made_slide_as_in_progress(killed_listing):
     assert any(line.split()[:2] == ["half", "in-progress"] for line in killed_listing.stdout.splitlines())
 
 
-@pytest.mark.xfail(strict=True, reason="list_slides (pipeline/compress/store.py) lists root.groups(): zarr skips a "
-                                       "folder without zarr.json and prints a 2-line ZarrUserWarning about it")
 def test_inspect_lists_a_slide_folder_without_zarr_json_quietly(killed_listing):
     assert any(line.split()[:1] == ["lost"] for line in killed_listing.stdout.splitlines()), killed_listing.stdout
     assert not noise(killed_listing), killed_listing.stderr

@@ -67,16 +67,10 @@ def test_a_corrupt_chunk_stops_training_with_a_line_naming_the_slide(corrupt_chu
     assert len(errors) == 1 and "of slide 's4'" in errors[0] and "recompress this slide" in errors[0]
 
 
-@pytest.mark.xfail(strict=True, reason="run_fold (pipeline/classify/graph.py) raises the NicError on the worker, so "
-                                       "distributed logs 'Compute Failed' with the task's traceback for every fold "
-                                       "(LocalCluster silence_logs=logging.ERROR in pipeline/runtime/cluster.py)")
 def test_a_corrupt_chunk_prints_no_traceback(corrupt_chunk_run):
     assert not noise(corrupt_chunk_run), noise(corrupt_chunk_run)
 
 
-@pytest.mark.xfail(strict=True, reason="Zarr reads a missing shard as its fill value 0, and SlideSource "
-                                       "(pipeline/classify/source.py) does not check the shards the slide's 'blocks' "
-                                       "attribute records: training uses a quarter of s4 as zeros, exit 0")
 def test_a_deleted_shard_stops_training_with_a_line_naming_the_slide(cohort_store, tmp_path):
     done = train_damaged(cohort_store, tmp_path, lambda shard: shard.unlink())
     assert done.returncode == 2, done.stdout
@@ -109,9 +103,6 @@ def test_slides_without_a_label_are_named_in_a_warning(messy_labels_run):
     assert len(warned) == 1 and "2 slide(s) without a label left out: s7, s8" in warned[0]
 
 
-@pytest.mark.xfail(strict=True, reason="load_labels warns with warnings.warn and the CLI leaves Python's format: "
-                                       "'/…/pipeline/classify/graph.py:131: UserWarning: …' then the source line "
-                                       "'frame = load_labels(labels, task)'")
 def test_the_warning_is_one_plain_line(messy_labels_run):
     done = messy_labels_run[0]
     assert not noise(done), noise(done)
