@@ -48,6 +48,7 @@ from pipeline.compress.store import (
     record_run,
     create_slide,
     delete_block,
+    find_slide_group,
     mark_complete,
     open_slide_group,
     open_store,
@@ -142,13 +143,12 @@ def expected_errors_as_results(task):
     return run
 
 
-def _finished_slide(root: zarr.Group, job: SlideJob, options: RunOptions) -> dict | None:
+def _finished_slide(store: str, group: zarr.Group, job: SlideJob, options: RunOptions) -> dict | None:
     """For a slide the store holds as complete: None to (re)compress it, or a skip result.
 
     A changed file or µm/px fails the slide unless ``redo_changed``; damaged shards are deleted
     and the slide reopened, so only they are encoded again.
     """
-    group = root[job.slide_id]
     attrs = group.attrs
     asked = job.mpp if job.mpp is not None and (job.force_mpp or attrs.get("mpp_source") != "metadata") else None
     changed = ("the slide file changed" if source_changed(attrs, job.path)
@@ -157,7 +157,7 @@ def _finished_slide(root: zarr.Group, job: SlideJob, options: RunOptions) -> dic
     if changed:
         if not options.redo_changed:
             raise SlideError(job.path, f"{changed} since it was compressed; pass --redo-changed to compress it again")
-        remove_slide(root, job.slide_id)
+        remove_slide(store, job.slide_id)
         return None
     damaged = check_slide(group, verify=options.verify)
     if not damaged:
@@ -178,9 +178,9 @@ def detect_tissue(store: str, job: SlideJob, config: CompressionConfig, options:
     On a GPU worker the low-resolution level is read with cuCIM into GPU memory and the mask runs
     on CuPy, through the same functions as on the CPU.
     """
-    root = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
-    if job.slide_id in root and root[job.slide_id].attrs.get("status") == COMPLETE:
-        finished = _finished_slide(root, job, options)
+    group = find_slide_group(store, job.slide_id)
+    if group is not None and group.attrs.get("status") == COMPLETE:
+        finished = _finished_slide(store, group, job, options)
         if finished:
             return finished
     with open_slide(job.path, device=resolve_device(device)) as slide:
@@ -195,7 +195,7 @@ def detect_tissue(store: str, job: SlideJob, config: CompressionConfig, options:
     if not blocks:
         raise SlideError(job.path, f"no grid cell has {config.min_tissue:.0%} tissue; nothing to encode")
     attrs = {**source_fingerprint(job.path), "mpp_source": mpp_source}
-    group = create_slide(root, job.slide_id, grid, config, tissue, attrs)
+    group = create_slide(store, job.slide_id, grid, config, tissue, attrs)
     todo = [(blk, n) for blk, n in blocks if not block_done(group, blk)]
     return {"grid": grid, "mpp": mpp, "todo": todo, "blocks_skipped": len(blocks) - len(todo),
             "tissue_cells": sum(n for _, n in blocks)}

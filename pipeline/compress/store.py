@@ -139,29 +139,38 @@ def open_slide_group(store: str, slide_id: str, mode: str = "r+") -> zarr.Group:
     return zarr.open_group(store, path=slide_id, mode=mode, zarr_format=3, use_consolidated=False)
 
 
-def create_slide(root: zarr.Group, slide_id: str, grid: Grid, config: CompressionConfig,
+def find_slide_group(store, slide_id: str, mode: str = "r+") -> zarr.Group | None:
+    """A slide's group, opened alone (never the root, whose consolidated metadata grows with the
+    cohort), or None when there is none."""
+    try:
+        return zarr.open_group(store, path=slide_id, mode=mode, zarr_format=3, use_consolidated=False)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+
+
+def create_slide(root, slide_id: str, grid: Grid, config: CompressionConfig,
                  tissue: np.ndarray, attrs: dict) -> zarr.Group:
     """Create the group of one slide, or reuse it when it was made from the same file and grid.
 
-    Creation is resumable: the ``status`` attribute is written last, so a group without it was
-    interrupted while being made (it holds no codes yet) and is made again.
+    ``root``: the store's root group or its path (only the slide's own folder is read). Creation
+    is resumable: the ``status`` attribute is written last, so a group without it was interrupted
+    while being made (it holds no codes yet) and is made again, as is a folder that lost its
+    zarr.json.
     """
-    if slide_id in root:
-        group = root[slide_id]
-        if "status" in group.attrs:
-            if group.attrs.get("source_fingerprint") == attrs["source_fingerprint"] and tuple(
-                group.attrs.get("grid_shape", ())
-            ) == grid.shape:
-                return group
-            raise NicError(
-                f"{attrs['source_path']}: the store already holds a different slide named {slide_id!r} "
-                "(file, µm/px or grid changed); pass --redo-changed to compress it again"
-            )
-        del root[slide_id]  # half-made: nothing encoded yet
-    else:  # a folder that lost its zarr.json is no group to Zarr: clear what is left of it
-        sync(root.store.delete_dir(_child_path(root, slide_id)))
+    store = root.store if isinstance(root, zarr.Group) else str(root)
+    group = find_slide_group(store, _child_path(root, slide_id) if isinstance(root, zarr.Group) else slide_id)
+    if group is not None and "status" in group.attrs:
+        if group.attrs.get("source_fingerprint") == attrs["source_fingerprint"] and tuple(
+            group.attrs.get("grid_shape", ())
+        ) == grid.shape:
+            return group
+        raise NicError(
+            f"{attrs['source_path']}: the store already holds a different slide named {slide_id!r} "
+            "(file, µm/px or grid changed); pass --redo-changed to compress it again"
+        )
+    path = _child_path(root, slide_id) if isinstance(root, zarr.Group) else slide_id
+    group = zarr.open_group(store, path=path, mode="w", zarr_format=3)  # "w": clears a half-made folder
     ny, nx = grid.shape
-    group = root.create_group(slide_id)
     block, chunk = config.block, math.gcd(config.block, CHUNK)
     group.create_array(
         "features", shape=(config.code_dim, ny, nx), chunks=(config.code_dim, chunk, chunk),
@@ -182,10 +191,9 @@ def create_slide(root: zarr.Group, slide_id: str, grid: Grid, config: Compressio
     return group
 
 
-def remove_slide(root: zarr.Group, slide_id: str) -> None:
+def remove_slide(store: str, slide_id: str) -> None:
     """Delete a slide's group (to compress a changed slide again)."""
-    if slide_id in root:
-        del root[slide_id]
+    zarr.open_group(store, path=slide_id, mode="w", zarr_format=3)
 
 
 def blocks_with_tissue(tissue: np.ndarray, block: int, min_tissue: float) -> list[tuple[Block, int]]:
