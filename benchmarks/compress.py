@@ -1,6 +1,7 @@
 """Benchmark `nic compress` against the physical floor of its two stages.
 
     python benchmarks/compress.py [--size 24000] [--big 48000] [--workdir /tmp/nic-bench]
+    python benchmarks/compress.py --cli native avx2 [--cli-blocks 0 256]   # the whole command
 
 On one synthetic slide at 0.5 µm/px with about 40% tissue it measures, in one run:
 
@@ -13,7 +14,12 @@ On one synthetic slide at 0.5 µm/px with about 40% tissue it measures, in one r
 * the cost of ``--dihedral-mean`` (codes averaged over the 8 rotations/flips): row ``nic+dihedral``;
 * a worker's peak memory, on this slide and on a slide twice as wide and high.
 
-Results are appended to docs/benchmarks.md (section "Compression").
+With ``--cli`` it times the whole ``nic compress`` command instead, cold (Python start, cluster
+start, model load, until the process exits), and divides its rate by the floor that the policy
+allows: ``native`` (fp32 or bf16, whichever is faster) and ``avx2`` (fp32 only, workers told
+``NIC_CPU_BF16=0``); a second, traced run says where the time goes.
+
+Results go to docs/benchmarks.md (sections "Compression" and "Compression: the whole command").
 """
 
 from __future__ import annotations
@@ -102,36 +108,45 @@ ENCODER_PROBE = """
 import json, sys, time, torch
 from pipeline.compress.encode import build_encoder, encode_patches, EncoderSettings
 name, patch, threads, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+precisions = sys.argv[5].split(",")
 torch.set_num_threads(threads)
 enc = build_encoder(EncoderSettings(name, random_init=True), "cpu")
 x = torch.randint(0, 256, (256, patch, patch, 3), dtype=torch.uint8).numpy()
 out = {}
-for precision in ("fp32", "bf16"):
+for precision in precisions:
     encode_patches(enc, x[:32], precision, 32)
-    n, start = 0, time.perf_counter()
+    n, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         encode_patches(enc, x, precision, 256 if patch <= 128 else 64); n += len(x)
     out[precision] = n / (time.perf_counter() - start)
+    out[precision + " per CPU-s"] = n / (time.process_time() - cpu)
 print(json.dumps(out))
 """
 
 
-def encoder_floor(name: str, patch: int, seconds: float = 12.0) -> dict:
-    """Patches/s of the encoder alone on random uint8 batches, fp32 and bf16 (channels-last),
+def fastest(rates: dict) -> float:
+    """The best patches/s among a floor's settings (entries per CPU-second left out)."""
+    return max(v for k, v in rates.items() if not k.endswith("per CPU-s"))
+
+
+def encoder_floor(name: str, patch: int, seconds: float = 12.0, precisions=("fp32", "bf16")) -> dict:
+    """Patches/s of the encoder alone on random uint8 batches in each of ``precisions`` (channels-last),
     in fresh processes with tcmalloc preloaded as the workers have it: one process using every
     core, and one single-threaded process per core side by side (rates added). The best of the
-    settings is the floor."""
+    settings is the floor. Entries "<precision> per CPU-s" give patches per CPU-second (mean over
+    the processes): a cost that the load of a shared machine moves much less than the rate."""
     from pipeline.runtime.cluster import _worker_environment
 
     env = {**os.environ, **_worker_environment(), "PYTHONPATH": str(REPO)}
     cores = os.cpu_count() or 1
 
     def run(processes: int, threads: int) -> dict:
-        procs = [subprocess.Popen([sys.executable, "-c", ENCODER_PROBE, name, str(patch), str(threads), str(seconds)],
+        procs = [subprocess.Popen([sys.executable, "-c", ENCODER_PROBE, name, str(patch), str(threads), str(seconds),
+                                   ",".join(precisions)],
                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
                  for _ in range(processes)]
         rates = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
-        return {k: sum(r[k] for r in rates) for k in rates[0]}
+        return {k: (sum if k in precisions else np.mean)([r[k] for r in rates]) for k in rates[0]}
 
     results = {f"1x{cores} {k}": v for k, v in run(1, cores).items()}
     if cores > 1:
@@ -164,13 +179,20 @@ def end_to_end(slide_path: Path, store: Path, encoder: str, client) -> dict:
 
 
 def machine() -> str:
+    """The CPU (with whether it computes bf16 natively), memory, OS and GPUs of this machine."""
+    from pipeline.runtime.device import NATIVE_BF16_FLAGS, cpu_flags, gpu_count
+
     cpu = "unknown CPU"
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    native = sorted(cpu_flags() & NATIVE_BF16_FLAGS)
+    bf16 = f"native bf16: {', '.join(native)}" if native else "no native bf16 (no avx512_bf16/amx_bf16)"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, {platform.system()} {platform.machine()}, no GPU"
+    gpus = gpu_count()
+    return (f"{os.cpu_count()} cores ({cpu}; {bf16}), {mem:.0f} GiB, {platform.system()} {platform.machine()}, "
+            f"{f'{gpus} GPU(s)' if gpus else 'no GPU'}")
 
 
 def main() -> None:
@@ -179,8 +201,18 @@ def main() -> None:
     parser.add_argument("--big", type=int, default=48000, help="second slide for the memory comparison (0: skip)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/nic-bench"))
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--cli", nargs="+", choices=["native", "avx2"], default=None,
+                        help="time the whole `nic compress` command under these policies instead")
+    parser.add_argument("--cli-blocks", nargs="+", type=int, default=[0, 256],
+                        help="--block values for the command (0: the CLI's default)")
+    parser.add_argument("--floor-seconds", type=float, default=6.0, help="length of each encoder probe with --cli")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.cli:
+        from benchmarks.whole_command import whole_command
+
+        whole_command(args)
+        return
 
     from pipeline.runtime.cluster import connect, tcmalloc_path
 
@@ -192,7 +224,7 @@ def main() -> None:
             decoders = {"cuCIM batched read_region": decode_floor_cucim(slide, xs, ys, patch),
                         "tifffile + imagecodecs raw tiles": decode_floor_tifffile(slide, xs, ys, patch)}
             encoders = encoder_floor(encoder, patch)
-            decode, encode = max(decoders.values()), max(encoders.values())
+            decode, encode = max(decoders.values()), fastest(encoders)
             floor = 1 / (1 / decode + 1 / encode)
             e2e = end_to_end(slide, args.workdir / f"{encoder}.zarr", encoder, client)
             rows.append((encoder, patch, decode, encode, floor, e2e, decoders, encoders))
@@ -212,7 +244,7 @@ def write_report(path: Path, rows, memory, size: int, tcmalloc: bool) -> None:
         f"Measured by `python benchmarks/compress.py` on {machine()}; "
         f"tcmalloc preloaded in workers: {'yes' if tcmalloc else 'no'}. One synthetic slide of "
         f"{size:,} x {size:,} px at 0.5 µm/px; embedded cluster of {os.cpu_count()} single-threaded "
-        "CPU workers, bf16 autocast, warm workers (cluster start not counted).",
+        "CPU workers, precision auto, warm workers (cluster start not counted).",
         "",
         "| encoder | patch px | decode floor (patches/s) | encoder floor (patches/s) | floor 1/(1/d+1/e) | end-to-end (patches/s) | end-to-end / floor |",
         "|---|---|---|---|---|---|---|",
@@ -228,12 +260,25 @@ def write_report(path: Path, rows, memory, size: int, tcmalloc: bool) -> None:
     lines += ["", "Peak resident memory of one worker (NIC encoder):", "", "| slide side (px) | worker peak RSS (MB) |",
               "|---|---|"]
     lines += [f"| {side:,} | {mb:,.0f} |" for side, mb in memory]
-    section = "\n".join(lines) + "\n"
+    replace_section(path, "## Compression", "\n".join(lines) + "\n")
+
+
+GENERATED_END = "<!-- end of generated figures -->"
+
+
+def replace_section(path: Path, heading: str, section: str) -> None:
+    """Put ``section`` (starting with ``heading``) into the markdown file at ``path``: it replaces the
+    old section's generated part (up to :data:`GENERATED_END`, so the prose after it stays) or, without
+    the marker, the whole old section; a new section goes at the end."""
+    section = section.rstrip("\n") + "\n\n" + GENERATED_END + "\n"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find("## Compression")
+    start = text.find(heading + "\n")
     if start >= 0:
         end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+        end = len(text) if end < 0 else end + 1
+        marker = text.find(GENERATED_END, start, end)
+        end = marker + len(GENERATED_END) + 1 if marker >= 0 else end
+        text = text[:start] + section + text[end:]
     else:
         text = text.rstrip() + "\n\n" + section
     path.write_text(text)
