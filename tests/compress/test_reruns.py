@@ -65,6 +65,9 @@ def test_relative_paths_are_resolved_on_the_client(tmp_path, external_cluster, s
     assert done.returncode == 0, done.stderr
     assert "1/1 slides complete" in done.stdout and "patches/s" in done.stdout
     assert (work / "rel.zarr" / SLIDE_ID / "zarr.json").exists()
+    manifest = zarr.open_group(str(work / "rel.zarr"), mode="r").attrs["runs"][-1]  # what ran, where, how
+    assert manifest["slides"]["complete"] == 1 and manifest["settings"]["encoder"] == "nic-mtl4-tellez2020"
+    assert manifest["versions"]["zarr"] == zarr.__version__ and manifest["workers"] == 2
 
 
 def test_paths_the_workers_cannot_see_are_named(external_cluster):
