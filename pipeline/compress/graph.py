@@ -37,15 +37,15 @@ from tqdm.auto import tqdm
 from models.registry import get_spec, weights_sha256
 from pipeline.compress.encode import EncoderSettings, NicWorker, encode_block
 from pipeline.compress.grid import Grid, cell_coverage
+from pipeline.compress.jobs import SlideJob, slide_mpp
 from pipeline.compress.store import (
     COMPLETE,
     IN_PROGRESS,
     CompressionConfig,
-    blocks_with_tissue,
     block_done,
+    blocks_with_tissue,
     check_slide,
     consolidate,
-    record_run,
     create_slide,
     delete_block,
     find_slide_group,
@@ -53,13 +53,13 @@ from pipeline.compress.store import (
     open_slide_group,
     open_store,
     record_failures,
+    record_run,
     remove_slide,
     source_changed,
     source_fingerprint,
 )
 from pipeline.compress.tissue import slide_tissue_mask
 from pipeline.errors import NicError, SlideError
-from pipeline.compress.jobs import SlideJob, slide_mpp
 from pipeline.io import open_slide
 from pipeline.runtime.cluster import gpu_resources
 from pipeline.runtime.device import resolve_device
