@@ -343,8 +343,9 @@ def run_rows(found: list[dict]) -> list[str]:
 
 
 def scale_section(found: list[dict]) -> str:
-    last = found[-1]
+    last = max(found, key=lambda r: r["when"])  # the store figures of the latest run
     files, opening, args = last["files"], last["opening"], last["args"]
+    planning = {k: v for r in found for k, v in r["planning"].items()}
     n = opening["slides"]
     lines = [
         "## Scale",
@@ -367,7 +368,7 @@ def scale_section(found: list[dict]) -> str:
         "",
         f"Store: {files['mean']:.1f} files per slide on average (max {files['max']}), {files['root_files']} at the "
         f"root; the consolidated metadata (inline in the root `zarr.json`) is {files['root_metadata_mb']:.1f} MB "
-        f"for {files['slides']:,} slides; consolidating took {last['consolidate']:.1f} s.",
+        f"for {files['slides']:,} slides; consolidating took {last['consolidate']:.1f} s ({last['args']['cluster']} run).",
         "",
         f"Opening the store for training, every slide's attributes and tissue grid ({n:,} slides, warm page cache, "
         "local disk):",
@@ -382,7 +383,8 @@ def scale_section(found: list[dict]) -> str:
         f"{1000 * opening['train_today'] / n:.1f} |",
         "",
         "Planning (`plan_jobs`, on the client before any task): "
-        + ", ".join(f"{int(k):,} slides {v:.1f} s" for k, v in last["planning"].items()) + ".",
+        + ", ".join(f"{int(k):,} slides {v:.1f} s" for k, v in sorted(planning.items(), key=lambda kv: int(kv[0])))
+        + " (10,000: hard links to the cohort's files).",
     ]
     return "\n".join(lines) + "\n"
 
