@@ -9,6 +9,8 @@ place; :class:`Slide` adds what is the same for all of them (µm/px, levels, rea
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from pathlib import Path
 from typing import ClassVar, Sequence
 
@@ -27,7 +29,7 @@ SCALE_TOLERANCE = 0.02
 than decoding)."""
 
 
-class SlideBackend:
+class SlideBackend(ABC):
     """What a reader module provides: open a file, report its pyramid, read many regions.
 
     Subclasses set ``name`` and ``suffixes`` and, once opened, ``level_dimensions``,
@@ -39,26 +41,26 @@ class SlideBackend:
     suffixes: ClassVar[frozenset[str]] = frozenset()
     decoder: str = ""
 
+    @abstractmethod
     def __init__(self, path: Path, device: str = "cpu"):
         """Open ``path`` for reads to ``device`` (a reader may choose its decoder by it)."""
-        raise NotImplementedError
 
     @classmethod
     def guess_can_open(cls, path: Path) -> bool:
         """Whether this reader should be tried on ``path`` (by suffix; cheap, never opens it)."""
         return path.suffix.lower() in cls.suffixes
 
+    @abstractmethod
     def metadata_mpp(self) -> float | None:
         """µm/px of level 0 from the file's metadata, or None."""
-        raise NotImplementedError
 
+    @abstractmethod
     def read_many(self, locations, size, level: int, device: str):
         """(n, h, w, 3) uint8 regions of ``size`` (w, h) at ``level``; numpy, or cupy on "cuda"."""
-        raise NotImplementedError
 
+    @abstractmethod
     def close(self):
         """Release the file."""
-        raise NotImplementedError
 
 
 class Slide:
