@@ -1,10 +1,10 @@
 """Slide-level heads that read compressed slide tensors (the second NIC stage), by registry.
 
 One file per head registers it (see :mod:`models.slide_models.registry`); importing this
-package registers the built-in heads: nic-cnn, abmil, mean, max.
+package registers the built-in heads: nic-cnn, abmil, mean, max, topk, dsmil, clam-sb.
 """
 
-from models.slide_models import abmil, nic_cnn, pooling  # noqa: F401  (registers the built-in heads)
+from models.slide_models import abmil, clam_sb, dsmil, nic_cnn, pooling, topk  # noqa: F401  (registers the built-in heads)
 from models.slide_models.registry import (
     INPUTS,
     SlideModelSpec,

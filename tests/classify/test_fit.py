@@ -64,3 +64,15 @@ def test_bag_loop_pools_once_for_parameter_free_pooling(cohort):
                  {"epochs": 200})
     scores = np.array([bundle.predict_row(source, s)["score"] for s in frame["slide_id"]])
     assert auc(frame["label"], scores) == 1.0  # the training slides are fit
+
+
+def test_dsmil_trains_predicts_and_explains_through_the_pipeline(cohort, client, tmp_path):
+    """A built-in low-SNR head (issue 12) runs the whole bag path with its registry defaults
+    except a short schedule: out-of-fold AUC, prediction, and heatmaps that find the lesion."""
+    store, labels, masks = cohort
+    run = tmp_path / "run"
+    metrics = train_cohort(store, labels, run, model="dsmil", folds=3, client=client, params={"epochs": 10})
+    assert metrics["model"] == "dsmil" and metrics["params"]["lr"] == 2e-4
+    assert metrics["pooled"]["auc"] >= 0.9, metrics["pooled"]
+    heat = explain_cohort(store, run, tmp_path / "heat", masks_dir=masks, slide_ids=["slide-001", "slide-003"])
+    assert heat["lesion_auc"].min() >= 0.9, heat
