@@ -29,12 +29,10 @@ from pipeline.compress.store import (
 )
 from pipeline.errors import NicError
 
-MICRONS_AT_10X = 1.0
-"""µm/px of a 10x scan by the usual convention (20x = 0.5 µm/px, 40x = 0.25 µm/px)."""
-
-
 def _magnification(mpp: float) -> float:
-    return round(10 * MICRONS_AT_10X / mpp, 2)
+    """Objective magnification of a µm/px by the usual convention (1.0 = 10x, 0.5 = 20x, 0.25 = 40x);
+    the same formula turns a magnification back into µm/px."""
+    return round(10.0 / mpp, 2)
 
 
 def export_h5(store: str | os.PathLike, out_dir: str | os.PathLike, slide_ids=None) -> list[Path]:
@@ -75,7 +73,7 @@ def _h5_grid(coords: h5py.Dataset, slide_mpp: float | None, path: Path) -> tuple
         raise NicError(f"{path}: its coords have neither patch_size_level0 nor patch_size")
     patch = patch or int(patch0)
     magnification = float(attrs.get("level0_magnification", -1))
-    slide_mpp = slide_mpp or attrs.get("level0_mpp") or (10 * MICRONS_AT_10X / magnification if magnification > 0 else None)
+    slide_mpp = slide_mpp or attrs.get("level0_mpp") or (_magnification(magnification) if magnification > 0 else None)
     if not slide_mpp:
         raise NicError(f"{path}: no µm/px in its attributes; pass --mpp")
     stride = patch - int(attrs.get("overlap", 0))

@@ -157,8 +157,11 @@ def create_slide(root, slide_id: str, grid: Grid, config: CompressionConfig,
     while being made (it holds no codes yet) and is made again, as is a folder that lost its
     zarr.json.
     """
-    store = root.store if isinstance(root, zarr.Group) else str(root)
-    group = find_slide_group(store, _child_path(root, slide_id) if isinstance(root, zarr.Group) else slide_id)
+    if isinstance(root, zarr.Group):
+        store, path = root.store, _child_path(root, slide_id)
+    else:
+        store, path = str(root), slide_id
+    group = find_slide_group(store, path)
     if group is not None and "status" in group.attrs:
         if group.attrs.get("source_fingerprint") == attrs["source_fingerprint"] and tuple(
             group.attrs.get("grid_shape", ())
@@ -168,7 +171,6 @@ def create_slide(root, slide_id: str, grid: Grid, config: CompressionConfig,
             f"{attrs['source_path']}: the store already holds a different slide named {slide_id!r} "
             "(file, µm/px or grid changed); pass --redo-changed to compress it again"
         )
-    path = _child_path(root, slide_id) if isinstance(root, zarr.Group) else slide_id
     group = zarr.open_group(store, path=path, mode="w", zarr_format=3)  # "w": clears a half-made folder
     ny, nx = grid.shape
     block, chunk = config.block, math.gcd(config.block, CHUNK)
