@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import xarray as xr
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.buffer import cpu as cpu_buffer
@@ -209,6 +208,27 @@ def blocks_with_tissue(tissue: np.ndarray, block: int, min_tissue: float) -> lis
     return found
 
 
+MIN_BLOCKS, MAX_SPLIT_BLOCKS = 8, 12
+"""A slide with fewer than MIN_BLOCKS blocks of tissue gets smaller blocks (halved down to one
+inner chunk), so that one slide alone keeps several workers busy, but never more than
+MAX_SPLIT_BLOCKS of them: a small slide stays at a handful of files."""
+
+
+def slide_block(tissue: np.ndarray, largest: int, min_tissue: float) -> int:
+    """The block side for one slide: ``largest``, halved while the slide has fewer than
+    :data:`MIN_BLOCKS` blocks with tissue and halving gives at most :data:`MAX_SPLIT_BLOCKS`.
+
+    It depends on the slide alone (never on the cluster), so every run of a slide lays the same
+    blocks and writes the same bytes.
+    """
+    block = largest
+    while block % 2 == 0 and block // 2 >= CHUNK and len(blocks_with_tissue(tissue, block, min_tissue)) < MIN_BLOCKS:
+        if len(blocks_with_tissue(tissue, block // 2, min_tissue)) > MAX_SPLIT_BLOCKS:
+            break
+        block //= 2
+    return block
+
+
 def _shard_key(group: zarr.Group, block: Block) -> str:
     features = group["features"]
     return f"{features.store_path.path}/{features.metadata.encode_chunk_key((0, *block.index))}"
@@ -341,11 +361,6 @@ def list_slides(store: str | os.PathLike, complete_only: bool = True) -> list[st
     """Slide ids in a store, sorted; only the complete ones unless told otherwise."""
     root = open_cohort(store)
     return [s for s in _groups(root) if not complete_only or slide_status(root, s) == COMPLETE]
-
-
-def open_slide_tensor(store: str | os.PathLike, slide_id: str) -> xr.Dataset:
-    """The compressed slide as a lazy xarray Dataset (features, tissue, y/x in µm)."""
-    return xr.open_zarr(str(store), group=slide_id, consolidated=False, zarr_format=3)
 
 
 def describe_store(store: str | os.PathLike) -> list[dict]:

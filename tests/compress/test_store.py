@@ -23,6 +23,7 @@ from pipeline.compress.store import (
     open_cohort,
     open_store,
     record_failures,
+    slide_block,
     slide_status,
     source_changed,
     source_fingerprint,
@@ -109,6 +110,18 @@ def test_a_slide_is_a_few_files_whatever_its_size(tmp_path, source):
     mark_complete(group)
     files = [p for p in (tmp_path / "s.zarr" / "big").rglob("*") if p.is_file()]
     assert len(files) <= 20, sorted(str(f) for f in files)
+
+
+def test_a_small_slide_is_split_into_several_blocks_but_stays_a_few_files():
+    """One 24,000 px slide (187 x 187 cells) is one 256-cell block: it gets 64-cell blocks, so
+    that it alone keeps several workers busy; a slide already in many blocks keeps its size."""
+    small = np.ones((187, 187), np.float32)
+    assert slide_block(small, 256, 0.1) == 64  # 1 -> 4 -> 9 blocks
+    half = small.copy()
+    half[:, 100:] = 0  # tissue on the left: 64-cell blocks give 6, 32-cell ones 24 (too many files)
+    assert slide_block(half, 256, 0.1) == 64
+    assert slide_block(np.ones((2000, 2000), np.float32), 256, 0.1) == 256  # 64 blocks already
+    assert slide_block(np.ones((8, 8), np.float32), 4, 0.1) == 4  # never below one inner chunk
 
 
 def test_checksums_catch_flipped_bits_and_sizes_catch_truncation_and_loss(tmp_path, source):
