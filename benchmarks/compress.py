@@ -106,7 +106,8 @@ def decode_floor_tifffile(slide_path: Path, xs, ys, patch: int) -> float:
 
 ENCODER_PROBE = """
 import json, sys, time, torch
-from pipeline.compress.encode import build_encoder, encode_patches, EncoderSettings
+from pipeline.compress.codes import build_encoder, encode_patches
+from pipeline.compress.encode import EncoderSettings
 name, patch, threads, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 precisions = sys.argv[5].split(",")
 torch.set_num_threads(threads)

@@ -39,8 +39,10 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 import gpu_report  # noqa: E402
 from gpu_probes import MIN_TISSUE, NIC_PATCH  # noqa: E402
 from pipeline import api  # noqa: E402
-from pipeline.compress.encode import EncoderSettings, build_encoder, default_batch_size, encode_patches  # noqa: E402
-from pipeline.compress.store import describe_store, open_slide_tensor  # noqa: E402
+from pipeline.compress.codes import build_encoder, default_batch_size, encode_patches  # noqa: E402
+from pipeline.compress.encode import EncoderSettings  # noqa: E402
+from pipeline.compress.dataset import open_slide_tensor  # noqa: E402
+from pipeline.compress.store import describe_store  # noqa: E402
 from pipeline.io.cucim_backend import nvimgcodec_version  # noqa: E402
 from pipeline.runtime.cluster import connect  # noqa: E402
 from pipeline.runtime.device import gpu_count, usable_cpus  # noqa: E402

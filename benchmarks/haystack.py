@@ -124,7 +124,8 @@ def synthesize(cohort: Cohort, slides_dir: Path) -> Path:
 
 def cohort_sizes(slides_dir: Path, store: Path) -> dict:
     """Tissue cells per slide (store) and lesion size (synth masks) of a cohort, for the doc."""
-    from pipeline.compress.store import list_slides, open_slide_tensor
+    from pipeline.compress.dataset import open_slide_tensor
+    from pipeline.compress.store import list_slides
 
     meta = json.loads((slides_dir / "synth.json").read_text())
     cells = [float((open_slide_tensor(store, sid)["tissue"].values > 0).sum()) for sid in list_slides(store)]

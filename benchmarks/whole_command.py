@@ -35,28 +35,10 @@ POLICIES = {"native": ("fp32", "bf16"), "avx2": ("fp32",)}
 AVX2-only CPU's policy is fp32 (its bf16 is emulated and slower)."""
 
 
-def _worker_hooks() -> None:
-    """On a worker: import the compression code (torch included) and time every encoder build."""
-    from importlib import import_module
-
-    encode = import_module("pipeline.compress.encode")
-
-    if not hasattr(encode, "bench_loads"):
-        original, encode.bench_loads = encode.build_encoder, []
-
-        def build(*args, **kwargs):
-            start = time.time()
-            module = original(*args, **kwargs)
-            encode.bench_loads.append((start, time.time()))
-            return module
-
-        encode.build_encoder = build
-
-
-def _worker_loads() -> list:
-    from importlib import import_module
-
-    return getattr(import_module("pipeline.compress.encode"), "bench_loads", [])
+def _worker_loads(dask_worker=None) -> list:
+    """(start, end) of every encoder load on this worker."""
+    plugin = dask_worker.plugins.get("nic-worker")
+    return [(start, end) for _, start, end in getattr(plugin, "loads", [])]
 
 
 def traced_cli(trace: Path, argv: list[str]) -> None:
@@ -69,7 +51,7 @@ def traced_cli(trace: Path, argv: list[str]) -> None:
     from distributed import get_task_stream
 
     # import_module: the attribute pipeline.compress is the front door's function, not the package
-    api, cli, graph, cluster = map(import_module, ("pipeline.api", "pipeline.cli", "pipeline.compress.graph",
+    api, cli, graph, cluster = map(import_module, ("pipeline.compress.api", "pipeline.cli", "pipeline.compress.graph",
                                                    "pipeline.runtime.cluster"))
 
     events["imported"] = time.time()
@@ -88,9 +70,6 @@ def traced_cli(trace: Path, argv: list[str]) -> None:
         return run
 
     def compress_traced(original, jobs, store, client, *args, **kwargs):
-        start = time.time()
-        client.run(_worker_hooks)
-        events["worker imports"] = time.time() - start
         with get_task_stream(client) as stream:
             report = original(jobs, store, client, *args, **kwargs)
         tasks.extend({"kind": str(t["key"][0]) if isinstance(t["key"], tuple) else str(t["key"]),
@@ -148,20 +127,20 @@ def breakdown(run: dict, floor: float) -> dict:
     busy = {}
     for t in encode:
         busy[t["worker"]] = busy.get(t["worker"], 0) + t["stop"] - t["start"]
-    loads = [stop - start for runs in run["trace"]["loads"].values() for start, stop in runs]
+    loads = [(round(start - events["compress start"], 1), round(stop - start, 1))
+             for runs in run["trace"]["loads"].values() for start, stop in runs]
     return {
         "python start + imports": events["imported"] - t0,
         "cluster start": events["start_local_cluster end"] - events["start_local_cluster start"],
         "client, preflight, store": events["compress start"] - events["start_local_cluster end"],
-        "worker imports (torch, pipeline)": events["worker imports"],
-        "until detect-tissue starts": min(t["start"] for t in detect) - events["compress start"] - events["worker imports"],
+        "until detect-tissue starts": min(t["start"] for t in detect) - events["compress start"],
         "detect-tissue": sum(t["stop"] - t["start"] for t in detect),
         "detect end to first encode": first_encode - max(t["stop"] for t in detect),
         "encode phase": last_encode - first_encode,
         "finalize + consolidate + manifest": events["compress end"] - last_encode,
         "cluster shutdown": events["cli end"] - events["compress end"],
         "interpreter exit": run["wall"] - (events["cli end"] - t0),
-        "-- encoder load (per worker)": loads,
+        "-- encoder load per worker (start after compress start, seconds; torch import included)": loads,
         "-- encode busy per worker": sorted(busy.values()),
         "-- encode phase rate / floor": run["patches"] / (last_encode - first_encode) / floor,
         "-- finalize": sum(t["stop"] - t["start"] for t in final),

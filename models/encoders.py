@@ -15,9 +15,8 @@ Architectures here:
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,30 +25,10 @@ from torch import nn
 from models.dihedral import dihedral_views
 
 from models.errors import NicError
+from models.specs import DIHEDRAL_SUFFIX, EncoderSpec, file_sha256, normalisation_mean_std
 
-if TYPE_CHECKING:  # pragma: no cover
-    from models.registry import EncoderSpec
-
-# Per-channel (mean, std) applied to x / 255. "nic" is the authors' x / 255 * 2 - 1.
-NORMALISATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    "nic": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-}
-
-
-def normalisation_mean_std(normalisation) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) for a normalisation name or an explicit ``(mean, std)`` pair (on x / 255)."""
-    if isinstance(normalisation, str):
-        if normalisation not in NORMALISATIONS:
-            raise NicError(
-                f"unknown normalisation {normalisation!r}: use one of {sorted(NORMALISATIONS)} "
-                "or an explicit (mean, std) pair on the 0..1 scale"
-            )
-        return NORMALISATIONS[normalisation]
-    mean, std = normalisation
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
-
+__all__ = ["NicCNN", "Encoder", "DihedralMean", "build_nic_cnn", "build_resnet50_trunc", "build_timm",
+           "load_weights", "read_state_dict", "assemble_encoder", "timm_code_dim", "file_sha256"]
 
 # --------------------------------------------------------------------------- architectures
 
@@ -139,15 +118,6 @@ def build_timm(architecture: str, **kwargs) -> nn.Module:
 # --------------------------------------------------------------------------- weights
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a local ``.safetensors`` file or a ``torch.save`` file (weights_only)."""
     path = Path(path)
@@ -201,7 +171,7 @@ class Encoder(nn.Module):
     names the weights (file sha256, or ``random-init-seed<N>``). Created in eval mode.
     """
 
-    def __init__(self, net: nn.Module, spec: "EncoderSpec", weights_sha256: str):
+    def __init__(self, net: nn.Module, spec: EncoderSpec, weights_sha256: str):
         super().__init__()
         self.net = net
         self.spec = spec
@@ -262,9 +232,28 @@ class DihedralMean(Encoder):
         return codes.view(8, n, -1).mean(dim=0)
 
 
-DIHEDRAL_SUFFIX = "+dihedral"
+# --------------------------------------------------------------------------- assembly
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
-    "nic-cnn": build_nic_cnn,
-    "resnet50-trunc": build_resnet50_trunc,
-}
+
+def assemble_encoder(factory: Callable[[], nn.Module], spec: EncoderSpec, weights: str | None, weights_sha256: str,
+                     seed: int = 0, dihedral_mean: bool = False, device=None) -> Encoder:
+    """The network ``factory()`` builds (seeded), its weights loaded from ``weights`` (None: the
+    seeded random init), wrapped to take raw pixels, in eval mode on ``device``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = factory()
+    if weights is not None:
+        load_weights(net, weights, spec.name)
+    encoder: Encoder = Encoder(net, spec, weights_sha256)
+    if dihedral_mean:
+        encoder = DihedralMean(encoder)
+    if device is not None:
+        encoder = encoder.to(device)
+    return encoder.eval()
+
+
+def timm_code_dim(factory: Callable[[], nn.Module]) -> int:
+    """Feature size of a timm model, built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        net = factory()
+    return int(net.num_features)

@@ -23,25 +23,17 @@ import json
 import warnings
 from dataclasses import dataclass
 from functools import partial
-from importlib import resources
+from importlib import import_module, resources
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from torch import nn
-
-from models.encoders import (
-    ARCHITECTURES,
-    DIHEDRAL_SUFFIX,
-    DihedralMean,
-    Encoder,
-    build_resnet50_trunc,
-    build_timm,
-    file_sha256,
-    load_weights,
-    normalisation_mean_std,
-)
 from models.errors import NicError
+from models.specs import DIHEDRAL_SUFFIX, EncoderSpec, file_sha256, normalisation_mean_std
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from models.encoders import Encoder
 
 DEFAULT_ENCODER = "nic-mtl-v1"
 """The encoder behind the ``nic`` alias (switch it here, and only here)."""
@@ -51,27 +43,22 @@ TIMM_PREFIX = "timm:"
 
 
 @dataclass(frozen=True)
-class EncoderSpec:
-    """What an encoder expects and produces.
+class _Builder:
+    """A network builder of :mod:`models.encoders`, imported on its first call: the registry, and
+    a client that only reads specs and hashes, never import torch."""
 
-    ``normalisation``: a name in ``models.encoders.NORMALISATIONS`` ("nic": x/255*2-1,
-    "imagenet": ImageNet mean/std) or an explicit ``((mean,)*3, (std,)*3)`` on the 0..1 scale.
-    ``weights``: default local weights file (None: the user must pass ``weights=``);
-    ``weights_sha256``: expected sha256 of that default file, checked on load.
-    """
+    function: str
 
-    name: str
-    patch_size: int
-    stride: int
-    mpp: float
-    code_dim: int
-    normalisation: str | tuple = "nic"
-    licence: str = ""
-    source: str = ""
-    citation: str = ""
-    weights: str | None = None
-    weights_sha256: str | None = None
-    architecture: str = ""
+    def __call__(self, *args, **kwargs) -> nn.Module:
+        return getattr(import_module("models.encoders"), self.function)(*args, **kwargs)
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "nic-cnn": _Builder("build_nic_cnn"),
+    "resnet50-trunc": _Builder("build_resnet50_trunc"),
+}
+"""Architectures a card may name (add more with :func:`register_architecture`)."""
+build_timm = _Builder("build_timm")
 
 
 @dataclass(frozen=True)
@@ -120,7 +107,7 @@ def resolve_architecture(architecture: str, **kwargs) -> Callable[[], nn.Module]
     """A zero-argument factory for an architecture named in a card.
 
     Cards are data, never code: ``architecture`` is a registered name
-    (``models.encoders.ARCHITECTURES``: "nic-cnn", "resnet50-trunc") or ``timm:<name>``, and its
+    (:data:`ARCHITECTURES`: "nic-cnn", "resnet50-trunc") or ``timm:<name>``, and its
     keyword arguments are plain numbers, strings and booleans. A new architecture is added in
     Python, with :func:`register_architecture`, not through a card.
     """
@@ -238,10 +225,7 @@ def register_timm_encoder(name: str, architecture: str, *, weights: str | Path |
 
 
 def _timm_code_dim(factory: Callable[[], nn.Module]) -> int:
-    """Feature size of a timm model, built on the meta device (no memory, no init cost)."""
-    with torch.device("meta"):
-        net = factory()
-    return int(net.num_features)
+    return import_module("models.encoders").timm_code_dim(factory)
 
 
 def _timm_entry(name: str) -> _Entry:
@@ -338,7 +322,7 @@ def weights_sha256(name_or_path: str, weights: str | Path | None = None, random_
 
 def create_encoder(name_or_path: str, weights: str | Path | None = None, random_init: bool = False,
                    seed: int = 0, *, dihedral_mean: bool = False,
-                   device: str | torch.device | None = None) -> Encoder:
+                   device=None) -> Encoder:
     """Build an encoder in eval mode: registered name/alias, ``timm:<arch>``, or a card path.
 
     ``weights``: a local safetensors / torch file overriding the entry's default weights.
@@ -353,18 +337,7 @@ def create_encoder(name_or_path: str, weights: str | Path | None = None, random_
     spec = entry.spec
     path, sha = _resolve_weights(spec, sibling_weights, weights, random_init, seed)  # fails before building
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = entry.factory()
-    if path is not None:
-        load_weights(net, path, spec.name)
-
-    encoder: Encoder = Encoder(net, spec, sha)
-    if dihedral_mean:
-        encoder = DihedralMean(encoder)
-    if device is not None:
-        encoder = encoder.to(device)
-    return encoder.eval()
+    return import_module("models.encoders").assemble_encoder(entry.factory, spec, path, sha, seed, dihedral_mean, device)
 
 
 # --------------------------------------------------------------------------- built-ins
@@ -383,7 +356,7 @@ def _register_builtins() -> None:
                      "truncation as in Lu et al., CLAM, Nat. Biomed. Eng. 2021",
             architecture="resnet50-trunc",
         ),
-        build_resnet50_trunc,
+        ARCHITECTURES["resnet50-trunc"],
     )
     wdir = weights_dir()
     for card in sorted(wdir.glob("*.json")) if wdir.is_dir() else []:
@@ -396,7 +369,7 @@ def _register_builtins() -> None:
 _register_builtins()
 
 __all__ = [
-    "DEFAULT_ENCODER", "EncoderSpec", "Encoder", "DihedralMean", "create_encoder", "get_spec",
+    "DEFAULT_ENCODER", "EncoderSpec", "create_encoder", "get_spec",
     "list_encoders", "register_encoder", "register_from_card", "register_timm_encoder",
     "resolve_architecture", "read_card", "resolve_name", "save_encoder", "weights_dir",
 ]

@@ -28,9 +28,15 @@ import_module("pipeline.compress")
 del compress  # noqa: F821 - bound by the import above
 
 
+_HOMES = {"open_slide": "pipeline.io", "compress": "pipeline.compress.api", "train": "pipeline.classify.api",
+          "predict": "pipeline.classify.api", "explain": "pipeline.classify.api",
+          "create_encoder": "models.registry", "connect": "pipeline.runtime.cluster"}
+"""Where each front-door name lives (``pipeline.api`` gathers them): a name imports its stage only."""
+
+
 def __getattr__(name: str):
-    if name in __all__:
-        value = getattr(import_module("pipeline.api"), name)
+    if name in _HOMES:
+        value = getattr(import_module(_HOMES[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -209,7 +209,7 @@ def compress(paths, store, workers, scheduler, scheduler_file, wait_workers, wai
              verify, redo_changed, **cluster):
     """Compress slides (files or folders) into a Zarr store of per-slide code grids."""
     from models.registry import get_spec
-    from pipeline.api import compress as run_compress
+    from pipeline.compress.api import compress as run_compress
     from pipeline.compress.jobs import plan_jobs
     from pipeline.runtime.cluster import connect
 
@@ -430,7 +430,7 @@ def _parse_params(pairs) -> dict:
 @cluster_options
 def train_cmd(store, labels, run_dir, model, task, folds, seed, params, scheduler, scheduler_file, workers, **cluster):
     """Cross-validate a slide-level model on compressed STORE, then train the final model."""
-    from pipeline.api import train
+    from pipeline.classify.api import train
     from pipeline.classify import metrics_summary
     from pipeline.runtime.cluster import connect
 

@@ -16,20 +16,18 @@ import contextlib
 import hashlib
 import os
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from importlib import import_module
 
 import numpy as np
-import torch
 from distributed import WorkerPlugin, get_worker
 from distributed.metrics import context_meter
 
-from models.registry import create_encoder
-
 from pipeline.compress.grid import Block, Grid
 from pipeline.runtime.arrays import array_namespace
-from pipeline.runtime.device import resolve_device, resolve_precision
 from pipeline.compress.store import CompressionConfig, block_name, open_slide_group, write_block
 from pipeline.io import open_slide
 
@@ -51,49 +49,6 @@ class EncoderSettings:
     def key(self) -> str:
         """The same on the client and every worker (``hash()`` is salted per process)."""
         return hashlib.sha256(repr(self).encode()).hexdigest()[:12]
-
-
-def default_batch_size(patch_size: int) -> int:
-    """256 patches of 128 px, scaled by area for larger patches (64 of 224 px): activations of a
-    batch stay around the same few hundred MB whatever the encoder."""
-    return max(16, int(256 * (128 / patch_size) ** 2) // 16 * 16)
-
-
-def build_encoder(settings: EncoderSettings, device: str):
-    """Create the encoder from the registry, in eval mode on ``device``."""
-    encoder = create_encoder(
-        settings.name,
-        weights=settings.weights,
-        random_init=settings.random_init,
-        seed=settings.seed,
-        dihedral_mean=settings.dihedral_mean,
-    )
-    encoder = encoder.to(device).eval()
-    if device == "cpu":
-        encoder = encoder.to(memory_format=torch.channels_last)
-    return encoder
-
-
-def _autocast(device: str, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device, dtype=dtype)
-
-
-def encode_patches(encoder, patches, precision: str = "fp32", batch_size: int = 256) -> np.ndarray:
-    """Codes (n, code_dim) float16 of uint8 NHWC patches (NumPy or CuPy), in batches.
-
-    The encoder takes the arrays as they are (CuPy zero-copy on the GPU) and normalises inside.
-    """
-    device = next(encoder.parameters()).device
-    codes = []
-    with torch.inference_mode(), _autocast(device.type, precision):
-        for start in range(0, len(patches), batch_size):
-            codes.append(encoder(patches[start : start + batch_size]).float().cpu().numpy())
-    if not codes:
-        return np.zeros((0, encoder.spec.code_dim), np.float16)
-    return np.concatenate(codes).astype(np.float16)
 
 
 BAND_PX = 512
@@ -155,19 +110,6 @@ def _read_span(slide, grid: Grid, block: Block, rows: np.ndarray, cols: np.ndarr
     return region[ys[:, :, None], xs[:, None, :]]
 
 
-@dataclass
-class LoadedEncoder:
-    """An encoder on this worker, with the device and precision it runs at."""
-
-    module: torch.nn.Module
-    device: str
-    precision: str
-    batch_size: int
-
-    def encode(self, patches) -> np.ndarray:
-        return encode_patches(self.module, patches, self.precision, self.batch_size)
-
-
 class NicWorker(WorkerPlugin):
     """State that compression keeps on each worker: loaded encoders and open slides.
 
@@ -186,11 +128,12 @@ class NicWorker(WorkerPlugin):
         self._start_empty()
 
     def _start_empty(self):
-        self._encoders: OrderedDict[str, LoadedEncoder] = OrderedDict()
+        self._encoders: OrderedDict[str, object] = OrderedDict()
         self._slides: OrderedDict[tuple, list] = OrderedDict()  # key -> [slide, tasks reading it]
         self._lock = threading.Lock()
         self._encoder_lock = threading.Lock()
         self.nthreads = 1
+        self.loads: list[tuple[str, float, float]] = []  # (encoder, start, end) of each load: where start-up goes
 
     def __getstate__(self):  # shipped to workers as its limits only
         return {"max_encoders": self.max_encoders, "max_open_slides": self.max_open_slides}
@@ -210,22 +153,31 @@ class NicWorker(WorkerPlugin):
             self._slides.clear()
             self._encoders.clear()
 
-    def encoder(self, settings: EncoderSettings) -> LoadedEncoder:
-        """The encoder for ``settings``, loaded on first use (once per worker)."""
+    def encoder(self, settings: EncoderSettings):
+        """The encoder for ``settings`` (a :class:`pipeline.compress.codes.LoadedEncoder`), loaded
+        on first use (once per worker)."""
         with self._encoder_lock:
             if settings.key in self._encoders:
                 self._encoders.move_to_end(settings.key)
                 return self._encoders[settings.key]
-            device = resolve_device(settings.device)
-            if device == "cpu":
-                torch.set_num_threads(self.nthreads)
-            module = build_encoder(settings, device)
-            loaded = LoadedEncoder(module, device, resolve_precision(settings.precision, device),
-                                   settings.batch_size or default_batch_size(module.spec.patch_size))
-            self._encoders[settings.key] = loaded
+            started = time.time()
+            codes = import_module("pipeline.compress.codes")  # torch: on the workers only, when first needed
+            loaded = self._encoders[settings.key] = codes.load_encoder(settings, self.nthreads)
+            self.loads.append((settings.name, started, time.time()))
             while len(self._encoders) > self.max_encoders:
                 self._encoders.popitem(last=False)
             return loaded
+
+    def warm(self, settings: EncoderSettings) -> None:
+        """Load the encoder in a background thread, so that importing torch and reading the weights
+        overlap the slides' tissue detection; the first block then finds it ready (or waits on the
+        lock), and a failure is left for that block to report."""
+
+        def load():
+            with contextlib.suppress(Exception):
+                self.encoder(settings)
+
+        threading.Thread(target=load, name="nic-warm-encoder", daemon=True).start()
 
     @contextlib.contextmanager
     def slide(self, path: str, mpp: float | None, device: str):
@@ -251,6 +203,11 @@ class NicWorker(WorkerPlugin):
         idle = [k for k, (_, readers) in self._slides.items() if readers == 0]
         for key in idle[: max(0, len(self._slides) - self.max_open_slides)]:
             self._slides.pop(key)[0].close()
+
+
+def warm_encoder(settings: EncoderSettings, dask_worker=None) -> None:
+    """``client.run`` target: start loading the encoder on this worker and return at once."""
+    dask_worker.plugins[NicWorker.name].warm(settings)
 
 
 def worker_state() -> NicWorker:

@@ -19,6 +19,7 @@ run again, finishes with the same bytes as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import platform
@@ -35,7 +36,7 @@ from distributed import as_completed, span
 from tqdm.auto import tqdm
 
 from models.registry import get_spec, weights_sha256
-from pipeline.compress.encode import EncoderSettings, NicWorker, encode_block
+from pipeline.compress.encode import EncoderSettings, NicWorker, encode_block, warm_encoder
 from pipeline.compress.grid import Grid, cell_coverage
 from pipeline.compress.jobs import SlideJob, slide_mpp
 from pipeline.compress.store import (
@@ -56,6 +57,7 @@ from pipeline.compress.store import (
     record_run,
     remove_slide,
     source_changed,
+    slide_block,
     source_fingerprint,
 )
 from pipeline.compress.tissue import slide_tissue_mask
@@ -191,11 +193,12 @@ def detect_tissue(store: str, job: SlideJob, config: CompressionConfig, options:
         slide.mpp = mpp
         mask, mask_mpp = slide_tissue_mask(slide, mask_mpp=config.mask_mpp)
     tissue = np.asarray(cell_coverage(mask, mask_mpp, grid.cell_um, grid.shape))
-    blocks = blocks_with_tissue(tissue, config.block, config.min_tissue)
-    if not blocks:
+    if not (tissue >= config.min_tissue).any():
         raise SlideError(job.path, f"no grid cell has {config.min_tissue:.0%} tissue; nothing to encode")
     attrs = {**source_fingerprint(job.path), "mpp_source": mpp_source}
-    group = create_slide(store, job.slide_id, grid, config, tissue, attrs)
+    block = slide_block(tissue, config.block, config.min_tissue)
+    group = create_slide(store, job.slide_id, grid, dataclasses.replace(config, block=block), tissue, attrs)
+    blocks = blocks_with_tissue(tissue, group.attrs["block"], config.min_tissue)  # a resumed slide keeps its own
     todo = [(blk, n) for blk, n in blocks if not block_done(group, blk)]
     return {"grid": grid, "mpp": mpp, "todo": todo, "blocks_skipped": len(blocks) - len(todo),
             "tissue_cells": sum(n for _, n in blocks)}
@@ -348,8 +351,10 @@ def compress(
     config = compression_config(settings, block, min_tissue, mask_mpp)
     root = open_store(store, config)
     client.register_plugin(NicWorker())
-    workers = len(client.scheduler_info(n_workers=-1)["workers"])
-    run = _Run(client, store, config, settings, options, window or max(4, 2 * workers), progress)
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    encoding = [w for w, info in workers.items() if info.get("resources", {}).get("GPU")] or list(workers)
+    client.run(warm_encoder, settings, workers=encoding)  # loads while the first slides' tissue is found
+    run = _Run(client, store, config, settings, options, window or max(4, 2 * len(workers)), progress)
     run.run(jobs)
     report = CompressReport(store, run.token, list(run.results.values()), time.perf_counter() - started, run.fatal)
     if report.fatal:  # the disk is full: writing more would only fail again

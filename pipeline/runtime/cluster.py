@@ -156,6 +156,16 @@ def connect(
         yield client
 
 
+@contextlib.contextmanager
+def client_or_embedded(client: Client | None, **connect_options) -> Iterator[Client]:
+    """``client`` as it is, or the embedded cluster for the duration of the call."""
+    if client is not None:
+        yield client
+        return
+    with connect(**connect_options) as own:
+        yield own
+
+
 def gpu_resources(client) -> dict | None:
     """``{"GPU": 1}`` when workers declare a GPU resource (dask-cuda-worker --resources GPU=1),
     for pinning encode and training tasks to them; else None."""

@@ -19,7 +19,8 @@ import zarr
 from pipeline.runtime.cluster import connect
 from pipeline.compress.graph import compress
 from pipeline.compress.jobs import plan_jobs
-from pipeline.compress.encode import EncoderSettings, NicWorker, encode_patches, read_cells
+from pipeline.compress.codes import encode_patches
+from pipeline.compress.encode import EncoderSettings, NicWorker, read_cells
 from pipeline.errors import NicError
 from pipeline.compress.grid import Grid, iter_blocks
 from pipeline.io import open_slide

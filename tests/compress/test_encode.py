@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline.compress.encode import BAND_PX, EncoderSettings, NicWorker, default_batch_size, encode_patches, read_cells
+from pipeline.compress.codes import default_batch_size, encode_patches
+from pipeline.compress.encode import BAND_PX, EncoderSettings, NicWorker, read_cells
 from pipeline.compress.grid import Grid, iter_blocks
 from pipeline.io import open_slide
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -20,11 +22,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from models import registry
-from models.encoders import NicCNN
+from models.encoders import DihedralMean, Encoder, NicCNN
 from models.registry import (
     DEFAULT_ENCODER,
-    DihedralMean,
-    Encoder,
     EncoderSpec,
     create_encoder,
     get_spec,
@@ -412,3 +412,13 @@ def test_weights_sha256_names_the_weights_without_building_the_network():
         assert weights_sha256(name, **kwargs) == create_encoder(name, **kwargs).weights_sha256
     with pytest.raises(NicError, match="needs a local weights file"):
         weights_sha256("resnet50-trunc")
+
+
+def test_specs_and_weight_hashes_need_no_torch():
+    """A client describing a job (grid, code size, weights hash) never imports torch: it would
+    add seconds to every `nic compress` start."""
+    code = ("import sys; from models.registry import get_spec, weights_sha256; "
+            "spec = get_spec('nic'); weights_sha256('nic'); import pipeline.compress.api; "
+            "print(spec.code_dim, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["128", "False"]

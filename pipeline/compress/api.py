@@ -1,0 +1,42 @@
+"""The front door's ``compress``: slide files or folders in, a Zarr store of code grids out.
+
+Kept apart from the training front door (:mod:`pipeline.classify.api`) so that ``nic compress``
+imports only what compression needs: the command's start-up is part of every job's wall time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+from pipeline.compress.encode import EncoderSettings
+from pipeline.compress.graph import CompressReport, RunOptions
+from pipeline.compress.graph import compress as run_compress
+from pipeline.compress.jobs import SlideJob, plan_jobs
+from pipeline.runtime.cluster import client_or_embedded
+from pipeline.runtime.preflight import absolute, preflight
+
+
+def compress(slides, store: str | os.PathLike, client=None, *, encoder: str = "nic", weights=None,
+             mpp: float | None = None, mpp_csv=None, force_mpp: bool = False, precision: str = "auto",
+             device: str = "auto", block: int = 256, min_tissue: float = 0.1, verify: bool = False,
+             redo_changed: bool = False, wait_workers: int = 1, wait_timeout: float = 300.0,
+             progress: bool = True, **encoder_options) -> CompressReport:
+    """Compress slide files or folders (or a list of :class:`SlideJob`) into a Zarr ``store``.
+
+    ``mpp`` fills in slides whose metadata has no µm/px (``force_mpp``: every slide);
+    ``block``: the largest block side in cells (small slides get smaller blocks);
+    ``verify`` re-reads the shards of finished slides. Returns a :class:`CompressReport`.
+    """
+    jobs = list(slides) if slides and isinstance(next(iter(slides)), SlideJob) else plan_jobs(
+        [absolute(p) for p in ([slides] if isinstance(slides, (str, os.PathLike)) else slides)],
+        mpp=mpp, mpp_csv=absolute(mpp_csv), force_mpp=force_mpp)
+    settings = EncoderSettings(encoder, absolute(weights), precision=precision, device=device, **encoder_options)
+    if str(encoder).endswith(".json"):  # an encoder card given by path
+        settings = replace(settings, name=absolute(encoder))
+    store = absolute(store)
+    with client_or_embedded(client) as active:
+        preflight(active, inputs=[j.path for j in jobs if not j.problem] + [p for p in (settings.weights,) if p],
+                  outputs=[store], wait_workers=wait_workers, timeout=wait_timeout)
+        return run_compress(jobs, store, active, settings, block=block, min_tissue=min_tissue, progress=progress,
+                            options=RunOptions(verify=verify, redo_changed=redo_changed))
