@@ -8,6 +8,7 @@ around its stages and Dask's task stream), says where the time goes.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -86,6 +87,7 @@ def traced_cli(trace: Path, argv: list[str]) -> None:
         cli.main(argv, standalone_mode=False)
     finally:
         events["cli end"] = time.time()
+        gc.freeze()  # as `nic` does on its way out (pipeline.cli.run)
         trace.write_text(json.dumps({"events": events, "tasks": tasks, "loads": loads}, default=str))
 
 

@@ -8,6 +8,7 @@ one line and exits 130.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import warnings
@@ -44,6 +45,16 @@ class NicGroup(click.Group):
 @click.version_option(package_name="nic-pipeline")
 def main():
     """Neural Image Compression for whole-slide images, on Dask."""
+
+
+def run() -> None:
+    """The ``nic`` command as a process: :func:`main`, then a quick exit. The interpreter's final
+    garbage collections walk every object that torch, Dask and a cluster's client made (about a
+    second); freezing them first skips that, since the process is ending anyway."""
+    try:
+        main()
+    finally:
+        gc.freeze()
 
 
 @main.command()
