@@ -58,6 +58,7 @@ from pipeline.compress.store import (
     source_changed,
     source_fingerprint,
 )
+from pipeline.compress.stain_fit import source_stain_attrs, with_stain_target
 from pipeline.compress.tissue import slide_tissue_mask
 from pipeline.errors import NicError, SlideError
 from pipeline.io import open_slide
@@ -190,11 +191,12 @@ def detect_tissue(store: str, job: SlideJob, config: CompressionConfig, options:
             raise SlideError(job.path, f"smaller than one {config.patch_size} px patch at {config.mpp} µm/px")
         slide.mpp = mpp
         mask, mask_mpp = slide_tissue_mask(slide, mask_mpp=config.mask_mpp)
-    tissue = np.asarray(cell_coverage(mask, mask_mpp, grid.cell_um, grid.shape))
+        tissue = np.asarray(cell_coverage(mask, mask_mpp, grid.cell_um, grid.shape))
+        stain = source_stain_attrs(slide, grid, tissue, config)  # the slide's own stain, fitted once
     blocks = blocks_with_tissue(tissue, config.block, config.min_tissue)
     if not blocks:
         raise SlideError(job.path, f"no grid cell has {config.min_tissue:.0%} tissue; nothing to encode")
-    attrs = {**source_fingerprint(job.path), "mpp_source": mpp_source}
+    attrs = {**source_fingerprint(job.path), "mpp_source": mpp_source, **stain}
     group = create_slide(store, job.slide_id, grid, config, tissue, attrs)
     todo = [(blk, n) for blk, n in blocks if not block_done(group, blk)]
     return {"grid": grid, "mpp": mpp, "todo": todo, "blocks_skipped": len(blocks) - len(todo),
@@ -338,14 +340,19 @@ def compress(
     progress: bool = True,
     options: RunOptions = RunOptions(),
     window: int | None = None,
+    stain_norm: str = "none",
+    stain_target: str | None = None,
 ) -> CompressReport:
     """Compress ``jobs`` into ``store`` (an absolute path every worker sees) on ``client``'s cluster.
 
     ``window``: slides in flight at once (default: twice the workers, at least 4).
+    ``stain_norm``/``stain_target``: normalise each slide's stain onto a reference file's or the
+    cohort's (``"cohort"``) before encoding (:mod:`pipeline.compress.stain_fit`).
     """
     started = time.perf_counter()
     store = absolute(store)  # the workers' working directory is not this one
     config = compression_config(settings, block, min_tissue, mask_mpp)
+    config = with_stain_target(config, stain_norm, stain_target, jobs, client, store)
     root = open_store(store, config)
     client.register_plugin(NicWorker())
     workers = len(client.scheduler_info(n_workers=-1)["workers"])
