@@ -212,12 +212,16 @@ def _connect_options(batch_system, jobs, adapt, gpus_per_job, cpu_jobs, tls, tls
 @click.option("--block", type=int, default=256, show_default=True,
               help="Cells per block side: one task and one shard file each.")
 @click.option("--min-tissue", type=float, default=0.1, show_default=True, help="Tissue fraction a cell needs to be encoded.")
+@click.option("--stain-norm", type=click.Choice(["none", "macenko", "reinhard"]), default="none", show_default=True,
+              help="Normalise each slide's stain onto --stain-target before encoding (docs/compress.md).")
+@click.option("--stain-target", default=None,
+              help="The target stain: a reference slide or image (PNG/JPEG), or 'cohort' (median over the slides).")
 @click.option("--verify", is_flag=True, help="Re-read finished slides' shards and check every checksum.")
 @click.option("--redo-changed", is_flag=True, help="Compress again slides whose file or µm/px changed.")
 @cluster_options
 def compress(paths, store, workers, scheduler, scheduler_file, wait_workers, wait_timeout, encoder, weights,
              random_init, seed, mpp, mpp_csv, force_mpp, precision, dihedral_mean, device, block, min_tissue,
-             verify, redo_changed, **cluster):
+             stain_norm, stain_target, verify, redo_changed, **cluster):
     """Compress slides (files or folders) into a Zarr store of per-slide code grids."""
     from models.registry import get_spec
     from pipeline.compress.api import compress as run_compress
@@ -233,7 +237,8 @@ def compress(paths, store, workers, scheduler, scheduler_file, wait_workers, wai
         click.echo(f"dashboard: {client.dashboard_link}")
         report = run_compress(jobs, store, client, encoder=encoder, weights=weights, random_init=random_init, seed=seed,
                               precision=precision, dihedral_mean=dihedral_mean, device=device, block=block,
-                              min_tissue=min_tissue, verify=verify, redo_changed=redo_changed,
+                              min_tissue=min_tissue, stain_norm=stain_norm, stain_target=stain_target,
+                              verify=verify, redo_changed=redo_changed,
                               wait_workers=wait_workers if (scheduler or scheduler_file or cluster["batch_system"]) else 0,
                               wait_timeout=wait_timeout)
     _print_compress_report(report)

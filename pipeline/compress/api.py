@@ -21,12 +21,15 @@ def compress(slides, store: str | os.PathLike, client=None, *, encoder: str = "n
              mpp: float | None = None, mpp_csv=None, force_mpp: bool = False, precision: str = "auto",
              device: str = "auto", block: int = 256, min_tissue: float = 0.1, verify: bool = False,
              redo_changed: bool = False, wait_workers: int = 1, wait_timeout: float = 300.0,
-             progress: bool = True, **encoder_options) -> CompressReport:
+             progress: bool = True, stain_norm: str = "none", stain_target=None,
+             **encoder_options) -> CompressReport:
     """Compress slide files or folders (or a list of :class:`SlideJob`) into a Zarr ``store``.
 
     ``mpp`` fills in slides whose metadata has no µm/px (``force_mpp``: every slide);
     ``block``: the largest block side in cells (small slides get smaller blocks);
-    ``verify`` re-reads the shards of finished slides. Returns a :class:`CompressReport`.
+    ``verify`` re-reads the shards of finished slides; ``stain_norm`` (macenko, reinhard)
+    normalises each slide's stain onto ``stain_target`` (a reference slide or image, or
+    ``"cohort"``) before encoding. Returns a :class:`CompressReport`.
     """
     jobs = list(slides) if slides and isinstance(next(iter(slides)), SlideJob) else plan_jobs(
         [absolute(p) for p in ([slides] if isinstance(slides, (str, os.PathLike)) else slides)],
@@ -39,4 +42,5 @@ def compress(slides, store: str | os.PathLike, client=None, *, encoder: str = "n
         preflight(active, inputs=[j.path for j in jobs if not j.problem] + [p for p in (settings.weights,) if p],
                   outputs=[store], wait_workers=wait_workers, timeout=wait_timeout)
         return run_compress(jobs, store, active, settings, block=block, min_tissue=min_tissue, progress=progress,
-                            options=RunOptions(verify=verify, redo_changed=redo_changed))
+                            options=RunOptions(verify=verify, redo_changed=redo_changed),
+                            stain_norm=stain_norm, stain_target=stain_target)

@@ -28,6 +28,7 @@ from distributed.metrics import context_meter
 
 from pipeline.compress.grid import Block, Grid
 from pipeline.runtime.arrays import array_namespace
+from pipeline.compress.stain import normaliser
 from pipeline.compress.store import CompressionConfig, block_name, open_slide_group, write_block
 from pipeline.io import open_slide
 
@@ -224,9 +225,10 @@ def encode_block(store: str, slide_path: str, slide_id: str, mpp: float, grid: G
     tissue = group["tissue"][block.slices]
     rows, cols = np.nonzero(tissue >= config.min_tissue)
     features = np.zeros((config.code_dim, *block.shape), np.float16)
+    normalise = normaliser(config.stain_norm, config.stain_target, group.attrs.get("stain_source"))
     with state.slide(slide_path, mpp, encoder.device) as slide:
         decoder, done = slide.decoder, 0
-        for patches in prefetched(iter_bands(slide, grid, block, rows, cols)):
+        for patches in prefetched(map(normalise, iter_bands(slide, grid, block, rows, cols))):
             n = len(patches)
             with context_meter.meter("encode"):
                 features[:, rows[done:done + n], cols[done:done + n]] = encoder.encode(patches).T

@@ -60,6 +60,7 @@ from pipeline.compress.store import (
     slide_block,
     source_fingerprint,
 )
+from pipeline.compress.stain_fit import source_stain_attrs, with_stain_target
 from pipeline.compress.tissue import slide_tissue_mask
 from pipeline.errors import NicError, SlideError
 from pipeline.io import open_slide
@@ -192,10 +193,11 @@ def detect_tissue(store: str, job: SlideJob, config: CompressionConfig, options:
             raise SlideError(job.path, f"smaller than one {config.patch_size} px patch at {config.mpp} µm/px")
         slide.mpp = mpp
         mask, mask_mpp = slide_tissue_mask(slide, mask_mpp=config.mask_mpp)
-    tissue = np.asarray(cell_coverage(mask, mask_mpp, grid.cell_um, grid.shape))
+        tissue = np.asarray(cell_coverage(mask, mask_mpp, grid.cell_um, grid.shape))
+        stain = source_stain_attrs(slide, grid, tissue, config)  # the slide's own stain, fitted once
     if not (tissue >= config.min_tissue).any():
         raise SlideError(job.path, f"no grid cell has {config.min_tissue:.0%} tissue; nothing to encode")
-    attrs = {**source_fingerprint(job.path), "mpp_source": mpp_source}
+    attrs = {**source_fingerprint(job.path), "mpp_source": mpp_source, **stain}
     block = slide_block(tissue, config.block, config.min_tissue)
     group = create_slide(store, job.slide_id, grid, dataclasses.replace(config, block=block), tissue, attrs)
     blocks = blocks_with_tissue(tissue, group.attrs["block"], config.min_tissue)  # a resumed slide keeps its own
@@ -341,14 +343,19 @@ def compress(
     progress: bool = True,
     options: RunOptions = RunOptions(),
     window: int | None = None,
+    stain_norm: str = "none",
+    stain_target: str | None = None,
 ) -> CompressReport:
     """Compress ``jobs`` into ``store`` (an absolute path every worker sees) on ``client``'s cluster.
 
     ``window``: slides in flight at once (default: twice the workers, at least 4).
+    ``stain_norm``/``stain_target``: normalise each slide's stain onto a reference file's or the
+    cohort's (``"cohort"``) before encoding (:mod:`pipeline.compress.stain_fit`).
     """
     started = time.perf_counter()
     store = absolute(store)  # the workers' working directory is not this one
     config = compression_config(settings, block, min_tissue, mask_mpp)
+    config = with_stain_target(config, stain_norm, stain_target, jobs, client, store)
     root = open_store(store, config)
     client.register_plugin(NicWorker())
     workers = client.scheduler_info(n_workers=-1)["workers"]

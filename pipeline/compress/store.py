@@ -69,9 +69,20 @@ class CompressionConfig:
     mask_mpp: float = 8.0
     precision: str = "auto"
     dihedral_mean: bool = False
+    stain_norm: str = "none"  # none | macenko | reinhard (pipeline/compress/stain.py)
+    stain_reference: str = ""  # where the stain target came from: a reference file or "cohort"
+    stain_target: tuple[float, ...] = ()  # the target stain's numbers
 
     def as_attrs(self) -> dict:
-        return asdict(self)
+        """JSON-ready settings; the stain ones only when stain normalisation is on (stores made
+        without it read the same as before)."""
+        attrs = asdict(self)
+        if self.stain_norm == "none":
+            for key in ("stain_norm", "stain_reference", "stain_target"):
+                attrs.pop(key)
+        else:
+            attrs["stain_target"] = list(self.stain_target)
+        return attrs
 
 
 def source_fingerprint(path: str | os.PathLike, sample_bytes: int = 1 << 20) -> dict:
@@ -109,8 +120,8 @@ def open_store(path: str | os.PathLike, config: CompressionConfig) -> zarr.Group
     if existing is None:
         root.attrs.update({"compression": wanted, "nic_version": __version__})
     elif existing != wanted:
-        changed = sorted(k for k in wanted if existing.get(k) != wanted[k])
-        details = ", ".join(f"{k}: store has {existing.get(k)!r}, this run {wanted[k]!r}" for k in changed)
+        changed = sorted(k for k in {*wanted, *existing} if existing.get(k) != wanted.get(k))
+        details = ", ".join(f"{k}: store has {existing.get(k)!r}, this run {wanted.get(k)!r}" for k in changed)
         raise NicError(
             f"{path} was written with other compression settings ({details}); "
             "write to a new store (--out) instead of mixing them"
