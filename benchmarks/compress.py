@@ -1,7 +1,7 @@
 """Benchmark `nic compress` against the physical floor of its two stages.
 
     python benchmarks/compress.py [--size 24000] [--big 48000] [--workdir /tmp/nic-bench]
-    python benchmarks/compress.py --cli native avx2 [--cli-blocks 0 256]   # the whole command
+    python benchmarks/compress.py --cli native avx2 [--cli-sizes 24000 48000] [--cli-blocks 0]   # the whole command
 
 On one synthetic slide at 0.5 µm/px with about 40% tissue it measures, in one run:
 
@@ -204,8 +204,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--cli", nargs="+", choices=["native", "avx2"], default=None,
                         help="time the whole `nic compress` command under these policies instead")
-    parser.add_argument("--cli-blocks", nargs="+", type=int, default=[0, 256],
+    parser.add_argument("--cli-blocks", nargs="+", type=int, default=[0],
                         help="--block values for the command (0: the CLI's default)")
+    parser.add_argument("--cli-sizes", nargs="+", type=int, default=[24000, 48000],
+                        help="slide sides (px) the command is timed on")
     parser.add_argument("--floor-seconds", type=float, default=6.0, help="length of each encoder probe with --cli")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)

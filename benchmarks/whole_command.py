@@ -142,8 +142,9 @@ def breakdown(run: dict, floor: float) -> dict:
         "finalize + consolidate + manifest": events["compress end"] - last_encode,
         "cluster shutdown": events["cli end"] - events["compress end"],
         "interpreter exit": run["wall"] - (events["cli end"] - t0),
-        "-- encoder load per worker (start after compress start, seconds; torch import included)": loads,
-        "-- encode busy per worker": sorted(busy.values()),
+        "-- encoder load per worker (began after compress start + took, s; torch import included)":
+            ", ".join(f"{start} + {took}" for start, took in loads),
+        "-- encode busy per worker": ", ".join(f"{v:.1f}" for v in sorted(busy.values())),
         "-- encode phase rate / floor": run["patches"] / (last_encode - first_encode) / floor,
         "-- finalize": sum(t["stop"] - t["start"] for t in final),
         "-- consolidate": events["consolidate end"] - events["consolidate start"],
@@ -165,40 +166,43 @@ def floor_now(slide: Path, xs, ys, policy: str, seconds: float) -> dict:
 
 
 def whole_command(args) -> None:
-    """Time the whole ``nic compress`` command against the floor, for each policy and block asked."""
-    slide = make_slide(args.workdir / f"bench_{args.size}.tif", args.size)
-    xs, ys = tissue_cells(slide, 128)
-    for policy in args.cli:
-        env = {**os.environ, "PYTHONPATH": str(REPO), **({"NIC_CPU_BF16": "0"} if policy == "avx2" else {})}
-        runs = []
-        for block in args.cli_blocks:
-            before = floor_now(slide, xs, ys, policy, args.floor_seconds)
-            store = args.workdir / f"cli-{policy}.zarr"
-            plain = run_cli(slide, store, env, block)
-            traced = run_cli(slide, store, env, block, trace=args.workdir / f"trace-{policy}.json")
-            after = floor_now(slide, xs, ys, policy, args.floor_seconds)
-            floor = (before["floor"] + after["floor"]) / 2
-            cpu_floor = min(before["cpu_per_patch"], after["cpu_per_patch"])
-            runs.append({"asked_block": block, "plain": plain, "traced_wall": traced["wall"],
-                         "traced_cpu": traced["cpu"], "floor": floor, "cpu_per_patch": cpu_floor,
-                         "floors": [before, after],
-                         "breakdown": breakdown(traced, floor)})
-            print(policy, block, plain["patches"] / plain["wall"] / floor, runs[-1]["breakdown"], flush=True)
-        record = {"policy": policy, "runs": runs, "when": time.strftime("%Y-%m-%d %H:%M")}
-        (args.workdir / f"cli-{policy}.json").write_text(json.dumps(record, indent=1))
-    records = [json.loads((args.workdir / f"cli-{p}.json").read_text()) for p in POLICIES
-               if (args.workdir / f"cli-{p}.json").exists()]
-    replace_section(args.out, "## Compression: the whole command", cli_section(records, args.size))
+    """Time the whole ``nic compress`` command against the floor, for each slide size, policy and block asked."""
+    for size in args.cli_sizes:
+        slide = make_slide(args.workdir / f"bench_{size}.tif", size)
+        xs, ys = tissue_cells(slide, 128)
+        for policy in args.cli:
+            env = {**os.environ, "PYTHONPATH": str(REPO), **({"NIC_CPU_BF16": "0"} if policy == "avx2" else {})}
+            runs = [measure(slide, xs, ys, policy, block, env, args) for block in args.cli_blocks]
+            record = {"policy": policy, "size": size, "runs": runs, "when": time.strftime("%Y-%m-%d %H:%M")}
+            (args.workdir / f"cli-{policy}-{size}.json").write_text(json.dumps(record, indent=1))
+    records = [json.loads((args.workdir / f"cli-{p}-{size}.json").read_text())
+               for size in args.cli_sizes for p in POLICIES if (args.workdir / f"cli-{p}-{size}.json").exists()]
+    replace_section(args.out, "## Compression: the whole command", cli_section(records))
 
 
-def cli_section(records: list[dict], size: int) -> str:
+def measure(slide: Path, xs, ys, policy: str, block: int, env: dict, args) -> dict:
+    """One row: the floor, a plain run, a traced run, the floor again."""
+    before = floor_now(slide, xs, ys, policy, args.floor_seconds)
+    store = args.workdir / f"cli-{policy}.zarr"
+    plain = run_cli(slide, store, env, block)
+    traced = run_cli(slide, store, env, block, trace=args.workdir / f"trace-{policy}.json")
+    after = floor_now(slide, xs, ys, policy, args.floor_seconds)
+    floor = (before["floor"] + after["floor"]) / 2
+    run = {"asked_block": block, "plain": plain, "traced_wall": traced["wall"], "traced_cpu": traced["cpu"],
+           "floor": floor, "cpu_per_patch": min(before["cpu_per_patch"], after["cpu_per_patch"]),
+           "floors": [before, after], "breakdown": breakdown(traced, floor)}
+    print(slide.name, policy, block, plain["patches"] / plain["wall"] / floor, run["breakdown"], flush=True)
+    return run
+
+
+def cli_section(records: list[dict]) -> str:
     lines = [
         "## Compression: the whole command",
         "",
         f"Measured by `python benchmarks/compress.py --cli native avx2` on {machine()}, shared with other jobs. "
-        f"`python -m pipeline compress bench_{size}.tif --out STORE --workers 2`, cold: Python start, cluster "
-        "start, model load, everything until the process exits, on one synthetic slide of "
-        f"{size:,}² px at 0.5 µm/px. Floor: best decode floor combined with the best encoder floor "
+        "`python -m pipeline compress bench_SIZE.tif --out STORE --workers 2`, cold: Python start, cluster "
+        "start, model load, everything until the process exits, on one synthetic slide of SIZE² px at "
+        "0.5 µm/px (about 40% tissue). Floor: best decode floor combined with the best encoder floor "
         "allowed by the policy, 1/(1/d+1/e), measured as in the Compression section, right before and right "
         "after the two runs of each row (mean of the two; the machine is shared, so the floor moves with "
         "the load). Policy `avx2` is this same CPU with `NIC_CPU_BF16=0` in the workers' environment and "
@@ -207,17 +211,17 @@ def cli_section(records: list[dict], size: int) -> str:
         "encode, the cheaper of the two probes) times the patches, a cost that the machine's load moves much "
         "less than wall time; CPU efficiency = CPU floor / CPU.",
         "",
-        "| policy | block (cells) | blocks | precision used | floor before / after (patches/s) | load avg | "
+        "| slide (px) | policy | block (cells) | blocks | precision used | floor before / after (patches/s) | load avg | "
         "patches | wall (s) | patches/s | whole command / floor | traced run: wall (s), / floor | "
         "CPU (s) | CPU floor (s) | CPU efficiency |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rec in records:
         for run in rec["runs"]:
             plain, floors = run["plain"], run["floors"]
             rate, ideal_cpu = plain["patches"] / plain["wall"], plain["patches"] * run["cpu_per_patch"]
             lines.append(
-                f"| {rec['policy']} | {plain['block']}{'' if run['asked_block'] else ' (CLI default)'} | "
+                f"| {rec['size']:,}² | {rec['policy']} | {plain['block']}{'' if run['asked_block'] else ' (CLI default)'} | "
                 f"{plain['blocks']} | {', '.join(plain['precisions'])} | "
                 f"{floors[0]['floor']:,.0f} / {floors[1]['floor']:,.0f} | "
                 f"{floors[0]['load']:.1f} / {floors[1]['load']:.1f} | {plain['patches']:,} | {plain['wall']:.1f} | "
@@ -228,9 +232,8 @@ def cli_section(records: list[dict], size: int) -> str:
               "stamps around its stages and Dask's task stream; seconds; ideal = patches / floor):", ""]
     for rec in records:
         for run in rec["runs"]:
-            parts = "; ".join(f"{k} {v:.1f}" if isinstance(v, float) else
-                              f"{k} {', '.join(f'{x:.1f}' for x in v)}" for k, v in run["breakdown"].items())
-            lines.append(f"- {rec['policy']}, block {run['plain']['block']} (wall {run['traced_wall']:.1f} s, "
+            parts = "; ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in run["breakdown"].items())
+            lines.append(f"- {rec['size']:,}², {rec['policy']}, block {run['plain']['block']} (wall {run['traced_wall']:.1f} s, "
                          f"ideal {run['plain']['patches'] / run['floor']:.1f} s): {parts}")
     return "\n".join(lines) + "\n"
 

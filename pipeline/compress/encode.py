@@ -12,7 +12,9 @@ leaves the task.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import hashlib
 import os
 import threading
@@ -146,6 +148,9 @@ class NicWorker(WorkerPlugin):
     def setup(self, worker=None):
         if worker is not None:
             self.nthreads = max(1, worker.state.nthreads)
+        # A worker process that ran torch spends seconds in the interpreter's final garbage
+        # collections when it exits (the cluster's shutdown waits for it): skip them.
+        atexit.register(gc.freeze)
 
     def teardown(self, worker=None):
         with self._lock:
