@@ -37,12 +37,14 @@ def _client_or_embedded(client, **connect_options):
 
 def compress(slides, store: str | os.PathLike, client=None, *, encoder: str = "nic", weights=None,
              mpp: float | None = None, mpp_csv=None, force_mpp: bool = False, precision: str = "auto",
-             device: str = "auto", block: int = 256, min_tissue: float = 0.1, verify: bool = False,
+             device: str = "auto", block: int = 256, stride: int | None = None, min_tissue: float = 0.1,
+             verify: bool = False,
              redo_changed: bool = False, wait_workers: int = 1, wait_timeout: float = 300.0,
              progress: bool = True, **encoder_options) -> CompressReport:
     """Compress slide files or folders (or a list of :class:`SlideJob`) into a Zarr ``store``.
 
-    ``mpp`` fills in slides whose metadata has no µm/px (``force_mpp``: every slide);
+    ``mpp`` fills in slides whose metadata has no µm/px (``force_mpp``: every slide); ``stride``:
+    px between patches (default the encoder's; 64 for overlapping 128 px patches, 4x the cells);
     ``verify`` re-reads the shards of finished slides. Returns a :class:`CompressReport`.
     """
     jobs = list(slides) if slides and isinstance(next(iter(slides)), SlideJob) else plan_jobs(
@@ -56,7 +58,7 @@ def compress(slides, store: str | os.PathLike, client=None, *, encoder: str = "n
         preflight(active, inputs=[j.path for j in jobs if not j.problem] + [p for p in (settings.weights,) if p],
                   outputs=[store], wait_workers=wait_workers, timeout=wait_timeout)
         return run_compress(jobs, store, active, settings, block=block, min_tissue=min_tissue, progress=progress,
-                            options=RunOptions(verify=verify, redo_changed=redo_changed))
+                            options=RunOptions(verify=verify, redo_changed=redo_changed), stride=stride)
 
 
 def train(store, labels, out, client=None, *, model: str = "abmil", task: str = "binary", folds: int = 5,
