@@ -3,8 +3,8 @@
 For each cohort of a plan (texture x lesion fraction x cohort size), the pipeline's own stages
 run in order and every finished step is skipped on a rerun:
 
-    pipeline.synth.write_cohort -> pipeline.compress.compress (default `nic` encoder) ->
-    pipeline.classify.train_cohort for every model (mean, max, abmil, nic-cnn), k-fold CV
+    pipeline.synth.write_cohort -> pipeline.compress.compress (default `nic` encoder, stride 128
+    or 64) -> pipeline.classify.train_cohort for every slide model of the registry, k-fold CV
 
 The pooled out-of-fold AUC of every (cohort, model) goes to WORK/results.json as soon as it
 is known; after each one the figure (docs/img/haystack_auc.png) and the results block of
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -27,16 +28,25 @@ from pathlib import Path
 import click
 import numpy as np
 
+from models.slide_models import list_slide_models
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "haystack.md"
 FIGURE = ROOT / "docs" / "img" / "haystack_auc.png"
 BEGIN, END = "<!-- haystack:results -->", "<!-- /haystack:results -->"
 
-MODELS = ("mean", "max", "abmil", "nic-cnn")
+# every registered slide model, in this order first (a head registered later joins at the end)
+ORDER = ("mean", "max", "abmil", "nic-cnn", "topk", "dsmil", "clam-sb", "transmil")
+MODELS = tuple(m for m in ORDER if m in list_slide_models()) + tuple(
+    m for m in list_slide_models() if m not in ORDER)
 # extra runs of a pipeline model with other settings (name -> model, overrides), chosen with --models
 VARIANTS = {"abmil-long": ("abmil", dict(epochs=200, lr=5e-4))}
-KATHER = "/work/shared/data/tiles/kather2016_samples"
-TEXTURES = {"synthetic": "synthetic", "kather2016": f"tiles:{KATHER}"}
+DATA = Path("/work/shared/data")
+KATHER = DATA / "tiles" / "kather2016_samples"
+PCAM = DATA / "pcam"
+# texture name -> (nic synth --texture, --tile-labels)
+TEXTURES = {"synthetic": ("synthetic", None), "kather2016": (f"tiles:{KATHER}", None),
+            "pcam": (f"tiles:{PCAM}", PCAM / "labels.csv")}
 # nic-cnn on a shared CPU: the defaults (crop 128, width 128, 2000 steps) cost ~25 min per fold,
 # so the study uses a shortened, narrower schedule (stated in docs/haystack.md); the crop is the
 # slide's grid plus 16 cells (capped at 64), so a training crop holds (nearly) the whole slide
@@ -50,7 +60,7 @@ def model_params(model: str, cohort: "Cohort") -> dict | None:
         return VARIANTS[model][1]
     if model != "nic-cnn":
         return PARAMS.get(model)
-    return dict(PARAMS[model], crop=min(64, cohort.size // CELL_PX + 16))
+    return dict(PARAMS[model], crop=min(64, cohort.size // cohort.stride + 16))
 FOLDS = 4
 CELL_PX = 128                         # compressed cell = one 128 px patch at 0.5 µm/px
 MASK_PX = 32                          # synth mask pixel (pipeline.synth.MASK_DOWNSAMPLE)
@@ -65,10 +75,16 @@ class Cohort:
     slides: int
     size: int             # square slides, px at 0.5 µm/px
     seed: int = 0
+    stride: int = CELL_PX  # nic compress --stride (64: overlapping patches, 4x the cells)
+
+    @property
+    def slides_name(self) -> str:
+        """The folder of its slides: cohorts that differ only in stride share them."""
+        return f"{self.texture}-f{self.fraction:g}-n{self.slides}-s{self.size}"
 
     @property
     def name(self) -> str:
-        return f"{self.texture}-f{self.fraction:g}-n{self.slides}-s{self.size}"
+        return self.slides_name + ("" if self.stride == CELL_PX else f"-st{self.stride}")
 
 
 SWEEP = (0.5, 0.2, 0.05, 0.02, 0.01, 0.005, 0.002)
@@ -83,6 +99,11 @@ PLANS: dict[str, list["Cohort"]] = {
     + [Cohort("synthetic", f, 24, 4096) for f in (0.05, 0.01, 0.005)]
     + [Cohort("kather2016", f, 24, 4096) for f in (0.02, 0.005)],
     "tiles": [Cohort("kather2016", f, 24, 4096) for f in (0.2, 0.02, 0.005)],
+    # the lymph-node haystack (PCam tiles at their 0.97 µm/px) and the issue's targets
+    "pcam-targets": [Cohort("pcam", f, 40, 8192) for f in (0.01, 0.002)],
+    "pcam-sweep": [Cohort("pcam", f, 40, 8192) for f in (0.1, 0.001, 0.03, 0.005)],
+    "pcam-stride": [Cohort("pcam", 0.002, 40, 8192, stride=64)],
+    "pcam-count": [Cohort("pcam", 0.01, n, 4096) for n in (40, 160, 320)],
 }
 
 
@@ -115,11 +136,17 @@ def synthesize(cohort: Cohort, slides_dir: Path) -> Path:
 
     labels = slides_dir / "labels.csv"
     if not labels.exists():
+        texture, tile_labels = TEXTURES[cohort.texture]
         spec = CohortSpec(n_slides=cohort.slides, width=cohort.size, height=cohort.size, mpp=0.5,
                           lesion_fraction=cohort.fraction, positive_fraction=0.5, seed=cohort.seed,
-                          texture=TEXTURES[cohort.texture])
+                          texture=texture, tile_labels=tile_labels)
         write_cohort(slides_dir, spec)
     return labels
+
+
+def store_mb(store: Path) -> float:
+    """Bytes on disk of a store, in MB."""
+    return sum(p.stat().st_size for p in store.rglob("*") if p.is_file()) / 1e6
 
 
 def cohort_sizes(slides_dir: Path, store: Path) -> dict:
@@ -152,12 +179,12 @@ def run_cohort(cohort: Cohort, work: Path, client, models=MODELS, folds: int = F
         log(f"{cohort.name}: done")
         return
     base = work / cohort.name
-    slides_dir, store = base / "slides", base / "cohort.zarr"
+    slides_dir, store = work / cohort.slides_name / "slides", base / "cohort.zarr"
     t0 = time.time()
     labels = synthesize(cohort, slides_dir)
     t1 = time.time()
     log(f"{cohort.name}: slides ready ({t1 - t0:.0f} s)")
-    report = compress(plan_jobs([slides_dir]), store, client, progress=False)
+    report = compress(plan_jobs([slides_dir]), store, client, progress=False, stride=cohort.stride)
     if report.failed:
         raise click.ClickException(f"{cohort.name}: {len(report.failed)} slide(s) failed to compress: "
                                    f"{report.failed[0].path}: {report.failed[0].error}")
@@ -166,7 +193,7 @@ def run_cohort(cohort: Cohort, work: Path, client, models=MODELS, folds: int = F
     entry = load_results(work).get(cohort.name, {})
     if "sizes" not in entry:
         entry.update(cohort=asdict(cohort), sizes=cohort_sizes(slides_dir, store), models={},
-                     synth_s=round(t1 - t0, 1), compress_s=round(t2 - t1, 1))
+                     synth_s=round(t1 - t0, 1), compress_s=round(t2 - t1, 1), store_mb=round(store_mb(store), 1))
     for model in todo:
         t = time.time()
         metrics = train_cohort(store, labels, base / "runs" / model, model=VARIANTS.get(model, (model,))[0],
@@ -189,9 +216,14 @@ def run_cohort(cohort: Cohort, work: Path, client, models=MODELS, folds: int = F
 
 def rows(results: dict) -> list[dict]:
     """One row per cohort with its spec, sizes and AUC per model, sorted for tables."""
-    out = [dict(name=k, **v["cohort"], **v["sizes"], aucs={m: r["auc"] for m, r in v["models"].items()})
-           for k, v in results.items() if "sizes" in v]
-    return sorted(out, key=lambda r: (r["texture"], r["size"], r["slides"], -r["fraction"]))
+    out = [dict(name=k, **{"stride": CELL_PX, **v["cohort"]}, **v["sizes"],
+                aucs={m: r["auc"] for m, r in v["models"].items()}) for k, v in results.items() if "sizes" in v]
+    return sorted(out, key=lambda r: (r["texture"], r["size"], r["slides"], -r["stride"], -r["fraction"]))
+
+
+def shape_text(r: dict) -> str:
+    """'40 × 8192²', with the stride when it is not the encoder's 128 px."""
+    return f"{r['slides']} × {r['size']}²" + ("" if r["stride"] == CELL_PX else f", stride {r['stride']}")
 
 
 def limit(series: list[tuple[float, float]], threshold: float = 0.9) -> float | None:
@@ -217,12 +249,13 @@ def plot(results: dict, path: Path = FIGURE, probes: dict | None = None) -> None
         return
     fig, axes = plt.subplots(1, len(textures), figsize=(5.6 * len(textures), 5.6), squeeze=False,
                              sharey=True, sharex=True)
-    colors = dict(zip(MODELS + tuple(VARIANTS), ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:olive")))
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(MODELS + tuple(VARIANTS))}
     for ax, texture in zip(axes[0], textures):
-        groups = sorted({(r["slides"], r["size"]) for r in table if r["texture"] == texture})
-        single = iter(("*", "D", "s", "^", "v", "P"))
-        for slides, size in groups:
-            sub = [r for r in table if r["texture"] == texture and r["slides"] == slides and r["size"] == size]
+        groups = sorted({(r["slides"], r["size"], r["stride"]) for r in table if r["texture"] == texture})
+        single = iter(("*", "D", "s", "^", "v", "P", "X", "h", "<", ">"))
+        for slides, size, stride in groups:
+            sub = [r for r in table if r["texture"] == texture and (r["slides"], r["size"], r["stride"]) == (slides, size, stride)]
+            what = shape_text(sub[0])
             line = len(sub) > 1
             marker = "o" if line else next(single)
             for model in columns(table):
@@ -232,13 +265,13 @@ def plot(results: dict, path: Path = FIGURE, probes: dict | None = None) -> None
                 x, y = zip(*pts)
                 style = dict(color=colors[model], marker=marker, ms=5 if line else (12 if marker == "*" else 7),
                              ls="-" if line else "none", alpha=1.0 if line else 0.9)
-                ax.plot(x, y, label=f"{model} ({slides}×{size}²)", **style)
+                ax.plot(x, y, label=f"{model} ({what})", **style)
             pts = sorted((r["fraction"], (probes or {})[r["name"]]["slide_auc_max_cell"]) for r in sub
                          if (probes or {}).get(r["name"], {}).get("slide_auc_max_cell") is not None)
             if pts:
                 x, y = zip(*pts)
                 ax.plot(x, y, color="black", ls="--" if line else "none", marker="x", ms=7 if line else 10,
-                        lw=1, label=f"cell-label probe ({slides}×{size}²)")
+                        lw=1, label=f"cell-label probe ({what})")
         ax.axhline(0.9, color="grey", ls=":", lw=1)
         ax.axhline(0.5, color="grey", ls="--", lw=0.8)
         ax.set_xscale("log")
@@ -278,7 +311,7 @@ def markdown(results: dict, probes: dict | None = None) -> str:
              "| texture | slides × size | lesion fraction | lesion cells (mean) | " + " | ".join(cols) + " |",
              "|---|---|---|---|" + "---|" * len(cols)]
     for r in table:
-        lines.append(f"| {r['texture']} | {r['slides']} × {r['size']}² | {r['fraction']:g} | "
+        lines.append(f"| {r['texture']} | {shape_text(r)} | {r['fraction']:g} | "
                      f"{r['lesion_cells_mean']:.1f} | " + " | ".join(_fmt(r["aucs"].get(m)) for m in cols) + " |")
     lines += ["", "Cohort sizes (tissue cells = compressed cells with tissue, 128 px = 64 µm each; lesion "
               "from the synth masks, on the positive slides):", "",
@@ -291,8 +324,8 @@ def markdown(results: dict, probes: dict | None = None) -> str:
     lines += ["", "Smallest tested lesion fraction down to which each model keeps AUC ≥ 0.9 at every tested "
               "fraction (sweeps with 3 or more fractions; – = not even at the largest):", "",
               "| sweep | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for key in sorted({(r["texture"], r["slides"], r["size"]) for r in table}):
-        sub = [r for r in table if (r["texture"], r["slides"], r["size"]) == key]
+    for key in sorted({(r["texture"], r["slides"], r["size"], r["stride"]) for r in table}):
+        sub = [r for r in table if (r["texture"], r["slides"], r["size"], r["stride"]) == key]
         if len(sub) < 3:
             continue
         cells = []
@@ -300,7 +333,7 @@ def markdown(results: dict, probes: dict | None = None) -> str:
             series = [(r["fraction"], r["aucs"].get(m)) for r in sub if m in r["aucs"]]
             value = limit(series) if series else None
             cells.append("not run" if not series else ("–" if value is None else f"{value:g}"))
-        lines.append(f"| {key[0]}, {key[1]} × {key[2]}² | " + " | ".join(cells) + " |")
+        lines.append(f"| {key[0]}, {shape_text(sub[0])} | " + " | ".join(cells) + " |")
     names = [r["name"] for r in table if r["name"] in (probes or {})]
     if names:
         lines += ["", "Cell-label probe (`benchmarks/haystack.py probe`: logistic regression on single cells' codes "
@@ -432,7 +465,7 @@ def cli():
 @cli.command()
 @click.option("--work", type=click.Path(path_type=Path), required=True, help="cohorts, stores, runs, results.json")
 @click.option("--plan", "plans", multiple=True, default=("sweep",), show_default=True,
-              help=f"one or more of {', '.join(PLANS)}, or TEXTURE:FRACTION:SLIDES:SIZE")
+              help=f"one or more of {', '.join(PLANS)}, or TEXTURE:FRACTION:SLIDES:SIZE[:STRIDE]")
 @click.option("--workers", default=2, show_default=True)
 @click.option("--models", default=",".join(MODELS), show_default=True)
 def run(work: Path, plans, workers: int, models: str):
@@ -445,8 +478,8 @@ def run(work: Path, plans, workers: int, models: str):
         if plan in PLANS:
             cohorts += PLANS[plan]
         else:
-            texture, fraction, slides, size = plan.split(":")
-            cohorts.append(Cohort(texture, float(fraction), int(slides), int(size)))
+            texture, fraction, slides, size, *stride = plan.split(":")
+            cohorts.append(Cohort(texture, float(fraction), int(slides), int(size), stride=int(stride[0]) if stride else CELL_PX))
     log(f"{len(cohorts)} cohort(s): {', '.join(c.name for c in cohorts)}")
     with connect(workers=workers, dashboard=False) as client:
         for cohort in cohorts:
@@ -473,7 +506,7 @@ def probe(work: Path, cohorts):
     for name in cohorts or [k for k in load_results(work)]:
         if name in done or not (work / name / "cohort.zarr").exists():
             continue
-        done[name] = cell_probe(work / name / "cohort.zarr", work / name / "slides")
+        done[name] = cell_probe(work / name / "cohort.zarr", work / re.sub(r"-st\d+$", "", name) / "slides")
         path.write_text(json.dumps(done, indent=2))
         log(f"{name}: {done[name]}")
 

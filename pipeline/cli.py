@@ -211,7 +211,11 @@ def _connect_options(batch_system, jobs, adapt, gpus_per_job, cpu_jobs, tls, tls
               help="Where workers decode and encode: auto = the worker's GPU when it has one.")
 @click.option("--block", type=int, default=256, show_default=True,
               help="Cells per block side: one task and one shard file each.")
-@click.option("--min-tissue", type=float, default=0.1, show_default=True, help="Tissue fraction a cell needs to be encoded.")
+@click.option("--stride", type=int, default=None,
+              help="Px between patches at the encoder's µm/px (default: the encoder's; 64 with 128 px patches: "
+                   "overlapping patches, 4x the cells).")
+@click.option("--min-tissue", type=float, default=0.1, show_default=True,
+              help="Tissue fraction a cell's patch needs to be encoded.")
 @click.option("--stain-norm", type=click.Choice(["none", "macenko", "reinhard"]), default="none", show_default=True,
               help="Normalise each slide's stain onto --stain-target before encoding (docs/compress.md).")
 @click.option("--stain-target", default=None,
@@ -220,8 +224,8 @@ def _connect_options(batch_system, jobs, adapt, gpus_per_job, cpu_jobs, tls, tls
 @click.option("--redo-changed", is_flag=True, help="Compress again slides whose file or µm/px changed.")
 @cluster_options
 def compress(paths, store, workers, scheduler, scheduler_file, wait_workers, wait_timeout, encoder, weights,
-             random_init, seed, mpp, mpp_csv, force_mpp, precision, dihedral_mean, device, block, min_tissue,
-             stain_norm, stain_target, verify, redo_changed, **cluster):
+             random_init, seed, mpp, mpp_csv, force_mpp, precision, dihedral_mean, device, block, stride,
+             min_tissue, stain_norm, stain_target, verify, redo_changed, **cluster):
     """Compress slides (files or folders) into a Zarr store of per-slide code grids."""
     from models.registry import get_spec
     from pipeline.compress.api import compress as run_compress
@@ -237,7 +241,7 @@ def compress(paths, store, workers, scheduler, scheduler_file, wait_workers, wai
         click.echo(f"dashboard: {client.dashboard_link}")
         report = run_compress(jobs, store, client, encoder=encoder, weights=weights, random_init=random_init, seed=seed,
                               precision=precision, dihedral_mean=dihedral_mean, device=device, block=block,
-                              min_tissue=min_tissue, stain_norm=stain_norm, stain_target=stain_target,
+                              stride=stride, min_tissue=min_tissue, stain_norm=stain_norm, stain_target=stain_target,
                               verify=verify, redo_changed=redo_changed,
                               wait_workers=wait_workers if (scheduler or scheduler_file or cluster["batch_system"]) else 0,
                               wait_timeout=wait_timeout)
@@ -306,6 +310,8 @@ def inspect(store, as_json):
         grid = "x".join(str(n) for n in row["grid_shape"]) or "-"
         mpp = f"{row['slide_mpp']:g} ({row['mpp_source']})" if row["slide_mpp"] else "-"
         how = f"{row['encoder']}, {'+'.join(row['precisions'])}" if row["encoder"] else "-"
+        if row["stride"] and row["stride"] != row["patch_size"]:
+            how += f", {row['patch_size']} px patches every {row['stride']} px"
         click.echo(f"{row['slide_id']:<32} {row['status']:<12} {grid:<12} {row['tissue_cells']:>12}  {mpp:<18} {how}")
     for row in rows:
         if row["error"]:

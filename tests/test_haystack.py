@@ -39,6 +39,16 @@ def test_cohort_names_are_unique_per_setting(haystack):
     names = [c.name for plan in haystack.PLANS.values() for c in plan]
     cohorts = {c for plan in haystack.PLANS.values() for c in plan}
     assert len(set(names)) == len(cohorts)
+    dense = haystack.Cohort("pcam", 0.002, 40, 8192, stride=64)
+    assert dense.name == "pcam-f0.002-n40-s8192-st64"
+    assert dense.slides_name == haystack.Cohort("pcam", 0.002, 40, 8192).name   # the same slides
+
+
+def test_every_registered_head_is_in_the_study(haystack):
+    from models.slide_models import list_slide_models
+
+    assert set(haystack.MODELS) == set(list_slide_models())
+    assert haystack.MODELS[:4] == ("mean", "max", "abmil", "nic-cnn")
 
 
 def test_markdown_and_plot_from_results(haystack, tmp_path):
@@ -46,9 +56,14 @@ def test_markdown_and_plot_from_results(haystack, tmp_path):
     for f, a in [(0.5, 1.0), (0.05, 0.93), (0.005, 0.6)]:
         c = haystack.Cohort("synthetic", f, 24, 4096)
         results[c.name] = _entry("synthetic", f, {"mean": a, "max": 1.0})
+    dense = haystack.Cohort("pcam", 0.002, 40, 8192, stride=64)
+    results[dense.name] = {**_entry("pcam", 0.002, {"abmil": 0.7}, 40, 8192), "cohort": {
+        **_entry("pcam", 0.002, {}, 40, 8192)["cohort"], "stride": 64}}
     text = haystack.markdown(results)
-    assert "| synthetic | 24 × 4096² | 0.005 | 2.5 | 0.60 | 1.00 | – | – |" in text
-    assert "| synthetic, 24 × 4096² | 0.05 | 0.005 | not run | not run |" in text
+    others = len(haystack.MODELS) - 2        # every other registered head: not run here
+    assert "| synthetic | 24 × 4096² | 0.005 | 2.5 | 0.60 | 1.00 |" + " – |" * others in text
+    assert "| synthetic, 24 × 4096² | 0.05 | 0.005" + " | not run" * others + " |" in text
+    assert "| pcam | 40 × 8192², stride 64 | 0.002 | 1.0 | – | – | 0.70 |" in text
     out = tmp_path / "auc.png"
     haystack.plot(results, out)
     assert out.stat().st_size > 10_000

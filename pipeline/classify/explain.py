@@ -56,9 +56,13 @@ def mask_um_per_px(mask_shape, meta: dict, slide_extent_um=None, downsample: int
 
 
 def mask_to_grid(mask: np.ndarray, meta: dict, um_per_px: tuple[float, float]) -> np.ndarray:
-    """Fraction (ny, nx) of each grid cell covered by a full-slide ``mask``."""
+    """Fraction (ny, nx) of each grid cell's patch covered by a full-slide ``mask`` (the patch is
+    larger than the cell step when the store was compressed with overlapping patches)."""
     _, ny, nx = meta["shape"]
-    return cell_coverage(np.asarray(mask), um_per_px, _cell_step(meta["y"], meta["attrs"]), (ny, nx))
+    step = _cell_step(meta["y"], meta["attrs"])
+    attrs = meta["attrs"]
+    window = attrs["patch_size"] * attrs["mpp"] if {"patch_size", "mpp"} <= set(attrs) else None
+    return cell_coverage(np.asarray(mask), um_per_px, step, (ny, nx), window)
 
 
 def heatmap_auc(heat: np.ndarray, lesion_fraction: np.ndarray, threshold: float = 0.5) -> float:

@@ -19,14 +19,16 @@ from pipeline.runtime.preflight import absolute, preflight
 
 def compress(slides, store: str | os.PathLike, client=None, *, encoder: str = "nic", weights=None,
              mpp: float | None = None, mpp_csv=None, force_mpp: bool = False, precision: str = "auto",
-             device: str = "auto", block: int = 256, min_tissue: float = 0.1, verify: bool = False,
+             device: str = "auto", block: int = 256, stride: int | None = None, min_tissue: float = 0.1,
+             verify: bool = False,
              redo_changed: bool = False, wait_workers: int = 1, wait_timeout: float = 300.0,
              progress: bool = True, stain_norm: str = "none", stain_target=None,
              **encoder_options) -> CompressReport:
     """Compress slide files or folders (or a list of :class:`SlideJob`) into a Zarr ``store``.
 
     ``mpp`` fills in slides whose metadata has no µm/px (``force_mpp``: every slide);
-    ``block``: the largest block side in cells (small slides get smaller blocks);
+    ``block``: the largest block side in cells (small slides get smaller blocks); ``stride``: px
+    between patches (default the encoder's; 64 for overlapping 128 px patches, 4x the cells);
     ``verify`` re-reads the shards of finished slides; ``stain_norm`` (macenko, reinhard)
     normalises each slide's stain onto ``stain_target`` (a reference slide or image, or
     ``"cohort"``) before encoding. Returns a :class:`CompressReport`.
@@ -43,4 +45,4 @@ def compress(slides, store: str | os.PathLike, client=None, *, encoder: str = "n
                   outputs=[store], wait_workers=wait_workers, timeout=wait_timeout)
         return run_compress(jobs, store, active, settings, block=block, min_tissue=min_tissue, progress=progress,
                             options=RunOptions(verify=verify, redo_changed=redo_changed),
-                            stain_norm=stain_norm, stain_target=stain_target)
+                            stain_norm=stain_norm, stain_target=stain_target, stride=stride)

@@ -113,15 +113,19 @@ class CompressReport:
         return sum(s.blocks_encoded for s in self.slides)
 
 
-def compression_config(settings: EncoderSettings, block: int, min_tissue: float, mask_mpp: float) -> CompressionConfig:
-    """The store settings for an encoder: its grid, code size and the hash of its weights."""
+def compression_config(settings: EncoderSettings, block: int, min_tissue: float, mask_mpp: float,
+                       stride: int | None = None) -> CompressionConfig:
+    """The store settings for an encoder: its grid (``stride``: px between patches at the encoder's
+    µm/px, default the encoder's own), code size and the hash of its weights."""
     spec = get_spec(settings.name)  # the spec and the weights' hash: no network is built here
     if block <= 0:
         raise NicError(f"--block must be a positive number of cells, not {block}")
+    if stride is not None and not 0 < stride <= spec.patch_size:
+        raise NicError(f"--stride must be between 1 and the encoder's patch size ({spec.patch_size} px), not {stride}")
     return CompressionConfig(
         encoder=spec.name,
         encoder_sha256=weights_sha256(settings.name, settings.weights, settings.random_init, settings.seed),
-        code_dim=spec.code_dim, mpp=spec.mpp, patch_size=spec.patch_size, stride=spec.stride, block=block,
+        code_dim=spec.code_dim, mpp=spec.mpp, patch_size=spec.patch_size, stride=stride or spec.stride, block=block,
         min_tissue=min_tissue, mask_mpp=mask_mpp, precision=settings.precision, dihedral_mean=settings.dihedral_mean,
     )
 
@@ -193,7 +197,7 @@ def detect_tissue(store: str, job: SlideJob, config: CompressionConfig, options:
             raise SlideError(job.path, f"smaller than one {config.patch_size} px patch at {config.mpp} µm/px")
         slide.mpp = mpp
         mask, mask_mpp = slide_tissue_mask(slide, mask_mpp=config.mask_mpp)
-        tissue = np.asarray(cell_coverage(mask, mask_mpp, grid.cell_um, grid.shape))
+        tissue = np.asarray(cell_coverage(mask, mask_mpp, grid.cell_um, grid.shape, grid.patch_um))
         stain = source_stain_attrs(slide, grid, tissue, config)  # the slide's own stain, fitted once
     if not (tissue >= config.min_tissue).any():
         raise SlideError(job.path, f"no grid cell has {config.min_tissue:.0%} tissue; nothing to encode")
@@ -345,16 +349,18 @@ def compress(
     window: int | None = None,
     stain_norm: str = "none",
     stain_target: str | None = None,
+    stride: int | None = None,
 ) -> CompressReport:
     """Compress ``jobs`` into ``store`` (an absolute path every worker sees) on ``client``'s cluster.
 
     ``window``: slides in flight at once (default: twice the workers, at least 4).
     ``stain_norm``/``stain_target``: normalise each slide's stain onto a reference file's or the
-    cohort's (``"cohort"``) before encoding (:mod:`pipeline.compress.stain_fit`).
+    cohort's (``"cohort"``) before encoding (:mod:`pipeline.compress.stain_fit`); ``stride``: px
+    between patches (default the encoder's; 64 with 128 px patches: overlapping, 4x the cells).
     """
     started = time.perf_counter()
     store = absolute(store)  # the workers' working directory is not this one
-    config = compression_config(settings, block, min_tissue, mask_mpp)
+    config = compression_config(settings, block, min_tissue, mask_mpp, stride)
     config = with_stain_target(config, stain_norm, stain_target, jobs, client, store)
     root = open_store(store, config)
     client.register_plugin(NicWorker())

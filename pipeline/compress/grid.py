@@ -42,6 +42,11 @@ class Grid:
         return self.stride * self.mpp
 
     @property
+    def patch_um(self) -> float:
+        """Side of one cell's patch in µm (more than ``cell_um`` when patches overlap)."""
+        return self.patch_size * self.mpp
+
+    @property
     def shape(self) -> tuple[int, int]:
         """(ny, nx): the cells whose whole patch lies inside the slide."""
         return (self._cells_along(self.height), self._cells_along(self.width))
@@ -75,6 +80,11 @@ class Block:
     x1: int
 
     @property
+    def patch_um(self) -> float:
+        """Side of one cell's patch in µm (more than ``cell_um`` when patches overlap)."""
+        return self.patch_size * self.mpp
+
+    @property
     def shape(self) -> tuple[int, int]:
         return (self.y1 - self.y0, self.x1 - self.x0)
 
@@ -98,14 +108,15 @@ def iter_blocks(grid_shape: tuple[int, int], block: int) -> Iterator[Block]:
             yield Block((by, bx), y0, min(y0 + block, ny), x0, min(x0 + block, nx))
 
 
-def cell_coverage(mask, mask_um, cell_um: float, grid_shape):
+def cell_coverage(mask, mask_um, cell_um: float, grid_shape, window_um: float | None = None):
     """Fraction of each grid cell covered by a mask: float32 (ny, nx), same namespace as ``mask``.
 
-    Cell (i, j) covers [j, j+1) x [i, i+1) * cell_um µm from the slide origin; mask pixel (a, b)
-    covers [b, b+1) x [a, a+1) * mask_um µm (one number, or (y, x) for anisotropic masks). The
-    overlap is exact for any ratio of the two sizes (bilinear interpolation of the summed-area
-    table is exact for piecewise-constant pixels); area beyond the mask counts as uncovered, so
-    edge cells get their true fraction.
+    Cell (i, j) covers [j, j + w) x [i, i + w) µm from (j, i) * cell_um, where the window w is
+    ``window_um`` (a cell's whole patch, larger than the step when patches overlap) or else
+    ``cell_um``; mask pixel (a, b) covers [b, b+1) x [a, a+1) * mask_um µm (one number, or (y, x)
+    for anisotropic masks). The overlap is exact for any ratio of the two sizes (bilinear
+    interpolation of the summed-area table is exact for piecewise-constant pixels); area beyond
+    the mask counts as uncovered, so edge cells get their true fraction.
     """
     xp = array_namespace(mask)
     um_y, um_x = (mask_um, mask_um) if np.isscalar(mask_um) else mask_um
@@ -113,13 +124,17 @@ def cell_coverage(mask, mask_um, cell_um: float, grid_shape):
     h, w = mask.shape
     sat = xp.zeros((h + 1, w + 1), dtype=xp.float64)
     sat[1:, 1:] = xp.cumsum(xp.cumsum(xp.asarray(mask).astype(xp.float64), axis=0), axis=1)
-    scale_y, scale_x = cell_um / um_y, cell_um / um_x  # cell size in mask pixels
-    ys = xp.clip(xp.arange(ny + 1, dtype=xp.float64) * scale_y, 0, h)
-    xs = xp.clip(xp.arange(nx + 1, dtype=xp.float64) * scale_x, 0, w)
-    rows = _interp_rows(sat, ys)  # (ny + 1, w + 1)
-    corners = _interp_rows(rows.T, xs).T  # (ny + 1, nx + 1)
-    area = corners[1:, 1:] - corners[:-1, 1:] - corners[1:, :-1] + corners[:-1, :-1]
-    return (area / (scale_y * scale_x)).clip(0.0, 1.0).astype(xp.float32)
+    window = cell_um if window_um is None else window_um
+    step_y, step_x = cell_um / um_y, cell_um / um_x  # cell step in mask pixels
+    win_y, win_x = window / um_y, window / um_x  # window side in mask pixels
+    ys = xp.arange(ny, dtype=xp.float64) * step_y
+    xs = xp.arange(nx, dtype=xp.float64) * step_x
+    ys = xp.clip(xp.concatenate([ys, ys + win_y]), 0, h)  # top edges, then bottom edges
+    xs = xp.clip(xp.concatenate([xs, xs + win_x]), 0, w)
+    rows = _interp_rows(sat, ys)  # (2 ny, w + 1)
+    c = _interp_rows(rows.T, xs).T  # (2 ny, 2 nx): sums at every (top|bottom, left|right) corner
+    area = c[ny:, nx:] - c[:ny, nx:] - c[ny:, :nx] + c[:ny, :nx]
+    return (area / (win_y * win_x)).clip(0.0, 1.0).astype(xp.float32)
 
 
 def _interp_rows(table, pos):

@@ -392,6 +392,7 @@ def describe_store(store: str | os.PathLike) -> list[dict]:
             "slide_id": slide_id, "status": status, "grid_shape": list(attrs.get("grid_shape", [])),
             "tissue_cells": _tissue_cells(root[slide_id]) if "status" in attrs else 0,
             "encoder": attrs.get("encoder"), "encoder_sha256": attrs.get("encoder_sha256"), "mpp": attrs.get("mpp"),
+            "patch_size": attrs.get("patch_size"), "stride": attrs.get("stride"),
             "slide_mpp": attrs.get("slide_mpp"), "mpp_source": attrs.get("mpp_source"),
             "precisions": sorted({b.get("precision") for b in attrs.get("blocks", {}).values()} - {None}),
             "decoders": sorted({b.get("decoder") for b in attrs.get("blocks", {}).values()} - {None}),
@@ -401,7 +402,7 @@ def describe_store(store: str | os.PathLike) -> list[dict]:
     failed.update({slide_id: lost for slide_id in lost_groups(root) if slide_id not in failed})
     for slide_id, reason in sorted(failed.items()):
         rows.append({"slide_id": slide_id, "status": FAILED, "grid_shape": [], "tissue_cells": 0, "encoder": None,
-                     "encoder_sha256": None, "mpp": None, "slide_mpp": None, "mpp_source": None, "precisions": [], "decoders": [],
+                     "encoder_sha256": None, "mpp": None, "patch_size": None, "stride": None, "slide_mpp": None, "mpp_source": None, "precisions": [], "decoders": [],
                      "source_path": None, "error": reason})
     return rows
 

@@ -2,7 +2,9 @@
 slide's µm/px, and feather-blended mosaics of them over any region at downsample 1 or 4.
 
 Tiles come from class sub-folders or a ``path,label`` CSV; tumour-like class names make the
-lesion pool, background-like names are dropped, the rest is normal tissue.
+lesion pool, background-like names are dropped, the rest is normal tissue. A CSV with a
+``split`` column (PCam's ``labels.csv``) gives only its ``train`` rows, so that slides never show
+the tiles held out for validation.
 """
 
 from __future__ import annotations
@@ -18,10 +20,15 @@ from pipeline.errors import NicError
 from pipeline.synth.noise import hash01, value_noise
 
 IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"}
-LESION_WORDS = ("tumor", "tumour", "tum", "aca", "scc", "carcinoma", "cancer", "malignant")
+LESION_WORDS = ("tumor", "tumour", "tum", "aca", "scc", "carcinoma", "cancer", "malignant", "metasta")
 BACKGROUND_WORDS = ("empty", "back", "background", "blank", "glass")
-KNOWN_TILE_MPP = {"kather2016": 0.495, "nct_crc": 0.5, "nct-crc": 0.5, "lc25000": 1.7}
-MAX_POOL = 32                 # real tiles kept per role (normal / lesion) per slide
+# PCam: Camelyon16 scans at 40x (0.243 µm/px) downsampled 4x (Veeling et al. 2018)
+KNOWN_TILE_MPP = {"kather2016": 0.495, "nct_crc": 0.5, "nct-crc": 0.5, "lc25000": 1.7, "pcam": 0.972}
+TRAIN_SPLIT = "train"         # rows of a tile CSV's `split` column that slides may use
+# Real tiles kept per role (normal / lesion) per slide: enough that an 8192² slide of 186 px
+# PCam tiles (~1,500 tissue tiles) shows each tile about 3 times, not 50 (a haystack of a few
+# repeated normal tiles is unrealistically uniform); ~100 MB of pixels per role at most.
+MAX_POOL = 512
 
 
 def _guess_tile_mpp(source: str) -> float:
@@ -48,12 +55,17 @@ def _is_background(label: str) -> bool:
 
 
 def list_tiles(directory: Path, tile_labels: Path | None = None) -> list[tuple[Path, str]]:
-    """(path, class) of every tile: class sub-folders of DIR, or a path,label[,group] CSV."""
+    """(path, class) of every tile: class sub-folders of DIR, or a path,label[,group][,split] CSV
+    (only its ``train`` rows when it has a split column)."""
     directory = Path(directory)
     if tile_labels is not None:
         table = pd.read_csv(tile_labels)
         if not {"path", "label"} <= set(table.columns):
             raise NicError(f"{tile_labels}: needs columns path,label (got {', '.join(table.columns)})")
+        if "split" in table.columns:
+            table = table[table["split"].astype(str) == TRAIN_SPLIT]
+            if table.empty:
+                raise NicError(f"{tile_labels}: no rows with split '{TRAIN_SPLIT}'")
         out = []
         for p, label in zip(table["path"], table["label"]):
             path = Path(p)

@@ -17,7 +17,7 @@ from pipeline import synth
 from pipeline.cli import main
 from pipeline.errors import NicError
 from pipeline.synth.stain import restain, restain_matrix, stain_scales
-from pipeline.synth.tiles import _guess_tile_mpp, _is_background, _is_lesion
+from pipeline.synth.tiles import MAX_POOL, TilePools, _guess_tile_mpp, _is_background, _is_lesion, _roles, list_tiles
 from tests.conftest import shared_path
 
 MPP = 0.5
@@ -249,6 +249,48 @@ def test_lesion_class_guess():
     assert not _is_lesion("02_STROMA", None) and _is_background("08_EMPTY")
     assert _guess_tile_mpp("/data/tiles/kather2016_samples") == 0.495
     assert _guess_tile_mpp("/data/lc25000_lung/labels.csv") == 1.7
+    assert _is_lesion("metastasis", None) and not _is_lesion("normal", None)
+    assert _guess_tile_mpp("/data/pcam/labels.csv") == 0.972
+
+
+def test_pcam_tiles_come_from_the_train_split_at_their_true_scale():
+    """PCam: 96 px at 0.972 µm/px are 187 px at 0.5 µm/px; validation patches never reach a slide."""
+    pcam = shared_path("pcam")
+    entries = list_tiles(pcam, pcam / "labels.csv")
+    table = pd.read_csv(pcam / "labels.csv")
+    assert len(entries) == (table["split"] == "train").sum() > 0
+    assert all("/train/" in str(path) for path, _ in entries)
+    roles = _roles(entries, None, pcam, need_lesion=True)
+    labels = dict(entries)
+    assert {labels[p] for p in roles["lesion"]} == {"metastasis"} and {labels[p] for p in roles["normal"]} == {"normal"}
+    pools = TilePools(pcam, pcam / "labels.csv", None, None, 0.5, seed=1, need_lesion=True)
+    assert pools.tile_mpp == 0.972 and pools.size0 == 187
+    for role in ("normal", "lesion"):  # many distinct tiles per slide, not a few repeated ones
+        assert len(pools.images[role][1]) == MAX_POOL and pools.images[role][1][0].shape == (187, 187, 3)
+        assert pools.images[role][4][0].shape == (47, 47, 3)
+
+
+def test_a_tile_csv_without_train_rows_is_refused(tmp_path):
+    tile = sorted(shared_path("tiles", "kather2016_samples", "02_STROMA").iterdir())[0]
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"path,label,split\n{tile},stroma,valid\n")
+    with pytest.raises(NicError, match="no rows with split 'train'"):
+        list_tiles(tmp_path, labels)
+
+
+def test_pcam_haystack_cohort_from_the_cli(tmp_path):
+    """`nic synth --texture tiles:pcam --tile-labels labels.csv`: a lymph-node cohort with metastases."""
+    pcam = shared_path("pcam")
+    out = tmp_path / "hay"
+    result = CliRunner().invoke(main, ["synth", str(out), "--slides", "2", "--width", "1536", "--height", "1536",
+                                       "--lesion-fraction", "0.1", "--texture", f"tiles:{pcam}",
+                                       "--tile-labels", str(pcam / "labels.csv")])
+    assert result.exit_code == 0, result.output
+    labels = pd.read_csv(out / "labels.csv")
+    assert labels["label"].tolist().count(1) == 1
+    assert labels.loc[labels["label"] == 1, "lesion_fraction"].item() == pytest.approx(0.1, rel=0.15)
+    level0 = tifffile.imread(out / "synth_000.tif")
+    assert level0.shape == (1536, 1536, 3) and level0.std() > 20  # real texture, not a flat fill
 
 
 def test_tiles_texture_from_labels_csv(tmp_path):
