@@ -17,6 +17,8 @@ from pipeline.classify import SlideSource, encode_targets, fit, predict_cohort, 
 from pipeline.classify.explain import explain_cohort
 from pipeline.classify.metrics import auc
 
+torch.set_num_threads(1)  # as a fold task trains; two threads on a busy two-core machine run several times slower
+
 
 class TopKMean(nn.Module):
     """Scores each cell with one linear layer; the slide output is the mean of its k best cells."""
