@@ -16,6 +16,7 @@ from models.slide_models import get_slide_model_spec, list_slide_models, registe
 from pipeline.classify import SlideSource, encode_targets, fit, predict_cohort, target_spec, train_cohort
 from pipeline.classify.explain import explain_cohort
 from pipeline.classify.metrics import auc
+from pipeline.cli import main
 
 torch.set_num_threads(1)  # as a fold task trains; two threads on a busy two-core machine run several times slower
 
@@ -111,3 +112,15 @@ def test_transmil_trains_predicts_and_explains_through_the_pipeline(cohort, clie
     heat = explain_cohort(store, run, tmp_path / "heat", masks_dir=masks, slide_ids=["slide-001", "slide-003"])
     assert json.loads((tmp_path / "heat" / "heatmaps.json").read_text())["method"].startswith("class-token attention")
     assert heat["lesion_auc"].min() >= 0.9, heat
+
+
+def test_nic_train_help_names_every_built_in_head():
+    """`nic train --help` lists the heads of models/slide_models (the CLI does not import torch to
+    build its help, so the list is written out there)."""
+    builds = {name: get_slide_model_spec(name).build for name in list_slide_models()}
+    built_in = [name for name, build in builds.items()  # mean/max register a functools.partial
+                if getattr(build, "func", build).__module__.startswith("models.slide_models.")]
+    assert {"transmil", "clam-sb", "dsmil", "topk"} <= set(built_in)
+    option = next(p for p in main.commands["train"].params if p.name == "model")
+    listed = option.help.split(":", 1)[1].split("(")[0]
+    assert sorted(name.strip() for name in listed.split(",")) == sorted(built_in)
