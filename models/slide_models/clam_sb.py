@@ -51,9 +51,10 @@ class ClamSB(GatedAttentionMIL):
         h, a = extras
         k = min(self.k_sample, max(len(a) // 2, 1))
         top, bottom = a.topk(k).indices, (-a).topk(k).indices
-        ones, zeros = torch.ones(k, dtype=torch.long, device=h.device), torch.zeros(k, dtype=torch.long, device=h.device)
+        zeros = torch.zeros(k, dtype=torch.long, device=h.device)
         label = int(target)
-        losses = [smooth_top1_svm(self.instance_classifiers[label](h[torch.cat([top, bottom])]), torch.cat([ones, zeros]))]
+        pseudo = torch.cat([zeros + 1, zeros])  # top-attended cells are the class, bottom-attended not
+        losses = [smooth_top1_svm(self.instance_classifiers[label](h[torch.cat([top, bottom])]), pseudo)]
         if task == "multiclass":  # subtyping: the other classes call the most-attended cells negative
             losses += [smooth_top1_svm(self.instance_classifiers[c](h[top]), zeros)
                        for c in range(self.n_classes) if c != label]
