@@ -12,7 +12,11 @@ entry (or the module it builds) and never branches on a model's name:
 * ``explanation``: what its heatmap shows. Grid modules implement ``relevance(x, output_index)``
   -> (H, W) for one crop (C+1, H, W); bag modules implement ``instance_scores(bag,
   output_index)`` -> (n_cells,). A bag module that summarises a bag without parameters may also
-  expose ``pool(bag)`` and ``classify(pooled)``, and training then pools each slide once.
+  expose ``pool(bag)`` and ``classify(pooled)``, and training then pools each slide once. A bag
+  module with a second training loss (CLAM's instance loss) implements ``forward_extras(bag)`` ->
+  (outputs, extras), ``auxiliary_loss(extras, target, task)`` -> scalar (or None) and
+  ``auxiliary_weight`` w; training minimises (1 - w) task loss + w auxiliary loss
+  (:func:`models.slide_models.tasks.bag_loss`).
 
 Adding a head means one file that defines the module and calls :func:`register_slide_model`,
 plus its import in ``models/slide_models/__init__.py``.

@@ -60,6 +60,28 @@ def task_loss(task: str, outputs: torch.Tensor, target: torch.Tensor, *, time=No
     raise ValueError(f"unknown task {task!r}")
 
 
+def bag_loss(module: nn.Module, task: str, bags, target: torch.Tensor, **loss_targets) -> torch.Tensor:
+    """Training loss of a mini-batch of bags (each (n_i, C)) for a bag module.
+
+    The task loss of the outputs; a module that also provides an auxiliary loss (``forward_extras(bag)``
+    -> (outputs, extras) and ``auxiliary_loss(extras, target, task)`` -> scalar or None) trains on
+    ``(1 - w) * task loss + w * mean auxiliary loss`` with ``w = module.auxiliary_weight``."""
+    if not hasattr(module, "auxiliary_loss"):
+        return task_loss(task, torch.cat([module(bag) for bag in bags]), target, **loss_targets)
+    outputs, extra_losses = [], []
+    for bag, bag_target in zip(bags, target):
+        out, extras = module.forward_extras(bag)
+        outputs.append(out)
+        term = module.auxiliary_loss(extras, bag_target, task)
+        if term is not None:
+            extra_losses.append(term)
+    loss = task_loss(task, torch.cat(outputs), target, **loss_targets)
+    if not extra_losses:
+        return loss
+    weight = module.auxiliary_weight
+    return (1 - weight) * loss + weight * torch.stack(extra_losses).mean()
+
+
 def predict_dihedral(model: nn.Module, crops: torch.Tensor, task: str) -> torch.Tensor:
     """Scores of crops (n, C, H, W) averaged over the 8 rotations/flips -> (n, n_out).
 

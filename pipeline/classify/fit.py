@@ -2,8 +2,9 @@
 
 * ``grid``: random tissue-centred crops, random rotation/flip, class-balanced slides, Adam with
   exponential learning-rate decay (:func:`fit_grid`);
-* ``bag``: mini-batches of whole bags (sub-sampled to ``max_cells``), class-weighted loss, Adam;
-  a module with a parameter-free ``pool`` has each slide pooled once (:func:`fit_bag`).
+* ``bag``: mini-batches of whole bags (sub-sampled to ``max_cells``), class-weighted loss (plus a
+  head's own auxiliary loss, e.g. CLAM's instance loss), Adam; a module with a parameter-free
+  ``pool`` has each slide pooled once (:func:`fit_bag`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from models.dihedral import dihedral
-from models.slide_models import get_slide_model_spec, n_outputs_for, task_loss
+from models.slide_models import bag_loss, get_slide_model_spec, n_outputs_for, task_loss
 from pipeline.classify.bundle import SlideModel, resolve_params
 from pipeline.classify.source import SlideSource
 from pipeline.errors import NicError
@@ -136,8 +137,9 @@ def fit_grid(bundle: SlideModel, source, slide_ids, tensors, params, rng, n_clas
 
 def fit_bag(bundle: SlideModel, source, slide_ids, tensors, params, rng, n_classes, progress) -> None:
     """Mini-batches of whole bags (``batch_size``, default all), sub-sampled to ``max_cells``
-    (default all), class-weighted loss, Adam. A module with a parameter-free ``pool`` and a
-    ``classify`` head has every slide pooled once, then trains the head alone."""
+    (default all), class-weighted loss plus the module's auxiliary loss if it has one
+    (:func:`models.slide_models.tasks.bag_loss`), Adam. A module with a parameter-free ``pool``
+    and a ``classify`` head has every slide pooled once, then trains the head alone."""
     task, device, module = bundle.task, bundle.device, bundle.module
     weight = _class_weights(task, tensors["target"].numpy(), n_classes, device)
     n = len(slide_ids)
@@ -154,12 +156,12 @@ def fit_bag(bundle: SlideModel, source, slide_ids, tensors, params, rng, n_class
             index = order[start:start + batch_size]
             if task == "survival" and len(index) < 2:
                 continue
+            targets = _loss_targets(tensors, index, device, weight)
             if pooled is not None:
-                outputs = module.classify(pooled[index])
+                loss = task_loss(task, module.classify(pooled[index]), **targets)
             else:
-                outputs = torch.cat([module(bundle.bag_input(_subsample(source.bag(slide_ids[i])[0], max_cells, rng)))
-                                     for i in index])
-            loss = task_loss(task, outputs, **_loss_targets(tensors, index, device, weight))
+                bags = [bundle.bag_input(_subsample(source.bag(slide_ids[i])[0], max_cells, rng)) for i in index]
+                loss = bag_loss(module, task, bags, **targets)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -167,8 +169,10 @@ def fit_bag(bundle: SlideModel, source, slide_ids, tensors, params, rng, n_class
 
 
 def _subsample(codes: np.ndarray, max_cells: int | None, rng) -> np.ndarray:
+    """At most ``max_cells`` random cells, kept in the bag's (raster) order, which order-aware
+    heads (transmil's positional encoding) read as it comes at prediction."""
     if max_cells and len(codes) > max_cells:
-        return codes[rng.choice(len(codes), max_cells, replace=False)]
+        return codes[np.sort(rng.choice(len(codes), max_cells, replace=False))]
     return codes
 
 
