@@ -24,7 +24,7 @@ from pipeline.compress.jobs import SlideJob, plan_jobs, slide_mpp
 from pipeline.compress.stain import METHODS, Stain, fit_stain, median_stain
 from pipeline.compress.store import CompressionConfig
 from pipeline.compress.tissue import slide_tissue_mask
-from pipeline.errors import NicError
+from pipeline.errors import NicError, SlideError
 from pipeline.io import SUFFIXES, open_slide
 
 SAMPLE_CELLS = 64
@@ -60,17 +60,24 @@ def source_stain_attrs(slide, grid: Grid, tissue: np.ndarray, config: Compressio
     return {"stain_source": None if stain is None else list(stain.values)}
 
 
+def file_stain(job: SlideJob, method: str, config: CompressionConfig) -> Stain | None:
+    """The stain of one slide file, fitted as the workers fit it (None: too little tissue);
+    raises SlideError for a slide that cannot be read or has no µm/px."""
+    with open_slide(job.path) as slide:
+        slide.mpp = slide_mpp(slide.mpp, job)[0]
+        grid = Grid(*slide.dimensions, slide.mpp, config.mpp, config.patch_size, config.stride)
+        if 0 in grid.shape:
+            return None
+        mask, mask_mpp = slide_tissue_mask(slide, mask_mpp=config.mask_mpp, require_tissue=False)
+        tissue = np.asarray(cell_coverage(mask, mask_mpp, grid.cell_um, grid.shape))
+        return slide_stain(slide, grid, tissue, config.min_tissue, method)
+
+
 def job_stain(job: SlideJob, method: str, config: CompressionConfig) -> Stain | None:
-    """The stain of one slide file, fitted as the workers fit it (None: unreadable or too little tissue)."""
+    """Task of a cohort fit: :func:`file_stain`, with None for a slide that cannot be used (the
+    run reports it when it gets to it)."""
     try:
-        with open_slide(job.path) as slide:
-            slide.mpp = slide_mpp(slide.mpp, job)[0]
-            grid = Grid(*slide.dimensions, slide.mpp, config.mpp, config.patch_size, config.stride)
-            if 0 in grid.shape:
-                return None
-            mask, mask_mpp = slide_tissue_mask(slide, mask_mpp=config.mask_mpp, require_tissue=False)
-            tissue = np.asarray(cell_coverage(mask, mask_mpp, grid.cell_um, grid.shape))
-            return slide_stain(slide, grid, tissue, config.min_tissue, method)
+        return file_stain(job, method, config)
     except NicError:
         return None
 
@@ -82,7 +89,12 @@ def reference_stain(path: str | os.PathLike, method: str, config: CompressionCon
         raise NicError(f"--stain-target {path}: no such file (give a reference slide or image, or '{COHORT}')")
     if path.suffix.lower() in SUFFIXES:
         [job] = plan_jobs([path], mpp=mpp)
-        stain = None if job.problem else job_stain(job, method, config)
+        if job.problem:
+            raise NicError(f"--stain-target {path}: {job.problem}")
+        try:
+            stain = file_stain(job, method, config)
+        except SlideError as err:
+            raise NicError(f"--stain-target {path}: {err.reason}") from err
     else:
         try:
             with Image.open(path) as image:
@@ -90,7 +102,7 @@ def reference_stain(path: str | os.PathLike, method: str, config: CompressionCon
         except OSError as err:
             raise NicError(f"--stain-target {path}: not a slide or an image ({err})") from err
     if stain is None:
-        raise NicError(f"--stain-target {path}: too little readable tissue to fit a {method} stain")
+        raise NicError(f"--stain-target {path}: too little tissue to fit a {method} stain")
     return stain
 
 

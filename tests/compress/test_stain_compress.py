@@ -124,3 +124,13 @@ def test_cli_takes_the_stain_options(tmp_path, slides):
     attrs = zarr.open_group(str(store), mode="r")["b"].attrs
     assert attrs["stain_norm"] == "macenko" and len(attrs["stain_source"]) == 8
     assert attrs["stain_reference"] == str((slides / "ref.tif").resolve())
+
+
+def test_a_reference_that_cannot_be_fitted_says_why(tmp_path):
+    config = CompressionConfig(encoder="nic", encoder_sha256="x", code_dim=8, mpp=0.5, patch_size=128, stride=128)
+    Image.fromarray(np.full((64, 64, 3), 250, np.uint8)).save(tmp_path / "glass.png")
+    with pytest.raises(NicError, match="too little tissue to fit a reinhard stain"):
+        with_stain_target(config, "reinhard", str(tmp_path / "glass.png"), [], None, "s.zarr")
+    (tmp_path / "empty.svs").write_bytes(b"")
+    with pytest.raises(NicError, match="--stain-target .*empty.svs: .*empty"):
+        with_stain_target(config, "macenko", str(tmp_path / "empty.svs"), [], None, "s.zarr")
