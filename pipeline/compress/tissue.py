@@ -68,18 +68,25 @@ def _remove_small(func, mask, n_px: int):
 # --- per-pixel measures ---------------------------------------------------------------------------
 
 
+_OD_TABLE = -np.log((np.arange(256, dtype=np.float32) + 1.0) / 256.0)
+"""The optical density of each uint8 intensity: a table lookup costs a fraction of a logarithm."""
+
+
 def optical_density(rgb):
     """Optical density -ln((I + 1) / 256) per channel, float32 (h, w, 3); 0 for white."""
     xp = array_namespace(rgb)
-    return -xp.log((rgb[..., :3].astype(xp.float32) + 1.0) / 256.0)
+    rgb = rgb[..., :3]
+    if rgb.dtype == xp.uint8:
+        return xp.asarray(_OD_TABLE)[rgb]
+    return -xp.log((rgb.astype(xp.float32) + 1.0) / 256.0)
 
 
 def saturation(rgb):
     """HSV saturation (max - min) / max of a uint8 RGB image, float32 (h, w); 0 for grey."""
     xp = array_namespace(rgb)
-    c = rgb[..., :3].astype(xp.float32)
-    hi = c.max(axis=-1)
-    lo = c.min(axis=-1)
+    c = rgb[..., :3]
+    hi = c.max(axis=-1).astype(xp.float32)  # max and min before the cast: a third of the conversions
+    lo = c.min(axis=-1).astype(xp.float32)
     return (hi - lo) / xp.maximum(hi, 1.0)
 
 
@@ -258,16 +265,18 @@ def slide_image_at_mpp(slide, target_mpp: float, *, max_strip_pixels: int = 16 *
 
     # Integer block averaging in strips, to an intermediate image no coarser than the target.
     k = max(1, int(math.floor(target_mpp / level_mpp + 1e-6)))
+    out_h = max(1, math.ceil(height0 * base_mpp / target_mpp - 1e-6))
+    out_w = max(1, math.ceil(width0 * base_mpp / target_mpp - 1e-6))
+    exact = k == 1 and abs(level_mpp / target_mpp - 1.0) < 1e-6 and (level_h, level_w) == (out_h, out_w)
     rows = max(k, (max_strip_pixels // max(level_w, 1)) // k * k)
     strips = []
     for y in range(0, level_h, rows):
         h = min(rows, level_h - y)
         region = slide.read_region((0, int(round(y * downsample))), (level_w, h), level=level)
-        strips.append(_block_mean(region[..., :3], k))
+        strips.append(region[..., :3] if exact else _block_mean(region[..., :3], k))
     small = array_namespace(strips[0]).concatenate(strips, axis=0)
-
-    out_h = max(1, math.ceil(height0 * base_mpp / target_mpp - 1e-6))
-    out_w = max(1, math.ceil(width0 * base_mpp / target_mpp - 1e-6))
+    if exact:  # a pyramid level at exactly the target: its pixels as they are
+        return small
     return _resample(small, level_mpp * k, target_mpp, (out_h, out_w))
 
 
