@@ -1,7 +1,7 @@
 """Benchmark `nic compress` against the physical floor of its two stages.
 
     python benchmarks/compress.py [--size 24000] [--big 48000] [--workdir /tmp/nic-bench]
-    python benchmarks/compress.py --cli native avx2 [--cli-sizes 24000 48000] [--cli-blocks 0]   # the whole command
+    python benchmarks/compress.py --cli native avx2 [--cli-sizes 24000 48000] [--cli-copies 1 4] [--cli-blocks 0]   # the whole command
 
 On one synthetic slide at 0.5 µm/px with about 40% tissue it measures, in one run:
 
@@ -208,6 +208,8 @@ def main() -> None:
                         help="--block values for the command (0: the CLI's default)")
     parser.add_argument("--cli-sizes", nargs="+", type=int, default=[24000, 48000],
                         help="slide sides (px) the command is timed on")
+    parser.add_argument("--cli-copies", nargs="+", type=int, default=[1],
+                        help="inputs of N copies of each slide (a cohort; 1: the slide alone)")
     parser.add_argument("--floor-seconds", type=float, default=6.0, help="length of each encoder probe with --cli")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)

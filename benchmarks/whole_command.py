@@ -92,7 +92,8 @@ def traced_cli(trace: Path, argv: list[str]) -> None:
 
 
 def run_cli(slide: Path, store: Path, env: dict, block: int | None, trace: Path | None = None) -> dict:
-    """Run ``nic compress`` on ``slide`` cold (fresh cluster, fresh store) and time it from outside."""
+    """Run ``nic compress`` on ``slide`` (a file, or a folder of slides) cold (fresh cluster, fresh
+    store) and time it from outside."""
     import shutil
 
     import zarr
@@ -109,10 +110,11 @@ def run_cli(slide: Path, store: Path, env: dict, block: int | None, trace: Path 
     cpu = sum(getattr(cpu_after, f) - getattr(cpu_before, f) for f in ("ru_utime", "ru_stime"))
     if done.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    attrs = zarr.open_group(str(store), mode="r")[slide.stem].attrs
-    blocks = attrs["blocks"]
-    result = {"wall": wall, "cpu": cpu, "start": start, "block": attrs["block"], "blocks": len(blocks),
-              "precisions": sorted({b.get("precision") for b in blocks.values()}),
+    root = zarr.open_group(str(store), mode="r")
+    slides = [root[name].attrs for name in sorted(root.group_keys())]
+    blocks = [b for attrs in slides for b in attrs["blocks"].values()]
+    result = {"wall": wall, "cpu": cpu, "start": start, "block": slides[0]["block"], "blocks": len(blocks),
+              "slides": len(slides), "precisions": sorted({b.get("precision") for b in blocks}),
               "patches": int(done.stdout.split(" patches encoded")[0].rsplit("(", 1)[1])}
     if trace:
         result["trace"] = json.loads(trace.read_text())
@@ -166,33 +168,52 @@ def floor_now(slide: Path, xs, ys, policy: str, seconds: float) -> dict:
 
 
 def whole_command(args) -> None:
-    """Time the whole ``nic compress`` command against the floor, for each slide size, policy and block asked."""
+    """Time the whole ``nic compress`` command against the floor, for each input, policy and block asked."""
     for size in args.cli_sizes:
         slide = make_slide(args.workdir / f"bench_{size}.tif", size)
         xs, ys = tissue_cells(slide, 128)
-        for policy in args.cli:
-            env = {**os.environ, "PYTHONPATH": str(REPO), **({"NIC_CPU_BF16": "0"} if policy == "avx2" else {})}
-            runs = [measure(slide, xs, ys, policy, block, env, args) for block in args.cli_blocks]
-            record = {"policy": policy, "size": size, "runs": runs, "when": time.strftime("%Y-%m-%d %H:%M")}
-            (args.workdir / f"cli-{policy}-{size}.json").write_text(json.dumps(record, indent=1))
-    records = [json.loads((args.workdir / f"cli-{p}-{size}.json").read_text())
-               for size in args.cli_sizes for p in POLICIES if (args.workdir / f"cli-{p}-{size}.json").exists()]
+        for copies in args.cli_copies:
+            source = slide if copies == 1 else cohort_of(slide, copies)
+            for policy in args.cli:
+                env = {**os.environ, "PYTHONPATH": str(REPO), **({"NIC_CPU_BF16": "0"} if policy == "avx2" else {})}
+                runs = [measure(source, slide, xs, ys, policy, block, env, args) for block in args.cli_blocks]
+                record = {"policy": policy, "size": size, "copies": copies, "runs": runs,
+                          "when": time.strftime("%Y-%m-%d %H:%M")}
+                (args.workdir / f"cli-{policy}-{size}x{copies}.json").write_text(json.dumps(record, indent=1))
+    records = [json.loads(path.read_text()) for size in args.cli_sizes for copies in args.cli_copies for p in POLICIES
+               if (path := args.workdir / f"cli-{p}-{size}x{copies}.json").exists()]
     replace_section(args.out, "## Compression: the whole command", cli_section(records))
 
 
-def measure(slide: Path, xs, ys, policy: str, block: int, env: dict, args) -> dict:
-    """One row: the floor, a plain run, a traced run, the floor again."""
+def cohort_of(slide: Path, copies: int) -> Path:
+    """A folder of ``copies`` hard links to ``slide`` under other names: a cohort of identical slides."""
+    folder = slide.parent / f"{slide.stem}x{copies}"
+    folder.mkdir(exist_ok=True)
+    for i in range(copies):
+        link = folder / f"{slide.stem}_{i}{slide.suffix}"
+        if not link.exists():
+            os.link(slide, link)
+    return folder
+
+
+def measure(source: Path, slide: Path, xs, ys, policy: str, block: int, env: dict, args) -> dict:
+    """One row: the floor (on ``slide``), a plain run and a traced run (on ``source``), the floor again."""
     before = floor_now(slide, xs, ys, policy, args.floor_seconds)
     store = args.workdir / f"cli-{policy}.zarr"
-    plain = run_cli(slide, store, env, block)
-    traced = run_cli(slide, store, env, block, trace=args.workdir / f"trace-{policy}.json")
+    plain = run_cli(source, store, env, block)
+    traced = run_cli(source, store, env, block, trace=args.workdir / f"trace-{policy}.json")
     after = floor_now(slide, xs, ys, policy, args.floor_seconds)
     floor = (before["floor"] + after["floor"]) / 2
     run = {"asked_block": block, "plain": plain, "traced_wall": traced["wall"], "traced_cpu": traced["cpu"],
            "floor": floor, "cpu_per_patch": min(before["cpu_per_patch"], after["cpu_per_patch"]),
            "floors": [before, after], "breakdown": breakdown(traced, floor)}
-    print(slide.name, policy, block, plain["patches"] / plain["wall"] / floor, run["breakdown"], flush=True)
+    print(source.name, policy, block, plain["patches"] / plain["wall"] / floor, run["breakdown"], flush=True)
     return run
+
+
+def _input(record: dict) -> str:
+    copies = record.get("copies", 1)
+    return f"{record['size']:,}²" if copies == 1 else f"{copies} x {record['size']:,}²"
 
 
 def cli_section(records: list[dict]) -> str:
@@ -200,9 +221,10 @@ def cli_section(records: list[dict]) -> str:
         "## Compression: the whole command",
         "",
         f"Measured by `python benchmarks/compress.py --cli native avx2` on {machine()}, shared with other jobs. "
-        "`python -m pipeline compress bench_SIZE.tif --out STORE --workers 2`, cold: Python start, cluster "
-        "start, model load, everything until the process exits, on one synthetic slide of SIZE² px at "
-        "0.5 µm/px (about 40% tissue). Floor: best decode floor combined with the best encoder floor "
+        "`python -m pipeline compress INPUT --out STORE --workers 2`, cold: Python start, cluster "
+        "start, model load, everything until the process exits. INPUT is one synthetic slide of SIZE² px at "
+        "0.5 µm/px (about 35-40% tissue), or a folder of N copies of it (hard links under other names: a "
+        "cohort). Floor: best decode floor combined with the best encoder floor "
         "allowed by the policy, 1/(1/d+1/e), measured as in the Compression section, right before and right "
         "after the two runs of each row (mean of the two; the machine is shared, so the floor moves with "
         "the load). Policy `avx2` is this same CPU with `NIC_CPU_BF16=0` in the workers' environment and "
@@ -211,7 +233,7 @@ def cli_section(records: list[dict]) -> str:
         "encode, the cheaper of the two probes) times the patches, a cost that the machine's load moves much "
         "less than wall time; CPU efficiency = CPU floor / CPU.",
         "",
-        "| slide (px) | policy | block (cells) | blocks | precision used | floor before / after (patches/s) | load avg | "
+        "| input | policy | block (cells) | blocks | precision used | floor before / after (patches/s) | load avg | "
         "patches | wall (s) | patches/s | whole command / floor | traced run: wall (s), / floor | "
         "CPU (s) | CPU floor (s) | CPU efficiency |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -221,7 +243,7 @@ def cli_section(records: list[dict]) -> str:
             plain, floors = run["plain"], run["floors"]
             rate, ideal_cpu = plain["patches"] / plain["wall"], plain["patches"] * run["cpu_per_patch"]
             lines.append(
-                f"| {rec['size']:,}² | {rec['policy']} | {plain['block']}{'' if run['asked_block'] else ' (CLI default)'} | "
+                f"| {_input(rec)} | {rec['policy']} | {plain['block']}{'' if run['asked_block'] else ' (CLI default)'} | "
                 f"{plain['blocks']} | {', '.join(plain['precisions'])} | "
                 f"{floors[0]['floor']:,.0f} / {floors[1]['floor']:,.0f} | "
                 f"{floors[0]['load']:.1f} / {floors[1]['load']:.1f} | {plain['patches']:,} | {plain['wall']:.1f} | "
@@ -233,7 +255,7 @@ def cli_section(records: list[dict]) -> str:
     for rec in records:
         for run in rec["runs"]:
             parts = "; ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in run["breakdown"].items())
-            lines.append(f"- {rec['size']:,}², {rec['policy']}, block {run['plain']['block']} (wall {run['traced_wall']:.1f} s, "
+            lines.append(f"- {_input(rec)}, {rec['policy']}, block {run['plain']['block']} (wall {run['traced_wall']:.1f} s, "
                          f"ideal {run['plain']['patches'] / run['floor']:.1f} s): {parts}")
     return "\n".join(lines) + "\n"
 
