@@ -332,8 +332,11 @@ def import_cmd(files, store, encoder, mpp):
 @click.option("--epochs", type=int, default=None, help="Override training.epochs.")
 @click.option("--lr", type=float, default=None, help="Override training.lr.")
 @click.option("--seed", type=int, default=None, help="Override the seed.")
-def train_encoder_cmd(config, out_dir, data_root, exclude_task, name, init, epochs, lr, seed):
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Override any config value by dotted key (YAML value), e.g. augment.hed_sigma=0; repeatable.")
+def train_encoder_cmd(config, out_dir, data_root, exclude_task, name, init, epochs, lr, seed, settings):
     """Train the NIC encoder by supervised multitask learning on the tasks of CONFIG (YAML)."""
+    from pipeline.encoder.config import dotted_overrides, merge
     from pipeline.encoder.train import train_encoder
 
     overrides = {k: v for k, v in {"name": name, "init": init, "seed": seed,
@@ -341,6 +344,7 @@ def train_encoder_cmd(config, out_dir, data_root, exclude_task, name, init, epoc
     training = {k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None}
     if training:
         overrides["training"] = training
+    overrides = merge(dotted_overrides(settings), overrides)
     command = "nic " + " ".join(sys.argv[1:])
     card = train_encoder(config, out_dir, command=command, data_root=data_root, overrides=overrides)
     click.echo(f"wrote {Path(out_dir) / card['weights']} and {card['name']}.json "
