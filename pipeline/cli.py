@@ -390,12 +390,18 @@ def embed(tiles, out_file, encoder, weights, random_init, seed, mpp, crops, path
 @click.option("--folds", type=int, default=5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "out_json", type=click.Path(path_type=Path), default=None, help="Also write the result here.")
-def probe(features, labels, label_column, group_column, kind, folds, seed, out_json):
-    """Linear probe of FEATURES.npz against --labels with group-aware cross-validation."""
+@click.option("--split-column", default=None,
+              help="Fit on the --train-split rows and score the --test-split rows of this column (no CV).")
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--test-split", default="valid", show_default=True)
+def probe(features, labels, label_column, group_column, kind, folds, seed, out_json, split_column,
+          train_split, test_split):
+    """Linear probe of FEATURES.npz against --labels: group-aware CV, or a held-out split."""
     from pipeline.encoder.probe import format_table, run_probe
 
     result = run_probe(features, labels, label_column=label_column, group_column=group_column or None,
-                       kind=kind, n_splits=folds, seed=seed, out_json=out_json)
+                       kind=kind, n_splits=folds, seed=seed, out_json=out_json, split_column=split_column,
+                       train_split=train_split, test_split=test_split)
     click.echo(format_table({Path(features).name: result}))
 
 
