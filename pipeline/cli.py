@@ -354,8 +354,11 @@ def import_cmd(files, store, encoder, mpp):
 @click.option("--epochs", type=int, default=None, help="Override training.epochs.")
 @click.option("--lr", type=float, default=None, help="Override training.lr.")
 @click.option("--seed", type=int, default=None, help="Override the seed.")
-def train_encoder_cmd(config, out_dir, data_root, exclude_task, name, init, epochs, lr, seed):
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Override any config value by dotted key (YAML value), e.g. augment.hed_sigma=0; repeatable.")
+def train_encoder_cmd(config, out_dir, data_root, exclude_task, name, init, epochs, lr, seed, settings):
     """Train the NIC encoder by supervised multitask learning on the tasks of CONFIG (YAML)."""
+    from pipeline.encoder.config import dotted_overrides, merge
     from pipeline.encoder.train import train_encoder
 
     overrides = {k: v for k, v in {"name": name, "init": init, "seed": seed,
@@ -363,6 +366,7 @@ def train_encoder_cmd(config, out_dir, data_root, exclude_task, name, init, epoc
     training = {k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None}
     if training:
         overrides["training"] = training
+    overrides = merge(dotted_overrides(settings), overrides)
     command = "nic " + " ".join(sys.argv[1:])
     card = train_encoder(config, out_dir, command=command, data_root=data_root, overrides=overrides)
     click.echo(f"wrote {Path(out_dir) / card['weights']} and {card['name']}.json "
@@ -408,12 +412,18 @@ def embed(tiles, out_file, encoder, weights, random_init, seed, mpp, crops, path
 @click.option("--folds", type=int, default=5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "out_json", type=click.Path(path_type=Path), default=None, help="Also write the result here.")
-def probe(features, labels, label_column, group_column, kind, folds, seed, out_json):
-    """Linear probe of FEATURES.npz against --labels with group-aware cross-validation."""
+@click.option("--split-column", default=None,
+              help="Fit on the --train-split rows and score the --test-split rows of this column (no CV).")
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--test-split", default="valid", show_default=True)
+def probe(features, labels, label_column, group_column, kind, folds, seed, out_json, split_column,
+          train_split, test_split):
+    """Linear probe of FEATURES.npz against --labels: group-aware CV, or a held-out split."""
     from pipeline.encoder.probe import format_table, run_probe
 
     result = run_probe(features, labels, label_column=label_column, group_column=group_column or None,
-                       kind=kind, n_splits=folds, seed=seed, out_json=out_json)
+                       kind=kind, n_splits=folds, seed=seed, out_json=out_json, split_column=split_column,
+                       train_split=train_split, test_split=test_split)
     click.echo(format_table({Path(features).name: result}))
 
 

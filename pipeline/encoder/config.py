@@ -35,7 +35,7 @@ DEFAULTS = {
     },
     "augment": {
         "dihedral": True, "hed_sigma": 0.05, "brightness": 0.1, "contrast": 0.1,
-        "blur_p": 0.2, "blur_sigma": 1.0,
+        "blur_p": 0.2, "blur_sigma": 1.0, "macenko_scale": 0.0, "macenko_shift": 0.0,
     },
     "tasks": [],
 }
@@ -46,6 +46,21 @@ def merge(base: dict, override: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in (override or {}).items():
         out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def dotted_overrides(settings) -> dict:
+    """``["augment.hed_sigma=0", ...]`` as a nested override dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in settings or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise NicError(f"--set {item!r}: use KEY=VALUE, e.g. augment.hed_sigma=0")
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
     return out
 
 

@@ -6,8 +6,9 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
+SCORE_GROUP_CAP = 100  # validation groups beyond this add no more weight to a task
 SCORE_IS = ("mean over tasks of balanced accuracy (classification) / Spearman (regression), "
-            "weighted by sqrt(number of validation groups)")
+            f"weighted by sqrt(number of validation groups, at most {SCORE_GROUP_CAP})")
 
 
 def task_metrics(kind: str, y_true: np.ndarray, output: np.ndarray) -> dict:
@@ -53,13 +54,15 @@ def validation_score(tasks: list, metrics: dict, losses: dict) -> float:
 
     A task validated on 5 tiles swings by 0.2 between epochs; weighting by the square root of
     its independent validation samples keeps such tasks from deciding the best epoch alone
-    while still counting them. Without validation data: minus the training loss.
+    while still counting them. The count is capped at :data:`SCORE_GROUP_CAP`: beyond ~100
+    groups a metric is steady, and a big task (PCam, 1,200 validation patches) must not outvote
+    the others. Without validation data: minus the training loss.
     """
     values, weights = [], []
     for t in tasks:
         if metrics.get(t.name):
             values.append(primary_metric(t.head_kind, metrics[t.name]))
-            weights.append(np.sqrt(len(np.unique(t.groups[t.val_idx]))))
+            weights.append(np.sqrt(min(len(np.unique(t.groups[t.val_idx])), SCORE_GROUP_CAP)))
     if not values:
         return -float(sum(losses.values()))
     return float(np.average(values, weights=weights))

@@ -6,6 +6,10 @@ the frozen codes -- standardisation + logistic regression (classification) or ri
 copies of one original tile (LC25000 groups) or patches of one image never sit on both sides.
 Metrics are computed on the pooled out-of-fold predictions: accuracy, balanced accuracy and AUC
 (macro one-vs-rest for more than two classes), or Spearman / Pearson / R² for regression.
+
+Where a data set has its own held-out split (PatchCamelyon's ``valid``), :func:`holdout_probe`
+fits once on the training rows and scores the held-out rows instead of cross-validating
+(``nic probe --split-column split --train-split train --test-split valid``).
 """
 
 from __future__ import annotations
@@ -153,6 +157,30 @@ def probe(X, y, groups=None, kind: str = "auto", n_splits: int = 5, seed: int = 
     return result
 
 
+def holdout_probe(X, y, test, kind: str = "auto", seed: int = 0, C: float = 1.0,
+                  alpha: float | None = None) -> dict:
+    """Linear probe fitted on the rows where ``test`` is False, scored on the rows where it is True."""
+    X, y, test = np.asarray(X, dtype=np.float64), np.asarray(y), np.asarray(test, bool)
+    if not test.any() or test.all():
+        raise NicError(f"a held-out probe needs training and test rows (got {int((~test).sum())} "
+                       f"training, {int(test.sum())} test)")
+    kind = infer_kind(y) if kind == "auto" else kind
+    if kind == "regression":
+        y = y.astype(float)
+    model = make_model(kind, C=C, alpha=alpha, seed=seed).fit(X[~test], y[~test])
+    if kind == "classification":
+        classes = np.unique(y)
+        pred = np.zeros((int(test.sum()), len(classes)))
+        pred[:, np.searchsorted(classes, model.classes_)] = model.predict_proba(X[test])
+    else:
+        pred = model.predict(X[test])
+    result = {"kind": kind, "n": int(test.sum()), "n_train": int((~test).sum()), "code_dim": int(X.shape[1])}
+    if kind == "classification":
+        result["classes"] = [str(c) for c in np.unique(y)]
+    result.update(score(kind, y[test], pred))
+    return result
+
+
 METRIC_ORDER = ("accuracy", "balanced_accuracy", "auc", "spearman", "pearson", "r2")
 
 
@@ -163,17 +191,42 @@ def format_table(results: dict[str, dict]) -> str:
     lines = [f"{'features':<{width}}  {'n':>6} {'groups':>6}  " + "  ".join(f"{m:>17}" for m in metrics)]
     for name, r in results.items():
         cells = "  ".join(f"{r[m]:>17.4f}" if m in r else f"{'-':>17}" for m in metrics)
-        lines.append(f"{name:<{width}}  {r['n']:>6} {r['n_groups']:>6}  {cells}")
+        lines.append(f"{name:<{width}}  {r['n']:>6} {r.get('n_groups', '-'):>6}  {cells}")
     return "\n".join(lines)
+
+
+def read_splits(labels_csv: str | Path, rows_paths: Sequence[str], split_column: str, train_split: str,
+                test_split: str, path_column: str = "path") -> tuple[np.ndarray, np.ndarray]:
+    """``(keep, test)`` masks over ``rows_paths``: rows of either split, and which are the test split."""
+    table = pd.read_csv(labels_csv)
+    if split_column not in table.columns:
+        raise NicError(f"{labels_csv}: no {split_column!r} column (columns: {list(table.columns)})")
+    split = dict(zip(table[path_column].map(lambda p: Path(str(p)).as_posix()), table[split_column].astype(str)))
+    which = np.asarray([split.get(Path(p).as_posix(), "") for p in rows_paths])
+    keep = (which == train_split) | (which == test_split)
+    if not (which == test_split).any() or not (which == train_split).any():
+        raise NicError(f"{labels_csv}: needs rows of both splits {train_split!r} and {test_split!r} "
+                       f"in {split_column!r}")
+    return keep, which == test_split
 
 
 def run_probe(features_npz: str | Path, labels_csv: str | Path, label_column: str = "label",
               group_column: str | None = "group", kind: str = "auto", n_splits: int = 5, seed: int = 0,
-              out_json: str | Path | None = None) -> dict:
-    """``nic probe``: load features and labels, probe, optionally write the result as JSON."""
+              out_json: str | Path | None = None, split_column: str | None = None,
+              train_split: str = "train", test_split: str = "valid") -> dict:
+    """``nic probe``: load features and labels, probe, optionally write the result as JSON.
+
+    With ``split_column`` the probe is fitted on the ``train_split`` rows and scored on the
+    ``test_split`` rows (:func:`holdout_probe`) instead of group-aware cross-validation.
+    """
     X, paths = load_features(features_npz)
     rows, y, groups = align_labels(paths, labels_csv, label_column, group_column)
-    result = probe(X[rows], y, groups, kind=kind, n_splits=n_splits, seed=seed)
+    if split_column:
+        keep, test = read_splits(labels_csv, paths[rows], split_column, train_split, test_split)
+        result = holdout_probe(X[rows][keep], y[keep], test[keep], kind=kind, seed=seed)
+        result.update({"split_column": split_column, "train_split": train_split, "test_split": test_split})
+    else:
+        result = probe(X[rows], y, groups, kind=kind, n_splits=n_splits, seed=seed)
     result.update({"features": str(features_npz), "labels": str(labels_csv), "label_column": label_column,
                    "group_column": group_column if group_column else None})
     if out_json:

@@ -20,6 +20,9 @@ from pipeline.encoder import tiles as T
 from pipeline.io.masks import read_mask
 
 
+AUGMENT_KEYS = ("hed_sigma", "brightness", "contrast", "blur_p", "blur_sigma", "macenko_scale", "macenko_shift")
+
+
 @dataclass
 class TaskData:
     """One task's tiles in memory, its split, fixed validation patches and target scaling."""
@@ -40,6 +43,7 @@ class TaskData:
     mean: float = 0.0
     std: float = 1.0
     sources: list = field(default_factory=list)
+    batch: int | None = None  # patches per step; None: the config's batch_per_task
 
     @property
     def head_kind(self) -> str:
@@ -112,7 +116,8 @@ def build_task(task_cfg: dict, config: dict, progress: bool = False) -> TaskData
     targets, classes = task_targets(table, kind)
     data = TaskData(name=task_cfg["name"], kind=kind, weight=float(task_cfg.get("weight", 1.0)),
                     images=images, mpps=np.asarray(mpps, float), masks=masks, targets=targets,
-                    groups=table["group"].to_numpy(), classes=classes, sources=sources)
+                    groups=table["group"].to_numpy(), classes=classes, sources=sources,
+                    batch=int(task_cfg["batch"]) if task_cfg.get("batch") else None)
     tr = config["training"]
     data.train_idx, data.val_idx = T.group_split(
         data.groups, targets if kind == "classification" else None,
@@ -167,9 +172,8 @@ def sample_batch(data: TaskData, n: int, rng: np.random.Generator, size: int, ta
     else:
         picks = rng.choice(idx, size=n)
     xs, ys = [], []
-    aug = {"hed_sigma": augment["hed_sigma"], "brightness": augment["brightness"],
-           "contrast": augment["contrast"], "blur_p": augment["blur_p"],
-           "blur_sigma": augment["blur_sigma"], "use_dihedral": augment["dihedral"]}
+    aug = {k: augment[k] for k in AUGMENT_KEYS if k in augment}
+    aug["use_dihedral"] = augment.get("dihedral", True)
     for i in picks:
         box = T.random_box(data.images[i].shape, T.source_side(data.mpps[i], target_mpp, size), rng)
         xs.append(T.augment_patch(T.crop_resample(data.images[i], box, size), rng, **aug))

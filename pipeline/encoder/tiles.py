@@ -28,6 +28,7 @@ from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 from tqdm.auto import tqdm
 
 from models.dihedral import dihedral
+from pipeline.encoder.macenko import macenko_augment
 from pipeline.errors import NicError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -106,12 +107,14 @@ def read_source(source: dict, data_root: str | Path) -> pd.DataFrame:
     * ``folders: DIR`` -- classification, one sub-folder per class;
     * ``files: DIR`` + ``label_regex`` -- classification, class from the file name (first group);
     * ``csv: FILE`` (+ ``root``) -- columns ``path`` and ``label`` (classification) or ``value``
-      (regression), optional group column (``group_column``, default ``group``);
+      (regression), optional group column (``group_column``, default ``group``); ``split_column``
+      + ``split`` keep only the rows of one split (PCam: ``split: train``, never its ``valid``);
     * ``images: DIR`` + ``masks: DIR`` -- images with a binary mask of the same stem.
 
     Optional: ``label_map`` (rename / merge classes; classes mapped to null are dropped),
-    ``group_regex`` (group from the file name), ``mpp`` (required: the tiles' µm/px),
-    ``min_size`` (drop smaller tiles).
+    ``group_regex`` (group from the file name), ``group_by_content`` (byte-identical files share
+    a group, so duplicates never sit on both sides of a split), ``mpp`` (required: the tiles'
+    µm/px), ``min_size`` (drop smaller tiles).
     """
     data_root = Path(data_root)
     if "mpp" not in source:
@@ -129,7 +132,7 @@ def read_source(source: dict, data_root: str | Path) -> pd.DataFrame:
     elif "csv" in source:
         csv = data_root / source["csv"]
         root = data_root / source.get("root", Path(source["csv"]).parent)
-        raw = pd.read_csv(csv)
+        raw = _csv_rows(csv, source)
         table = pd.DataFrame({"path": [str(root / p) for p in raw["path"]]})
         for column in ("label", "value"):
             if column in raw.columns:
@@ -154,6 +157,8 @@ def read_source(source: dict, data_root: str | Path) -> pd.DataFrame:
             table["label"] = table["label"].map(lambda v: source["label_map"].get(v, v))
         table = table[table["label"].notna()]
         table["label"] = table["label"].astype(str)
+    if source.get("group_by_content"):
+        table["group"] = table["path"].map(lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16])
     if "group" not in table.columns:
         names = table["path"].map(lambda p: Path(p).name)
         if source.get("group_regex"):
@@ -164,6 +169,18 @@ def read_source(source: dict, data_root: str | Path) -> pd.DataFrame:
     table["mpp"] = float(source["mpp"])
     table["root"] = str(root)
     return table.reset_index(drop=True)
+
+
+def _csv_rows(csv: Path, source: dict) -> pd.DataFrame:
+    """The rows of a source CSV, only those of ``source["split"]`` when ``split_column`` is given."""
+    raw = pd.read_csv(csv)
+    column = source.get("split_column")
+    if column is None:
+        return raw
+    if column not in raw.columns or "split" not in source:
+        raise NicError(f"{csv}: split_column {column!r} needs that column and a 'split' value "
+                       f"(columns: {list(raw.columns)})")
+    return raw[raw[column].astype(str) == str(source["split"])].reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- resampling
@@ -239,12 +256,16 @@ def box_mean(mask: np.ndarray, box: tuple[float, float, float]) -> float:
 
 def augment_patch(patch: np.ndarray, rng: np.random.Generator, hed_sigma: float = 0.05,
                   brightness: float = 0.1, contrast: float = 0.1, blur_p: float = 0.2,
-                  blur_sigma: float = 1.0, use_dihedral: bool = True) -> np.ndarray:
-    """Random rotation/flip, HED stain jitter, brightness/contrast and Gaussian blur (uint8 in/out).
+                  blur_sigma: float = 1.0, use_dihedral: bool = True, macenko_scale: float = 0.0,
+                  macenko_shift: float = 0.0) -> np.ndarray:
+    """Random rotation/flip, HED and/or Macenko stain jitter, brightness/contrast and Gaussian
+    blur (uint8 in/out).
 
     HED jitter follows Tellez et al. (MedIA 2019, "Quantifying the effects of data augmentation
     and stain color normalization"): each of the H, E, D channels of ``skimage.color.rgb2hed``
-    is scaled by ``1 + U(-s, s)`` and shifted by ``U(-s, s)`` times its spread.
+    is scaled by ``1 + U(-s, s)`` and shifted by ``U(-s, s)`` times its spread. Macenko jitter
+    (:func:`pipeline.encoder.macenko.macenko_augment`) scales and shifts the concentrations of
+    the patch's own fitted H and E vectors; either is off at 0.
     """
     if use_dihedral:
         patch = dihedral(patch, int(rng.integers(8)), dims=(0, 1))
@@ -254,6 +275,8 @@ def augment_patch(patch: np.ndarray, rng: np.random.Generator, hed_sigma: float 
         alpha = rng.uniform(1 - hed_sigma, 1 + hed_sigma, size=3)
         beta = rng.uniform(-hed_sigma, hed_sigma, size=3) * (hed.std(axis=(0, 1)) + 1e-6)
         x = hed2rgb(hed * alpha + beta).astype(np.float32)
+    if macenko_scale > 0 or macenko_shift > 0:
+        x = macenko_augment(x, rng, macenko_scale, macenko_shift)
     if brightness > 0 or contrast > 0:
         mean = x.mean()
         x = (x - mean) * rng.uniform(1 - contrast, 1 + contrast) + mean + rng.uniform(-brightness, brightness)

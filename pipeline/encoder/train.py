@@ -108,7 +108,7 @@ def _train_epoch(model, tasks: list[TaskData], opt, rng, config: dict, device, d
     losses = {t.name: 0.0 for t in tasks}
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
     for _ in bar:
-        batches = [sample_batch(t, int(tr["batch_per_task"]), rng, size, target_mpp, aug,
+        batches = [sample_batch(t, int(t.batch or tr["batch_per_task"]), rng, size, target_mpp, aug,
                                 bool(tr["balance_classes"])) for t in tasks]
         x = torch.from_numpy(np.concatenate([b[0] for b in batches])).to(device)
         codes = model.encoder(x)
@@ -245,7 +245,7 @@ def _licence(config: dict, tasks: list[TaskData]) -> dict:
 def _task_record(t: TaskData) -> dict:
     """What the card says about one task: kind, classes, target scaling, split sizes, sources."""
     return {
-        "name": t.name, "type": t.kind, "weight": t.weight, "classes": t.classes,
+        "name": t.name, "type": t.kind, "weight": t.weight, "batch": t.batch, "classes": t.classes,
         "target_mean": t.mean if t.kind != "classification" else None,
         "target_std": t.std if t.kind != "classification" else None,
         "n_tiles": len(t.images), "n_groups": int(len(np.unique(t.groups))),
