@@ -112,24 +112,34 @@ def fit_macenko(pixels) -> Stain | None:
     one absorbing more red is haematoxylin), and the 99th percentiles of the concentrations."""
     xp = array_namespace(pixels)
     od = optical_density(pixels).astype(xp.float64)
-    clear = od[xp.all(od >= MACENKO_BETA, axis=1)]
-    if len(clear) < MIN_FIT_PIXELS:
+    stains = macenko_vectors(od)
+    if stains is None:
+        return None
+    conc = od @ xp.linalg.pinv(stains)
+    max_conc = xp.percentile(conc, MAX_CONC_PERCENTILE, axis=0)
+    if float(max_conc.min()) <= 0:
+        return None
+    return Stain.of("macenko", xp.concatenate([stains.ravel(), max_conc]))
+
+
+def macenko_vectors(od, beta: float = MACENKO_BETA, alpha: float = MACENKO_ALPHA, min_pixels: int = MIN_FIT_PIXELS):
+    """Macenko's H and E unit OD vectors, (2, 3) rows H then E, of (n, 3) optical densities; None
+    with fewer than ``min_pixels`` pixels above ``beta`` in every channel, or a single stain.
+    Shared by normalisation (per slide) and stain augmentation (per patch, pipeline.encoder.macenko)."""
+    xp = array_namespace(od)
+    clear = od[xp.all(od >= beta, axis=1)]
+    if len(clear) < min_pixels:
         return None
     _, vectors = xp.linalg.eigh(xp.cov(clear.T))
     plane = vectors[:, [2, 1]]  # largest eigenvalue first (eigh sorts ascending)
     plane = plane * xp.where(plane.sum(axis=0) < 0, -1.0, 1.0)  # point into positive OD
     projected = clear @ plane
     angle = xp.arctan2(projected[:, 1], projected[:, 0])
-    low, high = (float(a) for a in xp.percentile(angle, xp.asarray([MACENKO_ALPHA, 100 - MACENKO_ALPHA])))
+    low, high = (float(a) for a in xp.percentile(angle, xp.asarray([alpha, 100 - alpha])))
     if high - low < MIN_STAIN_ANGLE:
         return None
     ends = [plane @ xp.asarray([np.cos(a), np.sin(a)]) for a in (low, high)]
-    stains = xp.stack(ends if float(ends[0][0]) >= float(ends[1][0]) else ends[::-1])  # H: more red absorbed
-    conc = od @ xp.linalg.pinv(stains)
-    max_conc = xp.percentile(conc, MAX_CONC_PERCENTILE, axis=0)
-    if float(max_conc.min()) <= 0:
-        return None
-    return Stain.of("macenko", xp.concatenate([stains.ravel(), max_conc]))
+    return xp.stack(ends if float(ends[0][0]) >= float(ends[1][0]) else ends[::-1])  # H: more red absorbed
 
 
 def fit_reinhard(pixels) -> Stain | None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.compress.stain import macenko_vectors
+
 # torchstain's reference H and E OD vectors (columns), used where a patch has too little tissue
 HE_REFERENCE = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]])
 
@@ -24,24 +26,14 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
 
 
 def stain_vectors(od: np.ndarray, beta: float = 0.15, alpha: float = 1.0, min_pixels: int = 64) -> np.ndarray:
-    """The ``(3, 2)`` H and E OD vectors (columns, H first) of a patch by Macenko's method.
+    """The ``(3, 2)`` H and E OD vectors (columns, H first) of a patch by Macenko's method
+    (:func:`pipeline.compress.stain.macenko_vectors`, shared with stain normalisation).
 
     Pixels with OD below ``beta`` in any channel are background; ``alpha`` is the percentile of
-    the angle taken as each extreme. Too few tissue pixels: :data:`HE_REFERENCE`.
+    the angle taken as each extreme. Too few tissue pixels, or one stain only: :data:`HE_REFERENCE`.
     """
-    tissue = od[np.all(od > beta, axis=1)]
-    if len(tissue) < min_pixels:
-        return HE_REFERENCE
-    _, eigvecs = np.linalg.eigh(np.cov(tissue.T))
-    plane = eigvecs[:, [1, 2]]
-    proj = tissue @ plane
-    phi = np.arctan2(proj[:, 1], proj[:, 0])
-    lo, hi = np.percentile(phi, [alpha, 100 - alpha])
-    v_lo = plane @ np.array([np.cos(lo), np.sin(lo)])
-    v_hi = plane @ np.array([np.cos(hi), np.sin(hi)])
-    he = np.stack([v_lo, v_hi], axis=1) if v_lo[0] > v_hi[0] else np.stack([v_hi, v_lo], axis=1)
-    he *= np.sign(he.sum(axis=0, keepdims=True))  # eigenvector signs are arbitrary: OD is positive
-    return he
+    found = macenko_vectors(od, beta, alpha, min_pixels)
+    return HE_REFERENCE if found is None else found.T
 
 
 def macenko_augment(x: np.ndarray, rng: np.random.Generator, sigma_scale: float = 0.2,
