@@ -106,7 +106,7 @@ PLANS: dict[str, list["Cohort"]] = {
     # the lymph-node haystack (PCam tiles at their 0.97 µm/px) and the targets
     "pcam-targets": [Cohort("pcam", f, 40, 8192) for f in (0.01, 0.002)],
     "pcam-sweep": [Cohort("pcam", f, 40, 8192) for f in (0.1, 0.001, 0.03, 0.005)],
-    "pcam-stride": [Cohort("pcam", 0.002, 40, 8192, stride=64)],
+    "pcam-stride": [Cohort("pcam", f, 40, 4096, stride=st) for f in (0.01, 0.1) for st in (CELL_PX, 64)],
     "pcam-count": [Cohort("pcam", 0.01, n, 4096) for n in (40, 160, 320)],
 }
 
@@ -255,19 +255,20 @@ def plot(results: dict, path: Path = FIGURE, probes: dict | None = None) -> None
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(MODELS + tuple(VARIANTS))}
     for ax, texture in zip(axes[0], textures):
         groups = sorted({(r["slides"], r["size"], r["stride"]) for r in table if r["texture"] == texture})
-        single = iter(("*", "D", "s", "^", "v", "P", "X", "h", "<", ">"))
+        markers = iter(("o", "*", "D", "s", "^", "v", "P", "X", "h", "<", ">") * 3)
         for slides, size, stride in groups:
             sub = [r for r in table if r["texture"] == texture and (r["slides"], r["size"], r["stride"]) == (slides, size, stride)]
             what = shape_text(sub[0])
             line = len(sub) > 1
-            marker = "o" if line else next(single)
+            marker = next(markers)
+            dashes = "-" if stride == CELL_PX else "--"
             for model in columns(table):
                 pts = sorted((r["fraction"], r["aucs"][model]) for r in sub if r["aucs"].get(model) is not None)
                 if not pts:
                     continue
                 x, y = zip(*pts)
-                style = dict(color=colors[model], marker=marker, ms=5 if line else (12 if marker == "*" else 7),
-                             ls="-" if line else "none", alpha=1.0 if line else 0.9)
+                style = dict(color=colors[model], marker=marker, ms=(11 if marker == "*" else 6),
+                             ls=dashes if line else "none", alpha=1.0 if line else 0.9)
                 ax.plot(x, y, label=f"{model} ({what})", **style)
             pts = sorted((r["fraction"], (probes or {})[r["name"]]["slide_auc_max_cell"]) for r in sub
                          if (probes or {}).get(r["name"], {}).get("slide_auc_max_cell") is not None)
@@ -280,7 +281,7 @@ def plot(results: dict, path: Path = FIGURE, probes: dict | None = None) -> None
         ax.set_xscale("log")
         ax.set_xlabel("lesion fraction of the tissue (positive slides)")
         ax.set_title(f"texture: {texture}")
-        ax.set_ylim(0.3, 1.02)
+        ax.set_ylim(0.15, 1.02)
         ax.set_xlim(1.5e-3, 0.7)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
