@@ -284,7 +284,7 @@ def plot(results: dict, path: Path = FIGURE, probes: dict | None = None) -> None
         ax.set_ylim(0.15, 1.02)
         ax.set_xlim(1.5e-3, 0.7)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     axes[0][0].set_ylabel(f"pooled out-of-fold AUC ({FOLDS}-fold CV)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
