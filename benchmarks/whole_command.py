@@ -180,8 +180,8 @@ def whole_command(args) -> None:
                 record = {"policy": policy, "size": size, "copies": copies, "runs": runs,
                           "when": time.strftime("%Y-%m-%d %H:%M")}
                 (args.workdir / f"cli-{policy}-{size}x{copies}.json").write_text(json.dumps(record, indent=1))
-    records = [json.loads(path.read_text()) for size in args.cli_sizes for copies in args.cli_copies for p in POLICIES
-               if (path := args.workdir / f"cli-{p}-{size}x{copies}.json").exists()]
+    records = sorted((json.loads(path.read_text()) for path in args.workdir.glob("cli-*-*x*.json")),
+                     key=lambda r: (r["size"] * r["copies"], r["copies"], r["policy"]))  # every input measured here
     replace_section(args.out, "## Compression: the whole command", cli_section(records))
 
 
