@@ -366,7 +366,8 @@ def compress(
     client.register_plugin(NicWorker())
     workers = client.scheduler_info(n_workers=-1)["workers"]
     encoding = [w for w, info in workers.items() if info.get("resources", {}).get("GPU")] or list(workers)
-    client.run(warm_encoder, settings, workers=encoding)  # loads while the first slides' tissue is found
+    # best effort: loads while the first slides' tissue is found; a worker lost meanwhile is no error
+    client.run(warm_encoder, settings, workers=encoding, on_error="ignore")
     run = _Run(client, store, config, settings, options, window or max(4, 2 * len(workers)), progress)
     run.run(jobs)
     report = CompressReport(store, run.token, list(run.results.values()), time.perf_counter() - started, run.fatal)
