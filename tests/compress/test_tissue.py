@@ -12,7 +12,10 @@ import pytest
 from pipeline.errors import SlideError
 from pipeline.compress.grid import cell_coverage
 from pipeline.compress.tissue import (
+    _close,
+    _dilate,
     array_namespace,
+    disk_offsets,
     pen_mask,
     slide_image_at_mpp,
     slide_tissue_mask,
@@ -161,6 +164,23 @@ def test_tissue_mask_contract():
     assert mask.dtype == bool and mask.shape == rgb.shape[:2]
     with pytest.raises(ValueError, match="RGB"):
         tissue_mask(rgb[..., 0])
+
+
+@pytest.mark.parametrize("radius", [1, 1.5, 2, 2.5, 3, 3.9])
+def test_small_disks_match_the_distance_transform(radius):
+    """Closing and dilation by small disks run as shifted logical operations; they must give the
+    distance transform's masks exactly, edges included (outside counts as tissue for erosion)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(int(radius * 10))
+    mask = ndimage.binary_opening(rng.random((97, 131)) > 0.6)  # blobs, gaps and edge contact
+    mask[:, :3] = True
+    assert len(disk_offsets(radius)) <= 50
+    dilated = ndimage.distance_transform_edt(~mask) <= radius
+    closed = ndimage.distance_transform_edt(dilated) > radius
+    np.testing.assert_array_equal(_dilate(mask, radius), dilated)
+    np.testing.assert_array_equal(_close(mask, radius), closed)
+    assert not np.array_equal(closed, mask)  # the closing did something to compare
 
 
 def test_uniform_images_have_no_tissue():
