@@ -65,7 +65,7 @@ from pipeline.compress.tissue import slide_tissue_mask
 from pipeline.errors import NicError, SlideError
 from pipeline.io import open_slide
 from pipeline.runtime.cluster import gpu_resources
-from pipeline.runtime.device import resolve_device
+from pipeline.runtime.device import resolve_array_device
 from pipeline.runtime.monitor import publish_progress
 from pipeline.runtime.preflight import absolute, package_versions
 
@@ -190,7 +190,7 @@ def detect_tissue(store: str, job: SlideJob, config: CompressionConfig, options:
         finished = _finished_slide(store, group, job, options)
         if finished:
             return finished
-    with open_slide(job.path, device=resolve_device(device)) as slide:
+    with open_slide(job.path, device=resolve_array_device(device)) as slide:
         mpp, mpp_source = slide_mpp(slide.mpp, job)
         grid = Grid(*slide.dimensions, mpp, config.mpp, config.patch_size, config.stride)
         if 0 in grid.shape:
@@ -255,7 +255,8 @@ class _Run:
         self.pending.add(future)
 
     def submit_blocks(self, job: SlideJob, detected: dict) -> None:
-        blocks = [blk for blk, _ in detected["todo"]]
+        # largest first (in patches): the last tasks are then short, and the workers finish together
+        blocks = [blk for blk, _ in sorted(detected["todo"], key=lambda todo: -todo[1])]
         n = len(blocks)
         with dask.annotate(**self.annotations.pop(job.slide_id)):  # the same span as its detect-tissue
             futures = self.client.map(

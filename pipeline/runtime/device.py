@@ -29,6 +29,22 @@ def gpu_count() -> int:
         return 0
 
 
+def nvml_gpu_count() -> int:
+    """GPUs that dask-cuda would give workers: NVML's count (dask-cuda's own source), limited to
+    ``CUDA_VISIBLE_DEVICES`` when it is set; 0 without NVML (pynvml comes with dask-cuda). Never
+    imports torch, so the client that starts the embedded cluster stays light."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        from distributed.diagnostics import nvml
+
+        count = nvml.device_get_count()
+    except Exception:  # a broken driver means the same as none
+        return 0
+    if visible is not None:
+        return min(count, len([d for d in visible.split(",") if d.strip() and not d.strip().startswith("-")]))
+    return count
+
+
 @functools.cache
 def cupy_gpu() -> bool:
     """Whether CuPy can run kernels here (it imports without a GPU, but every kernel fails)."""
@@ -56,6 +72,17 @@ def resolve_device(wanted: str = "auto") -> str:
     if wanted != "auto":
         return wanted
     return "cuda" if gpu_count() else "cpu"
+
+
+def resolve_array_device(wanted: str = "auto") -> str:
+    """``cuda`` or ``cpu`` for array work (cuCIM reads, CuPy masks): ``auto`` picks the GPU when
+    CuPy can run kernels here. Never imports torch (seconds), so a task that only reads and
+    masks, such as tissue detection, does not wait for it."""
+    if wanted not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, not {wanted!r}")
+    if wanted != "auto":
+        return wanted
+    return "cuda" if cupy_gpu() else "cpu"
 
 
 def torch_device(wanted: str = "auto"):
