@@ -25,7 +25,7 @@ from distributed import Client, LocalCluster
 from distributed.security import Security
 
 from pipeline.errors import NicError
-from pipeline.runtime.device import gpu_count
+from pipeline.runtime.device import nvml_gpu_count
 from pipeline.runtime.jobqueue import BatchSettings, batch_cluster
 
 
@@ -73,7 +73,7 @@ def sigint_ignored():
 def start_local_cluster(workers: int | None = None, threads_per_worker: int = 1, dashboard: bool = True):
     """Start the embedded cluster: dask-cuda workers on GPUs, else ``workers`` CPU processes."""
     address = dashboard_address(dashboard)
-    gpus = gpu_count()
+    gpus = nvml_gpu_count()
     with sigint_ignored():
         if gpus:
             try:

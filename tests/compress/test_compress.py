@@ -189,6 +189,19 @@ def test_cli_reports_bad_slides_and_finishes_the_rest(tmp_path, synthetic_slide)
     assert "TCGA-CR-7395-01A-01-TS1" in listing.stdout and "complete" in listing.stdout
 
 
+def test_the_compress_client_never_imports_torch(tmp_path, synthetic_slide):
+    """`nic compress` with the embedded cluster: the client decides GPU or CPU workers without
+    torch (seconds of every start); only the workers load it."""
+    store = tmp_path / "light.zarr"
+    code = ("import sys; from pipeline.cli import main; "
+            f"main(['compress', {str(synthetic_slide)!r}, '--out', {str(store)!r}, '--workers', '1'], standalone_mode=False); "
+            "print('client imported torch:', 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "client imported torch: False" in done.stdout
+    assert list_slides(store) == ["synth_kill"]
+
+
 @pytest.mark.gpu
 def test_gpu_worker_matches_cpu_within_half_precision(tmp_path, synthetic_slide):
     """The same functions on a GPU worker (cuCIM device='cuda', CuPy, fp16 autocast) give the
