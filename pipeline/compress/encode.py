@@ -232,12 +232,13 @@ def encode_block(store: str, slide_path: str, slide_id: str, mpp: float, grid: G
     features = np.zeros((config.code_dim, *block.shape), np.float16)
     normalise = normaliser(config.stain_norm, config.stain_target, group.attrs.get("stain_source"))
     with state.slide(slide_path, mpp, encoder.device) as slide:
-        decoder, done = slide.decoder, 0
+        done = 0
         for patches in prefetched(map(normalise, iter_bands(slide, grid, block, rows, cols))):
             n = len(patches)
             with context_meter.meter("encode"):
                 features[:, rows[done:done + n], cols[done:done + n]] = encoder.encode(patches).T
             done += n
+        decoder = slide.decoder  # after the reads: which decoder served them
     with context_meter.meter("write"):
         write_block(group, block, features, {"device": encoder.device, "precision": encoder.precision, "decoder": decoder})
     return {"slide_id": slide_id, "block": block_name(block), "patches": int(len(rows))}

@@ -28,7 +28,7 @@ from pipeline.io.files import (
 )
 from pipeline.io.metadata import read_mpp_csv, valid_mpp
 from pipeline.io.openslide_backend import OpenSlideReader
-from pipeline.io.tiff import JpegTileCheck
+from pipeline.io.tiff import JpegTiles
 from pipeline.runtime.device import cupy_gpu
 
 __all__ = [
@@ -61,7 +61,8 @@ def open_slide(
     or the one ``reader`` names; ``mpp`` overrides the metadata. Bad input is a SlideError.
 
     ``check_tiles``: decode each JPEG tile under a read strictly, once, so that a corrupt tile
-    raises instead of giving black or garbage pixels (docs/slides.md, Corrupt tiles)."""
+    raises instead of giving black or garbage pixels; a single region read to the CPU from YCbCr
+    tiles is then decoded from the tiles themselves (docs/slides.md, Corrupt tiles)."""
     if reader not in READERS:
         raise NicError(f"unknown reader {reader!r} (choose from {', '.join(READERS)})")
     if device not in DEVICES:
@@ -80,6 +81,6 @@ def open_slide(
             errors[backend.name] = str(err).replace(f"Reading {path}: ", "")
             continue
         checked = check_tiles and path.suffix.lower() in TIFF_SUFFIXES
-        tile_check = JpegTileCheck.for_levels(path, opened.level_dimensions, opened.level_downsamples) if checked else None
-        return Slide(path, opened, mpp_override=mpp, device=device, tile_check=tile_check)
+        tiles = JpegTiles.for_levels(path, opened.level_dimensions, opened.level_downsamples) if checked else None
+        return Slide(path, opened, mpp_override=mpp, device=device, jpeg_tiles=tiles)
     raise SlideError(path, why_unreadable(path, errors))

@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.errors import SlideError
 from pipeline.io.files import slide_id_of
 from pipeline.io.metadata import MPP_FIX, valid_mpp
-from pipeline.io.tiff import JpegTileCheck
+from pipeline.io.tiff import JpegTiles
 from pipeline.runtime.arrays import array_namespace, skimage
 
 LEVEL_TOLERANCE = 0.01  # a level up to 1 % coarser than the target still counts as "not coarser"
@@ -72,15 +72,16 @@ class Slide:
         backend: SlideBackend,
         mpp_override: float | None = None,
         device: str = "cpu",
-        tile_check: JpegTileCheck | None = None,
+        jpeg_tiles: JpegTiles | None = None,
     ):
         self.path = path
         self.slide_id = slide_id_of(path)
         self.device = device
         self._backend = backend
         self.reader = backend.name
-        self.decoder = backend.decoder
-        self._tile_check = tile_check
+        self._backend_decoder = backend.decoder
+        self._jpeg_tiles = jpeg_tiles
+        self._tile_reads = 0
         self.format = backend.format
         self.vendor = backend.vendor
         self.level_dimensions = [tuple(int(v) for v in dims) for dims in backend.level_dimensions]
@@ -101,8 +102,8 @@ class Slide:
     def close(self):
         """Release the reader's file handles."""
         self._backend.close()
-        if self._tile_check is not None:
-            self._tile_check.close()
+        if self._jpeg_tiles is not None:
+            self._jpeg_tiles.close()
 
     def require_mpp(self) -> float:
         """The slide's µm/px, or a SlideError saying how to supply it."""
@@ -179,10 +180,23 @@ class Slide:
             "mpp": self.mpp,
         }
 
+    @property
+    def decoder(self) -> str:
+        """What decoded this slide's reads: the backend's decoder, or ``libjpeg-turbo-tiles`` once
+        a read was decoded from the JPEG tiles themselves."""
+        return "libjpeg-turbo-tiles" if self._tile_reads else self._backend_decoder
+
     def _read(self, locations, size, level: int, device: str):
-        """The backend's read, after the tile check (CorruptTile when a tile under it is corrupt)."""
-        if self._tile_check is not None:
-            self._tile_check.check(locations, size, level)
+        """The region decoded strictly from its JPEG tiles where that can give the backend's
+        pixels (one region to the CPU); else the backend's read after the tile check. CorruptTile
+        when a tile under it is corrupt."""
+        if self._jpeg_tiles is not None:
+            if device == "cpu" and len(locations) == 1:
+                region = self._jpeg_tiles.read(locations[0], size, level)
+                if region is not None:
+                    self._tile_reads += 1
+                    return region
+            self._jpeg_tiles.check(locations, size, level)
         return self._backend.read_many(locations, size, level, device)
 
     def _check_level(self, level: int):

@@ -1,12 +1,14 @@
 """TIFF-based slides at the byte level: the image directories (tifffile), checks that a file can
-back what its header claims, and the strict check of the JPEG tiles a read touches.
+back what its header claims, and strict decoding of the JPEG tiles a read touches.
 
 Both readers decode JPEG with libjpeg(-turbo), which treats corrupt entropy data ("Corrupt JPEG
 data: bad Huffman code", "premature end of data segment") as a *warning*: cuCIM prints it and
 returns black or garbage pixels. So before a region is read, each JPEG tile under it is decoded
 once with libjpeg-turbo in strict mode (simplejpeg, warnings raise), scaled 1/8 and gray so that
 only the entropy decoding, which is what finds corruption, costs time; the verdict is kept per
-tile. See docs/slides.md (Corrupt tiles) for what it finds and what it costs.
+tile. Where the strict decode can give the pixels themselves (one region on the CPU, YCbCr
+tiles), the region is decoded here from its tiles instead: the check and the read in one
+decode. See docs/slides.md (Corrupt tiles) for what it finds and what it costs.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pipeline.errors import SlideError
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 JPEG = 7  # TIFF Compression tag value of (new-style) JPEG
+YCBCR = 6  # TIFF PhotometricInterpretation of JPEG tiles that libjpeg decodes to RGB by itself
 MAX_COMPRESSION = 10_000
 """The most a slide's level 0 can be compressed (RGB bytes : file bytes). Whole slides in JPEG reach
 about 50:1, blank JPEG tiles about 200:1, deflate at most about 1000:1; a header claiming more than
@@ -50,6 +53,8 @@ class TiffImage:
     counts: np.ndarray
     jpegtables: bytes | None
     planes: int  # separately stored sample planes (1 unless PlanarConfiguration is 2)
+    photometric: int = YCBCR
+    samples: int = 3
 
     @property
     def tile_grid(self) -> tuple[int, int]:
@@ -98,6 +103,8 @@ def _image(index: int, page) -> TiffImage:
         counts=np.asarray(page.databytecounts, dtype=np.int64),
         jpegtables=bytes(page.jpegtables) if page.jpegtables is not None else None,
         planes=int(page.samplesperpixel) if int(page.planarconfig) == 2 else 1,
+        photometric=int(page.photometric),
+        samples=int(page.samplesperpixel),
     )
 
 
@@ -153,9 +160,10 @@ class CorruptTile(ValueError):
     """A JPEG tile that does not decode cleanly."""
 
 
-class JpegTileCheck:
-    """Strictly decodes each JPEG tile under a read once, and raises :class:`CorruptTile` for a
-    bad one (again on every later read that touches it)."""
+class JpegTiles:
+    """The tiled JPEG levels of a slide, decoded strictly: :meth:`check` decodes each tile under a
+    read once and raises :class:`CorruptTile` for a bad one (again on every later read that
+    touches it); :meth:`read` decodes a region from its tiles, checking them as it goes."""
 
     def __init__(self, path: Path, images: dict[int, TiffImage], downsamples):
         self._fd = os.open(path, os.O_RDONLY)
@@ -165,7 +173,7 @@ class JpegTileCheck:
         self._bad: dict[tuple[int, int, int], str] = {}
 
     @classmethod
-    def for_levels(cls, path: Path, level_dimensions, downsamples) -> "JpegTileCheck | None":
+    def for_levels(cls, path: Path, level_dimensions, downsamples) -> "JpegTiles | None":
         """The check for the pyramid levels stored as tiled JPEG in ``path``; None when there are none."""
         images = jpeg_levels(read_tiff_images(path), level_dimensions)
         return cls(path, images, downsamples) if images else None
@@ -205,14 +213,71 @@ class JpegTileCheck:
         row, column = tile
         key = (level, column, row)
         if key not in self._bad:
-            index = row * image.tile_grid[0] + column
-            offset, count = int(image.offsets[index]), int(image.counts[index])
-            problem = jpeg_problem(os.pread(self._fd, count, offset), image.jpegtables) if count else None
+            offset, data = self._tile_bytes(image, tile)
+            problem = jpeg_problem(data, image.jpegtables) if data else None
             if problem is None:
                 self._good[level][row, column] = True
                 return None
-            self._bad[key] = f"corrupt JPEG tile at level {level}, tile ({column}, {row}) at byte {offset}: {problem}"
+            self._bad[key] = self._corrupt(level, tile, offset, problem)
         return self._bad[key]
+
+    def read(self, location, size, level: int) -> np.ndarray | None:
+        """The region of ``size`` (w, h) at ``level`` (``location`` in level-0 px) as (1, h, w, 3)
+        uint8, decoded strictly from its tiles (many tiles on all cores); CorruptTile for a bad
+        one. None where this cannot give the reader's pixels (another codec or colour space, a
+        region not on whole level pixels or beyond the image, a missing tile): read it elsewhere.
+
+        libjpeg-turbo with its default (accurate) DCT and upsampling, as cuCIM and OpenSlide
+        decode; YCbCr tiles only, since libjpeg would take RGB-coded tiles (Aperio) for YCbCr.
+        """
+        image = self._images.get(level)
+        if image is None or image.photometric != YCBCR or image.samples != 3 or image.planes != 1:
+            return None
+        left, top = location[0] / self._downsamples[level], location[1] / self._downsamples[level]
+        (width, height), (tile_w, tile_h) = size, image.tile
+        if not (left.is_integer() and top.is_integer() and left >= 0 and top >= 0
+                and left + width <= image.width and top + height <= image.height):
+            return None
+        left, top = int(left), int(top)
+        tiles = [(r, c) for r in range(top // tile_h, (top + height - 1) // tile_h + 1)
+                 for c in range(left // tile_w, (left + width - 1) // tile_w + 1)]
+        if any(image.counts[r * image.tile_grid[0] + c] == 0 for r, c in tiles):
+            return None
+        decode = functools.partial(self._decode, image, level)
+        pixels = _pool(os.getpid()).map(decode, tiles) if len(tiles) >= PARALLEL_FROM else map(decode, tiles)
+        region = np.empty((height, width, 3), np.uint8)
+        for (row, column), tile in zip(tiles, pixels):
+            if tile.shape != (tile_h, tile_w, 3):
+                return None
+            y0, x0 = max(top, row * tile_h), max(left, column * tile_w)
+            y1, x1 = min(top + height, (row + 1) * tile_h), min(left + width, (column + 1) * tile_w)
+            region[y0 - top:y1 - top, x0 - left:x1 - left] = tile[y0 - row * tile_h:y1 - row * tile_h,
+                                                                  x0 - column * tile_w:x1 - column * tile_w]
+        return region[None]
+
+    def _decode(self, image: TiffImage, level: int, tile: tuple[int, int]) -> np.ndarray:
+        """RGB pixels of the tile at (row, column), decoded strictly; CorruptTile for a bad one."""
+        row, column = tile
+        key = (level, column, row)
+        if key in self._bad:
+            raise CorruptTile(self._bad[key])
+        offset, data = self._tile_bytes(image, tile)
+        pixels, problem = jpeg_decode_strict(data, image.jpegtables)
+        if problem is not None:
+            self._bad[key] = self._corrupt(level, tile, offset, problem)
+            raise CorruptTile(self._bad[key])
+        self._good[level][row, column] = True
+        return pixels
+
+    def _tile_bytes(self, image: TiffImage, tile: tuple[int, int]) -> tuple[int, bytes]:
+        """(file offset, bytes) of the tile at (row, column)."""
+        index = tile[0] * image.tile_grid[0] + tile[1]
+        offset, count = int(image.offsets[index]), int(image.counts[index])
+        return offset, os.pread(self._fd, count, offset) if count else b""
+
+    @staticmethod
+    def _corrupt(level: int, tile: tuple[int, int], offset: int, problem: str) -> str:
+        return f"corrupt JPEG tile at level {level}, tile ({tile[1]}, {tile[0]}) at byte {offset}: {problem}"
 
 
 @functools.cache
@@ -235,22 +300,29 @@ def jpeg_levels(images: list[TiffImage], level_dimensions) -> dict[int, TiffImag
 
 
 def jpeg_problem(data: bytes, tables: bytes | None = None) -> str | None:
-    """Why a JPEG tile does not decode cleanly, or None when it does.
+    """Why a JPEG tile does not decode cleanly, or None when it does (gray at 1/8 scale: the
+    entropy decoding in full, the inverse DCT and colour conversion skipped)."""
+    return _strict(data, tables, colorspace="gray", min_factor=8)[1]
 
-    libjpeg-turbo in strict mode finds corrupt entropy data; a stream it merely declines (an
-    unusual subsampling, a benign warning) counts as corrupt only if libjpeg also fails on it.
-    """
+
+def jpeg_decode_strict(data: bytes, tables: bytes | None = None) -> tuple[np.ndarray | None, str | None]:
+    """(RGB pixels, None) of a JPEG tile that decodes cleanly, or (None, why it does not)."""
+    return _strict(data, tables, colorspace="rgb")
+
+
+def _strict(data: bytes, tables: bytes | None, **options) -> tuple[np.ndarray | None, str | None]:
+    """Decode with libjpeg-turbo in strict mode, which finds corrupt entropy data; a stream it
+    merely declines (an unusual subsampling, a benign warning) counts as corrupt only if libjpeg
+    (imagecodecs) also fails on it."""
     if tables:
         data = tables[:-2] + data[2:]  # abbreviated stream: splice in the shared tables (minus EOI/SOI)
     try:
-        simplejpeg.decode_jpeg(data, colorspace="gray", min_factor=8, strict=True)
-        return None
+        return simplejpeg.decode_jpeg(data, strict=True, **options), None
     except Exception as err:  # simplejpeg raises ValueError; anything else is as bad
         strict = str(err)
     if LIBJPEG_CORRUPTION.search(strict):
-        return strict
+        return None, strict
     try:
-        imagecodecs.jpeg8_decode(data)
-        return None
+        return imagecodecs.jpeg8_decode(data), None
     except Exception as err:
-        return str(err)
+        return None, str(err)

@@ -107,3 +107,30 @@ def test_a_header_larger_than_its_tile_table_fails_at_open(small_tiff, tmp_path)
     with pytest.raises(SlideError, match=r"image 0 claims 300000 x 300000 px in 256 x 256 px tiles "
                                          r"\(1373584 tiles\) but lists 4 tile offsets"):
         open_slide(path)
+
+
+# ---------------------------------------------------------------------------- reads decoded from the tiles
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_regions_decoded_from_ycbcr_tiles_equal_the_readers_pixels(synth_slide, reader):
+    """One region to the CPU from YCbCr tiles is decoded from the tiles (the strict check is the
+    decode): the same pixels as the reader's own, for regions across tile edges and levels."""
+    regions = [((0, 0), (1024, 1024), 0), ((130, 7), (300, 517), 0), ((768, 768), (256, 256), 0),
+               ((1000, 3), (24, 1021), 0), ((0, 0), (256, 256), 1), ((4, 8), (100, 60), 1)]
+    with open_slide(synth_slide, reader=reader) as tiles, open_slide(synth_slide, reader=reader, check_tiles=False) as plain:
+        assert tiles.decoder == plain.decoder  # nothing decoded yet
+        for location, size, level in regions:
+            np.testing.assert_array_equal(tiles.read_region(location, size, level), plain.read_region(location, size, level))
+        assert tiles.decoder == "libjpeg-turbo-tiles" != plain.decoder
+
+
+def test_rgb_coded_tiles_and_regions_beyond_the_image_stay_with_the_reader(synth_slide):
+    """Aperio's RGB-coded JPEG would be taken for YCbCr by libjpeg: such tiles go to the reader
+    (after the check), as do regions that reach past the image."""
+    with open_slide(shared_path(*CMU)) as slide:
+        slide.read_region((0, 0), (500, 500))
+        assert slide.decoder == "cucim-cpu"
+    with open_slide(synth_slide) as slide, open_slide(synth_slide, check_tiles=False) as plain:
+        np.testing.assert_array_equal(slide.read_region((900, 900), (200, 200)), plain.read_region((900, 900), (200, 200)))
+        assert slide.decoder == "cucim-cpu"
