@@ -106,6 +106,8 @@ def decode_floor_tifffile(slide_path: Path, xs, ys, patch: int) -> float:
 
 ENCODER_PROBE = """
 import json, sys, time, torch
+from pipeline.runtime.cluster import keep_freed_memory
+keep_freed_memory()  # the workers' allocator settings (NicWorker.setup)
 from pipeline.compress.codes import build_encoder, encode_patches
 from pipeline.compress.encode import EncoderSettings
 name, patch, threads, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
@@ -132,7 +134,8 @@ def fastest(rates: dict) -> float:
 
 def encoder_floor(name: str, patch: int, seconds: float = 12.0, precisions=("fp32", "bf16")) -> dict:
     """Patches/s of the encoder alone on random uint8 batches in each of ``precisions`` (channels-last),
-    in fresh processes with tcmalloc preloaded as the workers have it: one process using every
+    in fresh processes with the workers' allocator (tcmalloc preloaded when installed, glibc
+    keeping freed memory as ``NicWorker.setup`` makes it): one process using every
     core, and one single-threaded process per core side by side (rates added). The best of the
     settings is the floor. Entries "<precision> per CPU-s" give patches per CPU-second (mean over
     the processes): a cost that the load of a shared machine moves much less than the rate."""

@@ -30,6 +30,7 @@ from distributed.metrics import context_meter
 
 from pipeline.compress.grid import Block, Grid
 from pipeline.runtime.arrays import array_namespace
+from pipeline.runtime.cluster import keep_freed_memory
 from pipeline.compress.stain import normaliser
 from pipeline.compress.store import CompressionConfig, block_name, open_slide_group, write_block
 from pipeline.io import open_slide
@@ -151,6 +152,7 @@ class NicWorker(WorkerPlugin):
         # A worker process that ran torch spends seconds in the interpreter's final garbage
         # collections when it exits (the cluster's shutdown waits for it): skip them.
         atexit.register(gc.freeze)
+        keep_freed_memory()  # batches reuse the heap instead of faulting in fresh pages
 
     def teardown(self, worker=None):
         with self._lock:
