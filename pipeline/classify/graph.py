@@ -37,7 +37,7 @@ from pipeline.classify.labels import assign_folds, encode_targets, load_labels, 
 from pipeline.classify.metrics import json_safe, summarize_folds, task_metrics
 from pipeline.classify.source import SlideSource, list_store_slides
 from pipeline.errors import NicError
-from pipeline.runtime.cluster import connect, gpu_resources
+from pipeline.runtime.cluster import connect, gpu_resources, keep_freed_memory
 
 LONG_RUN_S = 600  # warn with an estimate when CPU training will take longer
 
@@ -62,6 +62,7 @@ def run_fold(store, run_dir, fold, train_ids, test_ids, labels_records, model, t
     started = time.time()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # workers share the cores
+    keep_freed_memory()  # batches reuse the heap rather than fresh pages (Dask's MALLOC_TRIM_THRESHOLD_)
     try:
         labels = pd.DataFrame.from_records(labels_records).set_index("slide_id")
         params = dict(params, seed=int(params.get("seed", 0)) + (0 if fold == "final" else 1000 * (int(fold) + 1)))
