@@ -53,8 +53,8 @@ class TiffImage:
     counts: np.ndarray
     jpegtables: bytes | None
     planes: int  # separately stored sample planes (1 unless PlanarConfiguration is 2)
-    photometric: int = YCBCR
-    samples: int = 3
+    photometric: int  # PhotometricInterpretation: how the JPEG tiles code colour
+    samples: int
 
     @property
     def tile_grid(self) -> tuple[int, int]:
