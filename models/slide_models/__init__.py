@@ -1,10 +1,11 @@
 """Slide-level heads that read compressed slide tensors (the second NIC stage), by registry.
 
 One file per head registers it (see :mod:`models.slide_models.registry`); importing this
-package registers the built-in heads: nic-cnn, abmil, mean, max, topk, dsmil, clam-sb, transmil.
+package registers the built-in heads: nic-cnn, abmil, mean, max, topk, dsmil, clam-sb, transmil,
+local-max.
 """
 
-from models.slide_models import abmil, clam_sb, dsmil, nic_cnn, pooling, topk, transmil  # noqa: F401  (registers heads)
+from models.slide_models import abmil, clam_sb, dsmil, local_max, nic_cnn, pooling, topk, transmil  # noqa: F401  (registers heads)
 from models.slide_models.registry import (
     INPUTS,
     SlideModelSpec,
