@@ -67,3 +67,18 @@ def test_markdown_and_plot_from_results(haystack, tmp_path):
     out = tmp_path / "auc.png"
     haystack.plot(results, out)
     assert out.stat().st_size > 10_000
+
+
+def test_best_window_mean_lifts_a_faint_patch_of_adjacent_cells(haystack):
+    """The probe's spatial read-out: a 3 x 3 patch of cells at +1 beats one noise cell at +2.5 once
+    scores are averaged over 3 x 3 windows, though the single best cell says otherwise."""
+    import numpy as np
+
+    cells = np.array([(r, c) for r in range(10) for c in range(10)])
+    scores = np.zeros(len(cells))
+    scores[[r * 10 + c for r in range(5, 8) for c in range(5, 8)]] = 1.0  # the patch
+    scores[1 * 10 + 1] = 2.5  # one bright cell alone
+    assert haystack.best_window_mean(scores, cells, (10, 10), 1) == 2.5
+    assert haystack.best_window_mean(scores, cells, (10, 10), 3) == pytest.approx(1.0)
+    edge = haystack.best_window_mean(scores[:10], cells[:10], (10, 10), 3)  # one row of tissue: windows 1/3 covered
+    assert edge == pytest.approx(0.0)
