@@ -450,7 +450,7 @@ def _parse_params(pairs) -> dict:
               help="CSV slide_id,label[,group] (survival: slide_id,time,event[,group]).")
 @click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
 @click.option("--model", default="nic-cnn", show_default=True,
-              help="A registered slide model: nic-cnn, abmil, mean, max, topk, dsmil, clam-sb, transmil "
+              help="A registered slide model: nic-cnn, abmil, mean, max, topk, dsmil, clam-sb, transmil, local-max "
                    "(docs/classify.md).")
 @click.option("--task", type=click.Choice(["binary", "multiclass", "regression", "survival"]), default="binary",
               show_default=True)
