@@ -66,23 +66,24 @@ def usable_cpus() -> int:
 
 
 def resolve_device(wanted: str = "auto") -> str:
-    """``cuda`` or ``cpu``: ``auto`` picks the GPU when this process has one."""
-    if wanted not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, not {wanted!r}")
-    if wanted != "auto":
-        return wanted
-    return "cuda" if gpu_count() else "cpu"
+    """``cuda`` or ``cpu``: ``auto`` picks the GPU when torch sees one in this process."""
+    return _resolve(wanted, lambda: gpu_count() > 0)
 
 
 def resolve_array_device(wanted: str = "auto") -> str:
     """``cuda`` or ``cpu`` for array work (cuCIM reads, CuPy masks): ``auto`` picks the GPU when
     CuPy can run kernels here. Never imports torch (seconds), so a task that only reads and
     masks, such as tissue detection, does not wait for it."""
+    return _resolve(wanted, cupy_gpu)
+
+
+def _resolve(wanted: str, has_gpu) -> str:
+    """``wanted`` checked; ``auto`` becomes ``cuda`` when ``has_gpu()``, else ``cpu``."""
     if wanted not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, not {wanted!r}")
     if wanted != "auto":
         return wanted
-    return "cuda" if cupy_gpu() else "cpu"
+    return "cuda" if has_gpu() else "cpu"
 
 
 def torch_device(wanted: str = "auto"):
