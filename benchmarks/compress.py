@@ -106,7 +106,7 @@ def decode_floor_tifffile(slide_path: Path, xs, ys, patch: int) -> float:
 
 ENCODER_PROBE = """
 import json, sys, time, torch
-from pipeline.runtime.cluster import keep_freed_memory
+from pipeline.runtime.process import keep_freed_memory
 keep_freed_memory()  # the workers' allocator settings (NicWorker.setup)
 from pipeline.compress.codes import build_encoder, encode_patches
 from pipeline.compress.encode import EncoderSettings

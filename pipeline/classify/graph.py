@@ -37,7 +37,8 @@ from pipeline.classify.labels import assign_folds, encode_targets, load_labels, 
 from pipeline.classify.metrics import json_safe, summarize_folds, task_metrics
 from pipeline.classify.source import SlideSource, list_store_slides
 from pipeline.errors import NicError
-from pipeline.runtime.cluster import connect, gpu_resources, keep_freed_memory
+from pipeline.runtime.cluster import connect, gpu_resources
+from pipeline.runtime.process import keep_freed_memory
 
 LONG_RUN_S = 600  # warn with an estimate when CPU training will take longer
 

@@ -30,7 +30,7 @@ from distributed.metrics import context_meter
 
 from pipeline.compress.grid import Block, Grid
 from pipeline.runtime.arrays import array_namespace
-from pipeline.runtime.cluster import keep_freed_memory
+from pipeline.runtime.process import keep_freed_memory, serialise_ast_parsing
 from pipeline.compress.stain import normaliser
 from pipeline.compress.store import CompressionConfig, block_name, open_slide_group, write_block
 from pipeline.io import open_slide
@@ -153,6 +153,7 @@ class NicWorker(WorkerPlugin):
         # collections when it exits (the cluster's shutdown waits for it): skip them.
         atexit.register(gc.freeze)
         keep_freed_memory()  # batches reuse the heap instead of faulting in fresh pages
+        serialise_ast_parsing()  # warm() imports torch beside tasks that import scikit-image
 
     def teardown(self, worker=None):
         with self._lock:

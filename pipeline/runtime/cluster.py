@@ -39,28 +39,6 @@ def tcmalloc_path() -> str | None:
     return candidates[0] if candidates else None
 
 
-GLIBC_MMAP_MAX = 32 * 1024 * 1024  # the largest mmap threshold glibc accepts on 64-bit
-WORKER_TRIM_THRESHOLD = 256 * 1024 * 1024
-
-
-def keep_freed_memory() -> bool:
-    """Let this process's glibc allocator reuse what it frees instead of handing it back to the
-    OS at once; True when it could be set (glibc), False elsewhere.
-
-    Dask starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (to return a worker's freed data
-    quickly). Setting it also freezes glibc's mmap threshold at 128 KiB, so every decoded tile,
-    band and activation over 128 KiB is a fresh ``mmap``, page-faulted and zeroed again at every
-    batch: encoding ran 20-25 % slower (docs/benchmarks.md). Compression workers hold no task
-    data, so allocations up to 32 MiB come from the heap and up to 256 MiB of free heap is kept.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters, malloc.h
-        return bool(libc.mallopt(m_mmap_threshold, GLIBC_MMAP_MAX) and libc.mallopt(m_trim_threshold, WORKER_TRIM_THRESHOLD))
-    except (OSError, AttributeError):  # not glibc
-        return False
-
-
 def _worker_environment() -> dict[str, str]:
     """Environment for spawned workers: tcmalloc preloaded when available."""
     env = {}
