@@ -5,7 +5,7 @@ A metastasis of a few hundred µm spans a handful of neighbouring 64 µm cells, 
 one cell's score is its own. Averaging the cell scores over a ``window`` x ``window`` neighbourhood
 before taking the maximum keeps a lesion's signal and divides the single-cell noise by about
 ``window``: on the PCam haystack (1 % lesion, 40 slides of 8192²), a cell scorer trained with the
-lesion masks ranks slides at AUC 0.60 by its best single cell and 0.89 by its best 5 x 5 window
+lesion masks ranks slides at AUC 0.59 by its best single cell and 0.89 by its best 5 x 5 window
 (docs/haystack.md). This head learns the scorer from slide labels alone. Only windows at least
 ``min_cover`` covered by encoded cells count (edges of the tissue are not averaged with empty
 glass); a crop without such a window falls back to its best single cell. With ``window=1`` it
