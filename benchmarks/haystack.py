@@ -41,7 +41,7 @@ MODELS = tuple(m for m in ORDER if m in list_slide_models()) + tuple(
     m for m in list_slide_models() if m not in ORDER)
 # extra runs of a pipeline model with other settings (name -> model, overrides), chosen with --models
 VARIANTS = {"abmil-long": ("abmil", dict(epochs=200, lr=5e-4)),
-            "local-max-lr": ("local-max", dict(steps=400, lr=2e-2, crop=64))}
+            "local-max-lr": ("local-max", dict(steps=400, lr=2e-2))}
 DATA = Path("/work/shared/data")
 KATHER = DATA / "tiles" / "kather2016_samples"
 PCAM = DATA / "pcam"
@@ -61,10 +61,8 @@ PARAMS = {"nic-cnn": dict(steps=300, width=64, lr=2e-3, lr_final_ratio=0.05), "l
 
 def model_params(model: str, cohort: "Cohort") -> dict | None:
     """The study's overrides of the pipeline defaults for ``model`` (or a variant) on ``cohort``."""
-    if model in VARIANTS:
-        return VARIANTS[model][1]
-    params = PARAMS.get(model)
-    if params is not None and get_slide_model_spec(model).input == "grid":  # crops: the slide's grid + 16 cells
+    base, params = VARIANTS[model] if model in VARIANTS else (model, PARAMS.get(model))
+    if params is not None and get_slide_model_spec(base).input == "grid":  # crops: the slide's grid + 16 cells
         params = dict(params, crop=min(64, cohort.size // cohort.stride + 16))
     return params
 FOLDS = 4
