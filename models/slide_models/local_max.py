@@ -25,6 +25,10 @@ class LocalMaxMIL(nn.Module):
     """Grid crops (n, C+1, H, W), tissue fraction last -> (n, n_out): the maximum over positions
     of the window-mean of a linear (1x1 convolution) cell score."""
 
+    # the output is a maximum over positions, so the crops of a large slide combine by their
+    # maximum too: a lesion in one crop is not averaged away by the others
+    crop_pooling = "max"
+
     def __init__(self, in_channels: int, n_outputs: int, window: int = 5, min_cover: float = 0.5):
         super().__init__()
         if window < 1 or window % 2 == 0:
@@ -69,8 +73,8 @@ class LocalMaxMIL(nn.Module):
     "local-max", input="grid",
     defaults=dict(crop=128, steps=1000, batch_size=16, lr=2e-3, lr_final_ratio=0.05, weight_decay=1e-4,
                   window=5, min_cover=0.5),
-    scores="maximum over positions of the 5 x 5 window-mean of a linear cell score (mean over crops and "
-           "8 rotations/flips)",
+    scores="maximum over positions (and over crops) of the 5 x 5 window-mean of a linear cell score, "
+           "mean over 8 rotations/flips",
     explanation="window-mean cell score",
     description="local-max MIL: linear cell scores averaged over neighbouring cells, then the maximum")
 def build_local_max(in_channels: int, n_outputs: int, window=5, min_cover=0.5, **_) -> LocalMaxMIL:

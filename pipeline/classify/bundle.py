@@ -177,13 +177,15 @@ def _slide_bag(bundle: SlideModel, source: SlideSource, slide_id: str):
 
 
 def _grid_scores(bundle: SlideModel, source: SlideSource, slide_id: str) -> torch.Tensor:
-    """Mean over a tiling of crops of the mean over the 8 rotations/flips."""
+    """The mean over the 8 rotations/flips of each crop of a tiling, combined over the crops as
+    the module pools positions (``crop_pooling``: "mean", the default, or "max")."""
     size = bundle.config["params"]["crop"]
     per_crop = []
     for y0, x0 in bundle.crop_origins(source, slide_id):
         feats, tis = source.crop(slide_id, y0, x0, size)
         per_crop.append(predict_dihedral(bundle.module, bundle.grid_input(feats, tis)[None], bundle.task)[0])
-    return torch.stack(per_crop).mean(0)
+    per_crop = torch.stack(per_crop)
+    return per_crop.amax(0) if getattr(bundle.module, "crop_pooling", "mean") == "max" else per_crop.mean(0)
 
 
 def _bag_scores(bundle: SlideModel, source: SlideSource, slide_id: str) -> torch.Tensor:
