@@ -56,7 +56,8 @@ TEXTURES = {"synthetic": ("synthetic", None), "kather2016": (f"tiles:{KATHER}", 
 # the shared CPU; the PCam study runs them for a quarter of that (and CLAM-SB for a tenth), stated
 # in docs/haystack.md: a lower bound of what each head reaches with its full schedule.
 PARAMS = {"nic-cnn": dict(steps=300, width=64, lr=2e-3, lr_final_ratio=0.05), "local-max": dict(steps=400),
-          "abmil": dict(epochs=50), "dsmil": dict(epochs=50), "clam-sb": dict(epochs=20)}
+          "abmil": dict(epochs=50), "dsmil": dict(epochs=50), "transmil": dict(epochs=50),
+          "clam-sb": dict(epochs=20)}
 
 
 def model_params(model: str, cohort: "Cohort") -> dict | None:
@@ -240,54 +241,86 @@ def limit(series: list[tuple[float, float]], threshold: float = 0.9) -> float | 
     return ok
 
 
+TARGETS = {0.01: 0.95, 0.002: 0.90}   # issue 12: pooled out-of-fold AUC on 40 PCam slides of 8192²
+COUNT_FRACTION = 0.01                  # the slide-count sweep's lesion fraction
+# the cell-label probe's slide AUCs drawn beside the heads: key in probes.json -> (label, line style)
+PROBE_LINES = {"slide_auc_max_cell": ("cell-label probe, best cell", "--"),
+               "slide_auc_window5": ("cell-label probe, best 5 x 5 window", ":")}
+
+
 def plot(results: dict, path: Path = FIGURE, probes: dict | None = None) -> None:
-    """AUC against lesion fraction (log x), one line per model, one panel per texture (sweeps)."""
+    """AUC against lesion fraction (log x), one panel per texture, and for PCam a panel of AUC
+    against the slide count: colour = model, marker = cohort shape (slides × size, stride)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    table = rows(results)
+    table, probes = rows(results), probes or {}
     textures = [t for t in TEXTURES if any(r["texture"] == t for r in table)]
     if not textures:
         return
-    fig, axes = plt.subplots(1, len(textures), figsize=(5.6 * len(textures), 5.6), squeeze=False,
-                             sharey=True, sharex=True)
-    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(MODELS + tuple(VARIANTS))}
+    counted = [r for r in table if r["texture"] == "pcam" and r["fraction"] == COUNT_FRACTION and r["stride"] == CELL_PX]
+    with_count = len({r["slides"] for r in counted}) > 1
+    panels = len(textures) + with_count
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 6.2), squeeze=False, sharey=True)
+    models = columns(table)
+    palette = list(plt.get_cmap("tab10").colors) + ["gold", "navy", "teal", "lime"]
+    colors = {m: palette[i % len(palette)] for i, m in enumerate(models)}
+    shapes = sorted({(r["slides"], r["size"], r["stride"]) for r in table})
+    markers = dict(zip(shapes, ("o", "s", "D", "^", "v", "P", "X", "h", "<", ">", "*", "p") * 3))
+
+    def draw(ax, points, x_of, line, marker, color, style="-", **kw):
+        pts = sorted((x_of(r), v) for r, v in points if v is not None)
+        if pts:
+            ax.plot(*zip(*pts), color=color, marker=marker, ls=style if line else "none", ms=5, lw=1.2, **kw)
+
     for ax, texture in zip(axes[0], textures):
-        groups = sorted({(r["slides"], r["size"], r["stride"]) for r in table if r["texture"] == texture})
-        markers = iter(("o", "*", "D", "s", "^", "v", "P", "X", "h", "<", ">") * 3)
-        for slides, size, stride in groups:
-            sub = [r for r in table if r["texture"] == texture and (r["slides"], r["size"], r["stride"]) == (slides, size, stride)]
-            what = shape_text(sub[0])
+        for shape in shapes:
+            sub = [r for r in table if r["texture"] == texture and (r["slides"], r["size"], r["stride"]) == shape]
             line = len(sub) > 1
-            marker = next(markers)
-            dashes = "-" if stride == CELL_PX else "--"
-            for model in columns(table):
-                pts = sorted((r["fraction"], r["aucs"][model]) for r in sub if r["aucs"].get(model) is not None)
-                if not pts:
-                    continue
-                x, y = zip(*pts)
-                style = dict(color=colors[model], marker=marker, ms=(11 if marker == "*" else 6),
-                             ls=dashes if line else "none", alpha=1.0 if line else 0.9)
-                ax.plot(x, y, label=f"{model} ({what})", **style)
-            pts = sorted((r["fraction"], (probes or {})[r["name"]]["slide_auc_max_cell"]) for r in sub
-                         if (probes or {}).get(r["name"], {}).get("slide_auc_max_cell") is not None)
-            if pts:
-                x, y = zip(*pts)
-                ax.plot(x, y, color="black", ls="--" if line else "none", marker="x", ms=7 if line else 10,
-                        lw=1, label=f"cell-label probe ({what})")
-        ax.axhline(0.9, color="grey", ls=":", lw=1)
-        ax.axhline(0.5, color="grey", ls="--", lw=0.8)
+            for model in models:
+                draw(ax, [(r, r["aucs"].get(model)) for r in sub], lambda r: r["fraction"], line, markers[shape],
+                     colors[model], "-" if shape[2] == CELL_PX else "--")
+            for key, (_, style) in PROBE_LINES.items():
+                draw(ax, [(r, probes.get(r["name"], {}).get(key)) for r in sub], lambda r: r["fraction"], line,
+                     markers[shape], "black", style, mfc="none")
+        if texture == "pcam":
+            ax.plot(list(TARGETS), list(TARGETS.values()), "r*", ms=14, zorder=5)
         ax.set_xscale("log")
+        ax.set_xlim(7e-4, 0.7)
         ax.set_xlabel("lesion fraction of the tissue (positive slides)")
         ax.set_title(f"texture: {texture}")
+    if with_count:
+        ax = axes[0][-1]
+        for size in sorted({r["size"] for r in counted}):
+            sub = [r for r in counted if r["size"] == size]
+            marker = markers[(min(r["slides"] for r in sub), size, CELL_PX)]
+            for model in models:
+                draw(ax, [(r, r["aucs"].get(model)) for r in sub], lambda r: r["slides"], True, marker, colors[model])
+            for key, (_, style) in PROBE_LINES.items():
+                draw(ax, [(r, probes.get(r["name"], {}).get(key)) for r in sub], lambda r: r["slides"], True,
+                     marker, "black", style, mfc="none")
+        ax.set_xscale("log", base=2)
+        counts = sorted({r["slides"] for r in counted})
+        ax.set_xticks(counts, [str(n) for n in counts])
+        ax.set_xlim(counts[0] / 1.3, counts[-1] * 1.3)
+        ax.set_xlabel(f"slides (half positive), PCam, lesion {COUNT_FRACTION:.0%} of the tissue")
+        ax.set_title("pcam: slide count")
+    for ax in axes[0]:
+        ax.axhline(0.9, color="grey", ls=":", lw=1)
+        ax.axhline(0.5, color="grey", ls="--", lw=0.8)
         ax.set_ylim(0.15, 1.02)
-        ax.set_xlim(1.5e-3, 0.7)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     axes[0][0].set_ylabel(f"pooled out-of-fold AUC ({FOLDS}-fold CV)")
-    fig.tight_layout()
+    handles = ([Line2D([], [], color=colors[m], lw=2, label=m) for m in models]
+               + [Line2D([], [], color="black", ls=style, label=label) for label, style in PROBE_LINES.values()]
+               + [Line2D([], [], color="r", marker="*", ls="none", ms=12, label="target (issue 12, 40 × 8192²)")]
+               + [Line2D([], [], color="grey", marker=markers[sh], ls="none", label=shape_text(
+                   dict(slides=sh[0], size=sh[1], stride=sh[2]))) for sh in shapes])
+    fig.legend(handles=handles, loc="lower center", ncol=min(8, len(handles)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.03 * (1 + len(handles) // 8), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
