@@ -1,7 +1,7 @@
 """Training: one loop per input kind, chosen from the registry entry.
 
-* ``grid``: random tissue-centred crops, random rotation/flip, class-balanced slides, Adam with
-  exponential learning-rate decay (:func:`fit_grid`);
+* ``grid``: random tissue-centred crops (a slide that fits a crop is held whole), random
+  rotation/flip, class-balanced slides, Adam with exponential learning-rate decay (:func:`fit_grid`);
 * ``bag``: mini-batches of whole bags (sub-sampled to ``max_cells``), class-weighted loss (plus a
   head's own auxiliary loss, e.g. CLAM's instance loss), Adam; a module with a parameter-free
   ``pool`` has each slide pooled once (:func:`fit_bag`).
@@ -87,7 +87,7 @@ def _loss_targets(tensors, index, device, class_weight=None) -> dict:
 
 
 def _crop_centres(source: SlideSource, slide_ids) -> list:
-    """Tissue cells of each slide and the cumulative tissue weights to sample them."""
+    """Tissue cells of each slide, the cumulative tissue weights to sample them, the grid's shape."""
     centres = []
     for sid in slide_ids:
         tissue = source.tissue(sid)
@@ -95,8 +95,26 @@ def _crop_centres(source: SlideSource, slide_ids) -> list:
         if len(flat) == 0:
             flat = np.array([tissue.size // 2])
         cumulative = np.cumsum(tissue.ravel()[flat].astype(float) + 1e-9)
-        centres.append((flat, cumulative / cumulative[-1], tissue.shape[1]))
+        centres.append((flat, cumulative / cumulative[-1], tissue.shape))
     return centres
+
+
+def random_crop_origin(centres, size: int, rng) -> tuple[int, int]:
+    """Top-left cell of a training crop of one slide (``centres``: its entry of _crop_centres).
+
+    Around a tissue cell drawn by tissue weight, jittered by a quarter crop; but along an axis the
+    crop can hold whole, it holds the whole grid (at a random place in the crop): a lesion is never
+    cropped out of a slide that fits, so the slide's label stays true of every crop."""
+    flat, cumulative, (ny, nx) = centres
+    cy, cx = divmod(int(flat[np.searchsorted(cumulative, rng.random())]), nx)
+    return _axis_origin(cy, ny, size, rng), _axis_origin(cx, nx, size, rng)
+
+
+def _axis_origin(centre: int, n: int, size: int, rng) -> int:
+    if n <= size:
+        return -int(rng.integers(0, size - n + 1))
+    jitter = max(size // 4, 1)
+    return centre + int(rng.integers(-jitter, jitter + 1)) - size // 2
 
 
 def fit_grid(bundle: SlideModel, source, slide_ids, tensors, params, rng, n_classes, progress) -> None:
@@ -111,7 +129,6 @@ def fit_grid(bundle: SlideModel, source, slide_ids, tensors, params, rng, n_clas
     optimiser = torch.optim.Adam(bundle.module.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
     ratio = params["lr_final_ratio"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: ratio ** (s / max(steps - 1, 1)))
-    jitter = max(size // 4, 1)
     batch_size = params["batch_size"]
     bundle.module.train()
     for _ in range(steps):
@@ -119,11 +136,7 @@ def fit_grid(bundle: SlideModel, source, slide_ids, tensors, params, rng, n_clas
         feats = np.empty((batch_size, len(bundle.config["norm_mean"]), size, size), np.float16)
         tissue = np.empty((batch_size, size, size), np.float32)
         for b, i in enumerate(index):
-            flat, cumulative, nx = centres[i]
-            cy, cx = divmod(int(flat[np.searchsorted(cumulative, rng.random())]), nx)
-            cy += int(rng.integers(-jitter, jitter + 1)) - size // 2
-            cx += int(rng.integers(-jitter, jitter + 1)) - size // 2
-            feats[b], tissue[b] = source.crop(slide_ids[i], cy, cx, size)
+            feats[b], tissue[b] = source.crop(slide_ids[i], *random_crop_origin(centres[i], size, rng), size)
         inputs = bundle.grid_input(feats, tissue)
         batch = [dihedral(inputs[b], int(k)) for b, k in enumerate(rng.integers(8, size=batch_size))]
         outputs = bundle.module(torch.stack(batch))

@@ -124,3 +124,21 @@ def test_nic_train_help_names_every_built_in_head():
     option = next(p for p in main.commands["train"].params if p.name == "model")
     listed = option.help.split(":", 1)[1].split("(")[0]
     assert sorted(name.strip() for name in listed.split(",")) == sorted(built_in)
+
+
+def test_a_training_crop_holds_a_slide_whole_along_every_axis_that_fits():
+    """Grid 20 x 50, crop 32: rows always whole (a lesion is never cropped out along them),
+    columns a tissue-centred window; the grid's place in the crop still varies."""
+    from pipeline.classify.fit import random_crop_origin
+
+    tissue = np.zeros((20, 50))
+    tissue[5:15, 10:40] = 1
+    flat = np.flatnonzero(tissue)
+    centres = (flat, np.linspace(1 / len(flat), 1, len(flat)), tissue.shape)
+    rng = np.random.default_rng(0)
+    origins = np.array([random_crop_origin(centres, 32, rng) for _ in range(500)])
+    assert ((origins[:, 0] <= 0) & (origins[:, 0] + 32 >= 20)).all()
+    assert len(np.unique(origins[:, 0])) == 13                   # every placement of 20 rows in 32
+    assert (origins[:, 1] + 32 < 50).any() and (origins[:, 1] > 0).any()   # columns: windows
+    centre_col = origins[:, 1] + 16
+    assert ((centre_col >= 10 - 8) & (centre_col < 40 + 8)).all()   # around tissue, jitter ≤ a quarter crop
