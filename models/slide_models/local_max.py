@@ -35,6 +35,13 @@ class LocalMaxMIL(nn.Module):
             raise ValueError(f"window must be an odd number of cells, not {window}")
         self.window, self.min_cover = int(window), float(min_cover)
         self.score = nn.Conv2d(in_channels - 1, n_outputs, 1)
+        # Zero start: every window ties, and the maximum passes its gradient to all tied windows
+        # alike, so the first steps learn the scorer as mean pooling would (a dense gradient)
+        # before the maximum sharpens onto the best windows. From a random start the maximum
+        # locks onto the normal windows that start favours (PCam haystack, 10 % lesion, one
+        # fold: test AUC 0.24-1.0 over four seeds; 1.0 from zero).
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
 
     def local_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(window-mean scores (n, n_out, H, W), the positions that count (n, 1, H, W) bool)."""

@@ -282,6 +282,7 @@ def test_local_max_is_the_maximum_window_mean_of_the_cell_scores():
     from scipy import ndimage
 
     model = create_slide_model("local-max", 9, 1, window=3, min_cover=0.5).eval()
+    torch.nn.init.normal_(model.score.weight)
     x, _ = _faint_blob_grids(2)
     with torch.no_grad():
         out = model(x)
@@ -294,6 +295,22 @@ def test_local_max_is_the_maximum_window_mean_of_the_cell_scores():
         assert out[i, 0].item() == pytest.approx(expected, rel=1e-5, abs=1e-5)
     with pytest.raises(ValueError, match="odd"):
         create_slide_model("local-max", 9, 1, window=4)
+
+
+def test_local_max_starts_as_mean_pooling_of_its_windows():
+    """From its zero start every window ties, and the first gradient of the scorer is the mean
+    code over the counted windows (the mean-pooling direction), not one window's code."""
+    model = create_slide_model("local-max", 9, 1, window=3)
+    x, _ = _faint_blob_grids(1)
+    model(x)[0, 0].backward()
+    codes = x[0, :-1]
+    encoded = (codes != 0).any(0, keepdim=True).float()
+    window_means = (torch.nn.functional.avg_pool2d(codes[None], 3, 1, 1)
+                    / torch.nn.functional.avg_pool2d(encoded[None], 3, 1, 1).clamp_min(1 / 9))[0]
+    counted = (torch.nn.functional.avg_pool2d(encoded[None], 3, 1, 1)[0, 0] >= 0.5) & (encoded[0] > 0)
+    expected = window_means[:, counted].mean(1)
+    torch.testing.assert_close(model.score.weight.grad.flatten(), expected, rtol=1e-4, atol=1e-5)
+    assert model.score.bias.grad.item() == pytest.approx(1.0)
 
 
 def test_local_max_finds_a_blob_too_faint_for_any_single_cell():
