@@ -56,7 +56,7 @@ TEXTURES = {"synthetic": ("synthetic", None), "kather2016": (f"tiles:{KATHER}", 
 # the shared CPU; the PCam study runs them for a quarter of that (and CLAM-SB for a tenth), stated
 # in docs/haystack.md: a lower bound of what each head reaches with its full schedule.
 PARAMS = {"nic-cnn": dict(steps=300, width=64, lr=2e-3, lr_final_ratio=0.05), "local-max": dict(steps=400),
-          "abmil": dict(epochs=50), "dsmil": dict(epochs=50), "transmil": dict(epochs=50),
+          "abmil": dict(epochs=50), "dsmil": dict(epochs=50), "transmil": dict(epochs=10),
           "clam-sb": dict(epochs=20)}
 
 

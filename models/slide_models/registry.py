@@ -8,8 +8,8 @@ entry (or the module it builds) and never branches on a model's name:
 * ``input``: what it reads. ``"grid"``: crops of the compressed grid, (n, C+1, H, W) with the
   tissue fraction as the last channel, ``forward`` -> (n, n_out); a slide larger than a crop is
   scored as the mean over a tiling of crops, or their maximum where the module sets
-  ``crop_pooling = "max"`` (heads whose output is a maximum over positions); ``"bag"``: the codes of the
-  tissue cells of one slide, (n_cells, C), ``forward`` -> (1, n_out);
+  ``crop_pooling = "max"`` (heads whose output is a maximum over positions); ``"bag"``: the
+  codes of the tissue cells of one slide, (n_cells, C), ``forward`` -> (1, n_out);
 * ``scores``: how a slide's score comes out (one sentence, for reports);
 * ``explanation``: what its heatmap shows. Grid modules implement ``relevance(x, output_index)``
   -> (H, W) for one crop (C+1, H, W); bag modules implement ``instance_scores(bag,
