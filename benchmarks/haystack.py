@@ -41,7 +41,8 @@ MODELS = tuple(m for m in ORDER if m in list_slide_models()) + tuple(
     m for m in list_slide_models() if m not in ORDER)
 # extra runs of a pipeline model with other settings (name -> model, overrides), chosen with --models
 VARIANTS = {"abmil-long": ("abmil", dict(epochs=200, lr=5e-4)),
-            "local-max-lr": ("local-max", dict(steps=400, lr=2e-2))}
+            "local-max-lr": ("local-max", dict(steps=400, lr=2e-2)),
+            "local-max-full": ("local-max", dict(steps=1000))}
 DATA = Path("/work/shared/data")
 KATHER = DATA / "tiles" / "kather2016_samples"
 PCAM = DATA / "pcam"
