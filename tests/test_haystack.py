@@ -67,6 +67,13 @@ def test_markdown_and_plot_from_results(haystack, tmp_path):
     out = tmp_path / "auc.png"
     haystack.plot(results, out)
     assert out.stat().st_size > 10_000
+    # a slide-count series (PCam, 1 %) adds its panel; the probe's lines join the heads
+    for n, a in [(40, 0.5), (160, 0.6)]:
+        c = haystack.Cohort("pcam", 0.01, n, 4096)
+        results[c.name] = _entry("pcam", 0.01, {"mean": a, "local-max": a + 0.1}, n, 4096)
+    probes = {name: {"slide_auc_max_cell": 0.6, "slide_auc_window5": 0.8} for name in results}
+    haystack.plot(results, out, probes=probes)
+    assert out.stat().st_size > 10_000
 
 
 def test_best_window_mean_lifts_a_faint_patch_of_adjacent_cells(haystack):
