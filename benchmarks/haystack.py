@@ -277,16 +277,19 @@ def plot(results: dict, path: Path = FIGURE, probes: dict | None = None) -> None
         if pts:
             ax.plot(*zip(*pts), color=color, marker=marker, ls=style if line else "none", ms=5, lw=1.2, **kw)
 
+    def draw_cohorts(ax, sub, x_of, line, marker, style="-"):
+        """Every model's AUC and the probe's slide AUCs on the cohorts ``sub``, against ``x_of``."""
+        for model in models:
+            draw(ax, [(r, r["aucs"].get(model)) for r in sub], x_of, line, marker, colors[model], style)
+        for key, (_, probe_style) in PROBE_LINES.items():
+            draw(ax, [(r, probes.get(r["name"], {}).get(key)) for r in sub], x_of, line, marker, "black",
+                 probe_style, mfc="none")
+
     for ax, texture in zip(axes[0], textures):
         for shape in shapes:
             sub = [r for r in table if r["texture"] == texture and (r["slides"], r["size"], r["stride"]) == shape]
-            line = len(sub) > 1
-            for model in models:
-                draw(ax, [(r, r["aucs"].get(model)) for r in sub], lambda r: r["fraction"], line, markers[shape],
-                     colors[model], "-" if shape[2] == CELL_PX else "--")
-            for key, (_, style) in PROBE_LINES.items():
-                draw(ax, [(r, probes.get(r["name"], {}).get(key)) for r in sub], lambda r: r["fraction"], line,
-                     markers[shape], "black", style, mfc="none")
+            draw_cohorts(ax, sub, lambda r: r["fraction"], len(sub) > 1, markers[shape],
+                         "-" if shape[2] == CELL_PX else "--")
         if texture == "pcam":
             ax.plot(list(TARGETS), list(TARGETS.values()), "r*", ms=14, zorder=5)
         ax.set_xscale("log")
@@ -297,12 +300,7 @@ def plot(results: dict, path: Path = FIGURE, probes: dict | None = None) -> None
         ax = axes[0][-1]
         for size in sorted({r["size"] for r in counted}):
             sub = [r for r in counted if r["size"] == size]
-            marker = markers[(min(r["slides"] for r in sub), size, CELL_PX)]
-            for model in models:
-                draw(ax, [(r, r["aucs"].get(model)) for r in sub], lambda r: r["slides"], True, marker, colors[model])
-            for key, (_, style) in PROBE_LINES.items():
-                draw(ax, [(r, probes.get(r["name"], {}).get(key)) for r in sub], lambda r: r["slides"], True,
-                     marker, "black", style, mfc="none")
+            draw_cohorts(ax, sub, lambda r: r["slides"], True, markers[(min(r["slides"] for r in sub), size, CELL_PX)])
         ax.set_xscale("log", base=2)
         counts = sorted({r["slides"] for r in counted})
         ax.set_xticks(counts, [str(n) for n in counts])
