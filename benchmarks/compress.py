@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 
 def make_slide(path: Path, size: int) -> Path:
-    from pipeline.synth import write_synthetic_slide
+    from nic_pipeline.synth import write_synthetic_slide
 
     if not path.exists():
         start = time.perf_counter()
@@ -52,10 +52,10 @@ def make_slide(path: Path, size: int) -> Path:
 
 def tissue_cells(slide_path: Path, patch: int, min_tissue: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
     """The level-0 origins of the tissue cells, as the compression graph selects them."""
-    from pipeline.compress.grid import Grid
-    from pipeline.io import open_slide
-    from pipeline.compress.grid import cell_coverage
-    from pipeline.compress.tissue import slide_tissue_mask
+    from nic_pipeline.compress.grid import Grid
+    from nic_pipeline.io import open_slide
+    from nic_pipeline.compress.grid import cell_coverage
+    from nic_pipeline.compress.tissue import slide_tissue_mask
 
     with open_slide(slide_path) as slide:
         grid = Grid(*slide.dimensions, slide.require_mpp(), 0.5, patch, patch)
@@ -106,10 +106,10 @@ def decode_floor_tifffile(slide_path: Path, xs, ys, patch: int) -> float:
 
 ENCODER_PROBE = """
 import json, sys, time, torch
-from pipeline.runtime.process import keep_freed_memory
+from nic_pipeline.runtime.process import keep_freed_memory
 keep_freed_memory()  # the workers' allocator settings (NicWorker.setup)
-from pipeline.compress.codes import build_encoder, encode_patches
-from pipeline.compress.encode import EncoderSettings
+from nic_pipeline.compress.codes import build_encoder, encode_patches
+from nic_pipeline.compress.encode import EncoderSettings
 name, patch, threads, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 precisions = sys.argv[5].split(",")
 torch.set_num_threads(threads)
@@ -139,7 +139,7 @@ def encoder_floor(name: str, patch: int, seconds: float = 12.0, precisions=("fp3
     core, and one single-threaded process per core side by side (rates added). The best of the
     settings is the floor. Entries "<precision> per CPU-s" give patches per CPU-second (mean over
     the processes): a cost that the load of a shared machine moves much less than the rate."""
-    from pipeline.runtime.cluster import _worker_environment
+    from nic_pipeline.runtime.cluster import _worker_environment
 
     env = {**os.environ, **_worker_environment(), "PYTHONPATH": str(REPO)}
     cores = os.cpu_count() or 1
@@ -163,9 +163,9 @@ def end_to_end(slide_path: Path, store: Path, encoder: str, client) -> dict:
     """Patches/s of the compression graph on warm workers, and each worker's peak RSS."""
     import shutil
 
-    from pipeline.compress.graph import compress
-    from pipeline.compress.jobs import plan_jobs
-    from pipeline.compress.encode import EncoderSettings
+    from nic_pipeline.compress.graph import compress
+    from nic_pipeline.compress.jobs import plan_jobs
+    from nic_pipeline.compress.encode import EncoderSettings
 
     shutil.rmtree(store, ignore_errors=True)
     settings = EncoderSettings(encoder, random_init=not encoder.startswith("nic"), precision="auto")
@@ -184,7 +184,7 @@ def end_to_end(slide_path: Path, store: Path, encoder: str, client) -> dict:
 
 def machine() -> str:
     """The CPU (with whether it computes bf16 natively), memory, OS and GPUs of this machine."""
-    from pipeline.runtime.device import NATIVE_BF16_FLAGS, cpu_flags, gpu_count
+    from nic_pipeline.runtime.device import NATIVE_BF16_FLAGS, cpu_flags, gpu_count
 
     cpu = "unknown CPU"
     try:
@@ -222,7 +222,7 @@ def main() -> None:
         whole_command(args)
         return
 
-    from pipeline.runtime.cluster import connect, tcmalloc_path
+    from nic_pipeline.runtime.cluster import connect, tcmalloc_path
 
     slide = make_slide(args.workdir / f"bench_{args.size}.tif", args.size)
     rows = []

@@ -42,10 +42,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models.registry import create_encoder  # noqa: E402
-from pipeline.encoder import tiles as T  # noqa: E402
-from pipeline.encoder.probe import format_table, holdout_probe, probe  # noqa: E402
-from pipeline.io.masks import read_mask  # noqa: E402
+from nic_models.registry import create_encoder  # noqa: E402
+from nic_pipeline.encoder import tiles as T  # noqa: E402
+from nic_pipeline.encoder.probe import format_table, holdout_probe, probe  # noqa: E402
+from nic_pipeline.io.masks import read_mask  # noqa: E402
 
 DEFAULT_ENCODERS = [
     "nic-mtl4-tellez2020=nic-mtl4-tellez2020",

@@ -38,14 +38,14 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 import gpu_report  # noqa: E402
 from gpu_probes import MIN_TISSUE, NIC_PATCH  # noqa: E402
-from pipeline import api  # noqa: E402
-from pipeline.compress.codes import build_encoder, default_batch_size, encode_patches  # noqa: E402
-from pipeline.compress.encode import EncoderSettings  # noqa: E402
-from pipeline.compress.dataset import open_slide_tensor  # noqa: E402
-from pipeline.compress.store import describe_store  # noqa: E402
-from pipeline.io.cucim_backend import nvimgcodec_version  # noqa: E402
-from pipeline.runtime.cluster import connect  # noqa: E402
-from pipeline.runtime.device import gpu_count, usable_cpus  # noqa: E402
+from nic_pipeline import api  # noqa: E402
+from nic_pipeline.compress.codes import build_encoder, default_batch_size, encode_patches  # noqa: E402
+from nic_pipeline.compress.encode import EncoderSettings  # noqa: E402
+from nic_pipeline.compress.dataset import open_slide_tensor  # noqa: E402
+from nic_pipeline.compress.store import describe_store  # noqa: E402
+from nic_pipeline.io.cucim_backend import nvimgcodec_version  # noqa: E402
+from nic_pipeline.runtime.cluster import connect  # noqa: E402
+from nic_pipeline.runtime.device import gpu_count, usable_cpus  # noqa: E402
 
 NIC = ("nic", NIC_PATCH)  # encoder, patch px (both encoders read at 0.5 µm/px)
 RESNET = ("resnet50-trunc", 224)
@@ -273,7 +273,7 @@ def compress_command(bench: Bench, slide: Path, encoder: str, store: str, env: d
     """`nic compress` in a fresh process: wall time from the command line, and the run's own time."""
     path = store_path(bench, store)
     workers = ["--workers", str(bench.sizes.workers)] if bench.sizes.workers and "--workers" not in extra else []
-    command = [sys.executable, "-m", "pipeline", "compress", str(slide), "--out", str(path), "--encoder", encoder,
+    command = [sys.executable, "-m", "nic_pipeline", "compress", str(slide), "--out", str(path), "--encoder", encoder,
                *(["--random-init"] if encoder != "nic" else []), *workers, *extra]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})

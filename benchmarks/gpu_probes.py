@@ -18,14 +18,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.compress.encode import iter_bands  # noqa: E402
-from pipeline.compress.grid import Grid, cell_coverage  # noqa: E402
-from pipeline.compress.store import blocks_with_tissue  # noqa: E402
-from pipeline.compress.tissue import slide_tissue_mask  # noqa: E402
-from pipeline.io import open_slide  # noqa: E402
-from pipeline.runtime.arrays import to_numpy  # noqa: E402
-from pipeline.runtime.device import usable_cpus  # noqa: E402
-from pipeline.synth import write_synthetic_slide  # noqa: E402
+from nic_pipeline.compress.encode import iter_bands  # noqa: E402
+from nic_pipeline.compress.grid import Grid, cell_coverage  # noqa: E402
+from nic_pipeline.compress.store import blocks_with_tissue  # noqa: E402
+from nic_pipeline.compress.tissue import slide_tissue_mask  # noqa: E402
+from nic_pipeline.io import open_slide  # noqa: E402
+from nic_pipeline.runtime.arrays import to_numpy  # noqa: E402
+from nic_pipeline.runtime.device import usable_cpus  # noqa: E402
+from nic_pipeline.synth import write_synthetic_slide  # noqa: E402
 
 MPP = 0.25  # a 40x scan
 NIC_PATCH = 128  # NIC grid: 128 px cells at 0.5 µm/px

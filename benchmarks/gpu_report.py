@@ -33,7 +33,7 @@ and apart from the others (one that fails is recorded and the run goes on).
   cells of the NIC grid; agreement is the share of mask pixels equal to the CPU's.
 - **Encoder alone**: random uint8 patches already on the GPU, at the workers' batch size
   (256 x 128 px for NIC, 64 x 224 px for resnet50-trunc), fp16 autocast and fp32.
-- **End to end**, file to Zarr: `pipeline.api.compress` on a warm embedded cluster (dask-cuda's
+- **End to end**, file to Zarr: `nic_pipeline.api.compress` on a warm embedded cluster (dask-cuda's
   LocalCUDACluster, one worker; each encoder loaded by a small slide first), the cluster's start
   timed apart; and `nic compress` as a command in a fresh process (wall time: Python, cluster
   start, encoder load and compression; "seconds" is the run's own closing line).

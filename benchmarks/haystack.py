@@ -3,8 +3,8 @@
 For each cohort of a plan (texture x lesion fraction x cohort size), the pipeline's own stages
 run in order and every finished step is skipped on a rerun:
 
-    pipeline.synth.write_cohort -> pipeline.compress.compress (default `nic` encoder, stride 128
-    or 64) -> pipeline.classify.train_cohort for every slide model of the registry, k-fold CV
+    nic_pipeline.synth.write_cohort -> nic_pipeline.compress.compress (default `nic` encoder, stride 128
+    or 64) -> nic_pipeline.classify.train_cohort for every slide model of the registry, k-fold CV
 
 The pooled out-of-fold AUC of every (cohort, model) goes to WORK/results.json as soon as it
 is known; after each one the figure (docs/img/haystack_auc.png) and the results block of
@@ -28,7 +28,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from models.slide_models import get_slide_model_spec, list_slide_models
+from nic_models.slide_models import get_slide_model_spec, list_slide_models
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "haystack.md"
@@ -69,7 +69,7 @@ def model_params(model: str, cohort: "Cohort") -> dict | None:
     return params
 FOLDS = 4
 CELL_PX = 128                         # compressed cell = one 128 px patch at 0.5 µm/px
-MASK_PX = 32                          # synth mask pixel (pipeline.synth.MASK_DOWNSAMPLE)
+MASK_PX = 32                          # synth mask pixel (nic_pipeline.synth.MASK_DOWNSAMPLE)
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def log(msg: str) -> None:
 
 def synthesize(cohort: Cohort, slides_dir: Path) -> Path:
     """The cohort's slides, masks and labels.csv (labels.csv is written last: it marks done)."""
-    from pipeline.synth import CohortSpec, write_cohort
+    from nic_pipeline.synth import CohortSpec, write_cohort
 
     labels = slides_dir / "labels.csv"
     if not labels.exists():
@@ -157,8 +157,8 @@ def store_mb(store: Path) -> float:
 
 def cohort_sizes(slides_dir: Path, store: Path) -> dict:
     """Tissue cells per slide (store) and lesion size (synth masks) of a cohort, for the doc."""
-    from pipeline.compress.dataset import open_slide_tensor
-    from pipeline.compress.store import list_slides
+    from nic_pipeline.compress.dataset import open_slide_tensor
+    from nic_pipeline.compress.store import list_slides
 
     meta = json.loads((slides_dir / "synth.json").read_text())
     cells = [float((open_slide_tensor(store, sid)["tissue"].values > 0).sum()) for sid in list_slides(store)]
@@ -174,9 +174,9 @@ def cohort_sizes(slides_dir: Path, store: Path) -> dict:
 
 def run_cohort(cohort: Cohort, work: Path, client, models=MODELS, folds: int = FOLDS) -> None:
     """Synthesize, compress and cross-validate every model of one cohort; skip what is done."""
-    from pipeline.classify import train_cohort
-    from pipeline.compress.graph import compress
-    from pipeline.compress.jobs import plan_jobs
+    from nic_pipeline.classify import train_cohort
+    from nic_pipeline.compress.graph import compress
+    from nic_pipeline.compress.jobs import plan_jobs
 
     results = load_results(work)
     entry = results.get(cohort.name, {})
@@ -415,10 +415,10 @@ def cell_probe(store: Path, slides_dir: Path, folds: int = FOLDS, seed: int = 0)
     from sklearn.preprocessing import StandardScaler
 
     import pandas as pd
-    from pipeline.classify import SlideSource, assign_folds
-    from pipeline.classify.explain import mask_to_grid, mask_um_per_px
-    from pipeline.io.masks import mask_downsample, read_mask
-    from pipeline.classify.metrics import auc
+    from nic_pipeline.classify import SlideSource, assign_folds
+    from nic_pipeline.classify.explain import mask_to_grid, mask_um_per_px
+    from nic_pipeline.io.masks import mask_downsample, read_mask
+    from nic_pipeline.classify.metrics import auc
 
     labels = pd.read_csv(slides_dir / "labels.csv", dtype={"slide_id": str})
     fold_of = assign_folds(labels, "binary", folds, seed)
@@ -488,8 +488,8 @@ def lesion_picture(slides_dir: Path, out: Path, context_px: int = 1024) -> Path:
     import pandas as pd
     from matplotlib.patches import Rectangle
 
-    from pipeline.io import open_slide
-    from pipeline.synth import read_lesion_mask
+    from nic_pipeline.io import open_slide
+    from nic_pipeline.synth import read_lesion_mask
 
     labels = pd.read_csv(slides_dir / "labels.csv", dtype={"slide_id": str})
     row = labels[labels["label"] == 1].iloc[0]
@@ -543,7 +543,7 @@ def cli():
 @click.option("--models", default=",".join(MODELS), show_default=True)
 def run(work: Path, plans, workers: int, models: str):
     """Run the cohorts of the plans in order (finished ones are skipped)."""
-    from pipeline.runtime.cluster import connect
+    from nic_pipeline.runtime.cluster import connect
 
     work.mkdir(parents=True, exist_ok=True)
     cohorts = []

@@ -4,7 +4,7 @@
                                [--cluster embedded|separate] [--out docs/benchmarks.md] [--no-write]
 
 A cohort of ``--slides`` synthetic slides of ``--size``² px (made once by a process pool, then
-cached in the work folder) is compressed through :func:`pipeline.api.compress` (preflight
+cached in the work folder) is compressed through :func:`nic_pipeline.api.compress` (preflight
 included) into a fresh store. Measured:
 
 * tasks per second through the scheduler: tasks / wall time, and the scheduler's own view (a
@@ -42,10 +42,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.compress import machine, replace_section  # noqa: E402
-from pipeline.api import compress  # noqa: E402
-from pipeline.compress.graph import plan_jobs  # noqa: E402
-from pipeline.compress.store import consolidate, open_cohort  # noqa: E402
-from pipeline.runtime.cluster import _worker_environment, connect  # noqa: E402
+from nic_pipeline.api import compress  # noqa: E402
+from nic_pipeline.compress.graph import plan_jobs  # noqa: E402
+from nic_pipeline.compress.store import consolidate, open_cohort  # noqa: E402
+from nic_pipeline.runtime.cluster import _worker_environment, connect  # noqa: E402
 
 
 # --------------------------------------------------------------------------- the cohort
@@ -54,9 +54,9 @@ from pipeline.runtime.cluster import _worker_environment, connect  # noqa: E402
 def _write_one(path: str, size: int, seed: int) -> None:
     """One synthetic slide with tissue (at this size some seeds draw background only: the next
     seed is tried), written outside the cohort folder and moved in whole."""
-    from pipeline.compress.tissue import slide_tissue_mask
-    from pipeline.io import open_slide
-    from pipeline.synth import write_synthetic_slide
+    from nic_pipeline.compress.tissue import slide_tissue_mask
+    from nic_pipeline.io import open_slide
+    from nic_pipeline.synth import write_synthetic_slide
 
     part = Path(path).parent.parent / "partial" / Path(path).name
     for attempt in range(20):
@@ -226,7 +226,7 @@ def time_opening(store: Path) -> dict:
     import numpy as np
     import xarray as xr
 
-    from pipeline.classify.core import SlideSource, list_store_slides
+    from nic_pipeline.classify.core import SlideSource, list_store_slides
 
     start = time.perf_counter()
     root = open_cohort(store)
@@ -356,7 +356,7 @@ def scale_section(found: list[dict]) -> str:
         + " on 2 cores), so wall times are upper bounds. "
         f"{int(args['slides']):,} synthetic slides of {int(args['size']):,}² px at 0.5 µm/px, compressed with the "
         f"defaults (NIC encoder, block 256, precision auto) by {args['workers']} single-threaded workers through "
-        "`pipeline.api.compress` (preflight included). `embedded`: `connect(workers=2)`, whose scheduler "
+        "`nic_pipeline.api.compress` (preflight included). `embedded`: `connect(workers=2)`, whose scheduler "
         "runs in the client's process, on the event-loop thread that the client's comms share (so its "
         "CPU includes the client's result gathering); `separate`: a `dask scheduler` process and two "
         "`dask worker` processes, as on a cluster (scheduler CPU = that process alone).",

@@ -44,7 +44,7 @@ def log(msg: str) -> None:
 
 
 def synthesize(folder: Path, slides: int, size: int, fraction: float, jitter: float, seed: int) -> Path:
-    from pipeline.synth import CohortSpec, write_cohort
+    from nic_pipeline.synth import CohortSpec, write_cohort
 
     if not (folder / "labels.csv").exists():
         write_cohort(folder, CohortSpec(n_slides=slides, width=size, height=size, lesion_fraction=fraction,
@@ -56,9 +56,9 @@ def patch_costs(slide_path: Path, n: int = 256) -> dict:
     """ms per 128 px patch of each normalisation and of the encoder (one thread, this CPU)."""
     import torch
 
-    from pipeline.compress.encode import EncoderSettings, NicWorker
-    from pipeline.compress.stain import fit_stain, normalise
-    from pipeline.io import open_slide
+    from nic_pipeline.compress.encode import EncoderSettings, NicWorker
+    from nic_pipeline.compress.stain import fit_stain, normalise
+    from nic_pipeline.io import open_slide
 
     torch.set_num_threads(1)
     with open_slide(slide_path) as slide:
@@ -110,7 +110,7 @@ def _interval(values) -> list[float]:
 def code_spread(stores: dict[str, Path], slide_ids: list[str]) -> dict:
     """Per run: the median relative move of a cell's code from the same cell of the unjittered
     cohort, and the spread (std summed over features) of slide-mean codes over that of cells."""
-    from pipeline.compress.store import open_slide_tensor
+    from nic_pipeline.compress.store import open_slide_tensor
 
     codes = {run: {s: open_slide_tensor(store, s)["features"].values.astype(np.float32) for s in slide_ids}
              for run, store in stores.items()}
@@ -142,12 +142,12 @@ def code_spread(stores: dict[str, Path], slide_ids: list[str]) -> dict:
 @click.option("--seed", default=0, show_default=True)
 def main(work: Path, slides: int, size: int, fraction: float, jitter: float, models: str, folds: int, workers: int,
          seed: int):
-    from pipeline.classify import train_cohort
-    from pipeline.compress.encode import EncoderSettings
-    from pipeline.compress.graph import compress
-    from pipeline.compress.jobs import plan_jobs
-    from pipeline.compress.store import list_slides
-    from pipeline.runtime.cluster import connect
+    from nic_pipeline.classify import train_cohort
+    from nic_pipeline.compress.encode import EncoderSettings
+    from nic_pipeline.compress.graph import compress
+    from nic_pipeline.compress.jobs import plan_jobs
+    from nic_pipeline.compress.store import list_slides
+    from nic_pipeline.runtime.cluster import connect
 
     work.mkdir(parents=True, exist_ok=True)
     results_path = work / "results.json"

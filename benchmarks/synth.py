@@ -32,7 +32,7 @@ from skimage.segmentation import find_boundaries
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import synth  # noqa: E402
+from nic_pipeline import synth  # noqa: E402
 
 DOCS = REPO / "docs"
 SECTION = "## Synthetic slides"
@@ -50,7 +50,7 @@ def machine() -> str:
 def bench(size: int, seed: int) -> dict:
     """Run `nic synth` for one positive size x size slide; return wall s, CPU s, peak RSS, file size."""
     with tempfile.TemporaryDirectory(prefix="nic-synth-bench-") as tmp:
-        cmd = [sys.executable, "-c", "from pipeline.cli import main; main()", "synth", tmp, "--slides", "1", "--width", str(size),
+        cmd = [sys.executable, "-c", "from nic_pipeline.cli import main; main()", "synth", tmp, "--slides", "1", "--width", str(size),
                "--height", str(size), "--positive-fraction", "1", "--lesion-fraction", "0.05",
                "--seed", str(seed)]
         load = os.getloadavg()[0]

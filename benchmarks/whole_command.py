@@ -43,7 +43,7 @@ def _worker_loads(dask_worker=None) -> list:
 
 
 def traced_cli(trace: Path, argv: list[str]) -> None:
-    """Run ``python -m pipeline ARGV`` in this process, recording when its stages begin and end
+    """Run ``python -m nic_pipeline ARGV`` in this process, recording when its stages begin and end
     (wall-clock times, comparable across the processes of this machine) into ``trace``."""
     events: dict[str, float] = {}
     tasks, loads = [], {}
@@ -51,9 +51,9 @@ def traced_cli(trace: Path, argv: list[str]) -> None:
 
     from distributed import get_task_stream
 
-    # import_module: the attribute pipeline.compress is the front door's function, not the package
-    api, cli, graph, cluster = map(import_module, ("pipeline.compress.api", "pipeline.cli", "pipeline.compress.graph",
-                                                   "pipeline.runtime.cluster"))
+    # import_module: the attribute nic_pipeline.compress is the front door's function, not the package
+    api, cli, graph, cluster = map(import_module, ("nic_pipeline.compress.api", "nic_pipeline.cli", "nic_pipeline.compress.graph",
+                                                   "nic_pipeline.runtime.cluster"))
 
     events["imported"] = time.time()
 
@@ -87,7 +87,7 @@ def traced_cli(trace: Path, argv: list[str]) -> None:
         cli.main(argv, standalone_mode=False)
     finally:
         events["cli end"] = time.time()
-        gc.freeze()  # as `nic` does on its way out (pipeline.cli.run)
+        gc.freeze()  # as `nic` does on its way out (nic_pipeline.cli.run)
         trace.write_text(json.dumps({"events": events, "tasks": tasks, "loads": loads}, default=str))
 
 
@@ -101,7 +101,7 @@ def run_cli(slide: Path, store: Path, env: dict, block: int | None, trace: Path 
     shutil.rmtree(store, ignore_errors=True)
     argv = ["compress", str(slide), "--out", str(store), "--workers", "2", *(["--block", str(block)] if block else [])]
     command = ([sys.executable, __file__, str(trace), *argv] if trace
-               else [sys.executable, "-m", "pipeline", *argv])
+               else [sys.executable, "-m", "nic_pipeline", *argv])
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
@@ -221,7 +221,7 @@ def cli_section(records: list[dict]) -> str:
         "## Compression: the whole command",
         "",
         f"Measured by `python benchmarks/compress.py --cli native avx2` on {machine()}, shared with other jobs. "
-        "`python -m pipeline compress INPUT --out STORE --workers 2`, cold: Python start, cluster "
+        "`python -m nic_pipeline compress INPUT --out STORE --workers 2`, cold: Python start, cluster "
         "start, model load, everything until the process exits. INPUT is one synthetic slide of SIZE² px at "
         "0.5 µm/px (about 35-40% tissue), or a folder of N copies of it (hard links under other names: a "
         "cohort). Floor: best decode floor combined with the best encoder floor "
@@ -250,7 +250,7 @@ def cli_section(records: list[dict]) -> str:
                 f"{rate:,.0f} | **{rate / run['floor']:.2f}** | "
                 f"{run['traced_wall']:.1f}, {plain['patches'] / run['traced_wall'] / run['floor']:.2f} | "
                 f"{plain['cpu']:.0f} | {ideal_cpu:.0f} | {ideal_cpu / plain['cpu']:.2f} |")
-    lines += ["", "Where the time goes in the traced run (the same command through `pipeline.cli.main`, with time "
+    lines += ["", "Where the time goes in the traced run (the same command through `nic_pipeline.cli.main`, with time "
               "stamps around its stages and Dask's task stream; seconds; ideal = patches / floor):", ""]
     for rec in records:
         for run in rec["runs"]:

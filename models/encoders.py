@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.dihedral import dihedral_views
+from nic_models.dihedral import dihedral_views
 
-from models.errors import NicError
-from models.specs import DIHEDRAL_SUFFIX, EncoderSpec, file_sha256, normalisation_mean_std
+from nic_models.errors import NicError
+from nic_models.specs import DIHEDRAL_SUFFIX, EncoderSpec, file_sha256, normalisation_mean_std
 
 __all__ = ["NicCNN", "Encoder", "DihedralMean", "build_nic_cnn", "build_resnet50_trunc", "build_timm",
            "load_weights", "read_state_dict", "assemble_encoder", "timm_code_dim", "file_sha256"]

@@ -1,7 +1,7 @@
 """The error base class shared by ``models`` and ``pipeline``.
 
 It lives here, at the bottom of the import graph, so that ``models`` never imports
-``pipeline``: ``pipeline.errors`` builds on it.
+``pipeline``: ``nic_pipeline.errors`` builds on it.
 """
 
 from __future__ import annotations

@@ -2,12 +2,12 @@
 
 The front door (``docs/api.md``)::
 
-    import pipeline as nic
+    import nic_pipeline as nic
     report = nic.compress("slides/", "cohort.zarr")            # embedded cluster, or client=...
     metrics = nic.train("cohort.zarr", "labels.csv", "runs/abmil")
     nic.explain("cohort.zarr", "runs/abmil", "heatmaps/", slides_dir="slides/")
 
-Names load on first use, so ``import pipeline`` (and ``nic --help``) stays instant.
+Names load on first use, so ``import nic_pipeline`` (and ``nic --help``) stays instant.
 """
 
 from importlib import import_module
@@ -21,17 +21,17 @@ except Exception:  # pragma: no cover - running from a source tree without insta
 
 __all__ = ["open_slide", "compress", "train", "predict", "explain", "create_encoder", "connect", "__version__"]
 
-# The subpackage pipeline.compress shares its name with the front door's compress(): load the
+# The subpackage nic_pipeline.compress shares its name with the front door's compress(): load the
 # package now and drop its binding, so the attribute resolves to the function (below) while
-# `from pipeline.compress.graph import ...` keeps working through sys.modules.
-import_module("pipeline.compress")
+# `from nic_pipeline.compress.graph import ...` keeps working through sys.modules.
+import_module("nic_pipeline.compress")
 del compress  # noqa: F821 - bound by the import above
 
 
-_HOMES = {"open_slide": "pipeline.io", "compress": "pipeline.compress.api", "train": "pipeline.classify.api",
-          "predict": "pipeline.classify.api", "explain": "pipeline.classify.api",
-          "create_encoder": "models.registry", "connect": "pipeline.runtime.cluster"}
-"""Where each front-door name lives (``pipeline.api`` gathers them): a name imports its stage only."""
+_HOMES = {"open_slide": "nic_pipeline.io", "compress": "nic_pipeline.compress.api", "train": "nic_pipeline.classify.api",
+          "predict": "nic_pipeline.classify.api", "explain": "nic_pipeline.classify.api",
+          "create_encoder": "nic_models.registry", "connect": "nic_pipeline.runtime.cluster"}
+"""Where each front-door name lives (``nic_pipeline.api`` gathers them): a name imports its stage only."""
 
 
 def __getattr__(name: str):
@@ -39,7 +39,7 @@ def __getattr__(name: str):
         value = getattr(import_module(_HOMES[name]), name)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    raise AttributeError(f"module 'nic_pipeline' has no attribute {name!r}")
 
 
 def __dir__():

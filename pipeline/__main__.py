@@ -1,5 +1,5 @@
-"""`python -m pipeline` is the `nic` command."""
+"""`python -m nic_pipeline` is the `nic` command."""
 
-from pipeline.cli import run
+from nic_pipeline.cli import run
 
 run()

@@ -2,7 +2,7 @@
 
 Each command parses its options and hands over to one module function; the heavy
 imports (torch, dask, cuCIM) happen inside the command, so `nic --help` is instant.
-Expected failures (:class:`~pipeline.errors.NicError`) print one line and exit 2; Ctrl-C prints
+Expected failures (:class:`~nic_pipeline.errors.NicError`) print one line and exit 2; Ctrl-C prints
 one line and exits 130.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import NicError
+from nic_pipeline.errors import NicError
 
 EXISTING_PATH = click.Path(exists=True, path_type=Path)
 
@@ -63,7 +63,7 @@ def run() -> None:
 @click.option("--mpp", type=float, default=None, help="Override the slide's µm/px.")
 def info(slide, as_json, mpp):
     """Describe SLIDE: format, reader, dimensions, pyramid levels, µm/px, vendor."""
-    from pipeline.io import open_slide
+    from nic_pipeline.io import open_slide
 
     with open_slide(slide, mpp=mpp) as opened:
         described = opened.describe()
@@ -117,7 +117,7 @@ def info(slide, as_json, mpp):
 def synth(out_dir, n_slides, width, height, mpp, lesion_fraction, positive_fraction, seed, texture,
           tile_labels, lesion_classes, pen_marks, artifacts, tile_mpp, stain_jitter):
     """Write a synthetic cohort of pyramidal H&E-like slides, lesion masks and labels.csv."""
-    from pipeline.synth import CohortSpec, write_cohort
+    from nic_pipeline.synth import CohortSpec, write_cohort
 
     spec = CohortSpec(
         n_slides=n_slides,
@@ -142,7 +142,7 @@ def synth(out_dir, n_slides, width, height, mpp, lesion_fraction, positive_fract
 @main.command()
 def encoders():
     """List the registry's encoders: patch size, stride, µm/px, code size, licence."""
-    from models.registry import DEFAULT_ALIAS, DEFAULT_ENCODER, get_spec, list_encoders
+    from nic_models.registry import DEFAULT_ALIAS, DEFAULT_ENCODER, get_spec, list_encoders
 
     click.echo(f"{'name':<24} {'patch':>5} {'stride':>6} {'µm/px':>6} {'code':>5}  licence")
     for name in list_encoders(include_aliases=False):
@@ -178,8 +178,8 @@ def cluster_options(command):
 
 def _connect_options(batch_system, jobs, adapt, gpus_per_job, cpu_jobs, tls, tls_ca_file, tls_cert, tls_key) -> dict:
     """connect() keywords from the cluster options."""
-    from pipeline.runtime.cluster import tls_security
-    from pipeline.runtime.jobqueue import BatchSettings
+    from nic_pipeline.runtime.cluster import tls_security
+    from nic_pipeline.runtime.jobqueue import BatchSettings
 
     batch = None
     if batch_system:
@@ -227,10 +227,10 @@ def compress(paths, store, workers, scheduler, scheduler_file, wait_workers, wai
              random_init, seed, mpp, mpp_csv, force_mpp, precision, dihedral_mean, device, block, stride,
              min_tissue, stain_norm, stain_target, verify, redo_changed, **cluster):
     """Compress slides (files or folders) into a Zarr store of per-slide code grids."""
-    from models.registry import get_spec
-    from pipeline.compress.api import compress as run_compress
-    from pipeline.compress.jobs import plan_jobs
-    from pipeline.runtime.cluster import connect
+    from nic_models.registry import get_spec
+    from nic_pipeline.compress.api import compress as run_compress
+    from nic_pipeline.compress.jobs import plan_jobs
+    from nic_pipeline.runtime.cluster import connect
 
     jobs = plan_jobs(paths, mpp=mpp, mpp_csv=mpp_csv, force_mpp=force_mpp)
     if not jobs:
@@ -275,7 +275,7 @@ def _print_compress_report(report) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo(out_dir, n_slides, size, lesion_fraction, model, folds, workers, seed):
     """Synthesize a cohort, compress it, cross-validate a classifier and draw heatmaps."""
-    from pipeline.demo import DemoSpec, run_demo
+    from nic_pipeline.demo import DemoSpec, run_demo
 
     run_demo(out_dir, DemoSpec(n_slides, size, lesion_fraction, seed, model, folds, workers))
 
@@ -287,7 +287,7 @@ def demo(out_dir, n_slides, size, lesion_fraction, model, folds, workers, seed):
               help="Folder (or file) of the slides, to draw their thumbnails alongside.")
 def view(store, out_dir, slides_dir):
     """Draw each compressed slide as a PCA-RGB picture beside its thumbnail."""
-    from pipeline.viz.views import save_store_views
+    from nic_pipeline.viz.views import save_store_views
 
     for path in save_store_views(store, out_dir, list(slides_dir)):
         click.echo(str(path))
@@ -298,7 +298,7 @@ def view(store, out_dir, slides_dir):
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def inspect(store, as_json):
     """List the slides of a store: status, grid shape, tissue cells, encoder."""
-    from pipeline.compress.store import describe_store
+    from nic_pipeline.compress.store import describe_store
 
     rows = describe_store(store)
     if as_json:
@@ -325,7 +325,7 @@ def inspect(store, as_json):
               help="h5: CLAM/TRIDENT feature bags (features (N, C), coords (N, 2) level-0 px).")
 def export_cmd(store, out_dir, fmt):
     """Write the complete slides of STORE as CLAM/TRIDENT feature files."""
-    from pipeline.compress.interop import export_h5
+    from nic_pipeline.compress.interop import export_h5
 
     click.echo(f"wrote {len(export_h5(store, out_dir))} slides to {out_dir}")
 
@@ -337,7 +337,7 @@ def export_cmd(store, out_dir, fmt):
 @click.option("--mpp", type=float, default=None, help="Level-0 µm/px, where the files do not say it.")
 def import_cmd(files, store, encoder, mpp):
     """Place CLAM/TRIDENT feature bags (.h5) on a grid store that nic train and nic view read."""
-    from pipeline.compress.interop import import_h5
+    from nic_pipeline.compress.interop import import_h5
 
     click.echo(f"imported {len(import_h5(files, store, encoder, mpp=mpp))} slides into {store}")
 
@@ -358,8 +358,8 @@ def import_cmd(files, store, encoder, mpp):
               help="Override any config value by dotted key (YAML value), e.g. augment.hed_sigma=0; repeatable.")
 def train_encoder_cmd(config, out_dir, data_root, exclude_task, name, init, epochs, lr, seed, settings):
     """Train the NIC encoder by supervised multitask learning on the tasks of CONFIG (YAML)."""
-    from pipeline.encoder.config import dotted_overrides, merge
-    from pipeline.encoder.train import train_encoder
+    from nic_pipeline.encoder.config import dotted_overrides, merge
+    from nic_pipeline.encoder.train import train_encoder
 
     overrides = {k: v for k, v in {"name": name, "init": init, "seed": seed,
                                     "exclude_tasks": list(exclude_task) or None}.items() if v is not None}
@@ -389,9 +389,9 @@ def embed(tiles, out_file, encoder, weights, random_init, seed, mpp, crops, path
     """Encode tiles (a folder, recursive, or a CSV with a path column) into FILE.npz (features, paths)."""
     import torch
 
-    from models.registry import create_encoder
+    from nic_models.registry import create_encoder
 
-    from pipeline.encoder.tiles import embed_tiles, read_tile_list, write_features
+    from nic_pipeline.encoder.tiles import embed_tiles, read_tile_list, write_features
 
     root, paths = read_tile_list(tiles, path_column)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -419,7 +419,7 @@ def embed(tiles, out_file, encoder, weights, random_init, seed, mpp, crops, path
 def probe(features, labels, label_column, group_column, kind, folds, seed, out_json, split_column,
           train_split, test_split):
     """Linear probe of FEATURES.npz against --labels: group-aware CV, or a held-out split."""
-    from pipeline.encoder.probe import format_table, run_probe
+    from nic_pipeline.encoder.probe import format_table, run_probe
 
     result = run_probe(features, labels, label_column=label_column, group_column=group_column or None,
                        kind=kind, n_splits=folds, seed=seed, out_json=out_json, split_column=split_column,
@@ -463,9 +463,9 @@ def _parse_params(pairs) -> dict:
 @cluster_options
 def train_cmd(store, labels, run_dir, model, task, folds, seed, params, scheduler, scheduler_file, workers, **cluster):
     """Cross-validate a slide-level model on compressed STORE, then train the final model."""
-    from pipeline.classify.api import train
-    from pipeline.classify import metrics_summary
-    from pipeline.runtime.cluster import connect
+    from nic_pipeline.classify.api import train
+    from nic_pipeline.classify import metrics_summary
+    from nic_pipeline.runtime.cluster import connect
 
     scheduler_file = str(scheduler_file) if scheduler_file else None
     with connect(scheduler, scheduler_file, workers, **_connect_options(**cluster)) as client:
@@ -483,7 +483,7 @@ def train_cmd(store, labels, run_dir, model, task, folds, seed, params, schedule
 @click.option("--out", "out_csv", required=True, type=click.Path(path_type=Path), help="Predictions CSV.")
 def predict_cmd(store, run_dir, out_csv):
     """Score the complete slides of STORE with the final model of a run."""
-    from pipeline.classify import predict_cohort
+    from nic_pipeline.classify import predict_cohort
 
     frame = predict_cohort(store, run_dir, out_csv)
     click.echo(f"scored {len(frame)} slides -> {out_csv}")
@@ -499,7 +499,7 @@ def predict_cmd(store, run_dir, out_csv):
               help="Directory of <slide_id>_lesion.png masks (default: --slides).")
 def heatmap_cmd(store, run_dir, out_dir, slides_dir, masks_dir):
     """Explanation heatmap PNG per slide (Grad-CAM / attention / linear contribution) beside PCA-RGB."""
-    from pipeline.classify.explain import explain_cohort
+    from nic_pipeline.classify.explain import explain_cohort
 
     frame = explain_cohort(store, run_dir, out_dir, slides_dir=slides_dir, masks_dir=masks_dir)
     line = f"wrote {len(frame)} heatmaps to {out_dir}"

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import click
 
-from pipeline.classify import train_cohort
-from pipeline.classify.explain import explain_cohort
-from pipeline.compress.graph import compress
-from pipeline.compress.jobs import plan_jobs
-from pipeline.runtime.cluster import connect
-from pipeline.synth import CohortSpec, write_cohort
-from pipeline.viz.views import save_store_views
+from nic_pipeline.classify import train_cohort
+from nic_pipeline.classify.explain import explain_cohort
+from nic_pipeline.compress.graph import compress
+from nic_pipeline.compress.jobs import plan_jobs
+from nic_pipeline.runtime.cluster import connect
+from nic_pipeline.synth import CohortSpec, write_cohort
+from nic_pipeline.viz.views import save_store_views
 
 @dataclass(frozen=True)
 class DemoSpec:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from models.errors import NicError
+from nic_models.errors import NicError
 
 __all__ = ["NicError", "SlideError"]
 

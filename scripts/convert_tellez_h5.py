@@ -107,7 +107,7 @@ def check_architecture(layers: list[dict]) -> None:
 
 
 def convert(h5_path: Path) -> tuple[dict[str, np.ndarray], list[list[str]]]:
-    """PyTorch state dict of ``models.encoders.NicCNN`` and the (torch key, Keras weight, transform) map."""
+    """PyTorch state dict of ``nic_models.encoders.NicCNN`` and the (torch key, Keras weight, transform) map."""
     with h5py.File(h5_path, "r") as h5:
         layers = keras_layers(h5)
         check_architecture(layers)

@@ -22,9 +22,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.io import open_slide  # noqa: E402
-from pipeline.compress.grid import cell_coverage  # noqa: E402
-from pipeline.compress.tissue import (  # noqa: E402
+from nic_pipeline.io import open_slide  # noqa: E402
+from nic_pipeline.compress.grid import cell_coverage  # noqa: E402
+from nic_pipeline.compress.tissue import (  # noqa: E402
     slide_image_at_mpp,
     slide_tissue_mask,
     tissue_mask,
@@ -74,7 +74,7 @@ def synthetic_iou(truth, mask, mask_mpp):
 def synthetic_figure(out, seeds=(3, 7), table_seeds=range(8), mask_mpp=8.0):
     """Synthetic slides with pen marks: predicted mask (green) vs the true one (blue), and the
     IoU over several seeds (3072 x 2048 px at 0.5 µm/px, lesion fraction 0.1, pen marks)."""
-    from pipeline.synth import write_synthetic_slide
+    from nic_pipeline.synth import write_synthetic_slide
 
     fig, axes = plt.subplots(1, len(seeds), figsize=(6 * len(seeds), 4.6))
     rows = []

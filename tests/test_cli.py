@@ -2,8 +2,8 @@
 
 from click.testing import CliRunner
 
-from models.registry import DEFAULT_ENCODER, get_spec, list_encoders
-from pipeline.cli import main
+from nic_models.registry import DEFAULT_ENCODER, get_spec, list_encoders
+from nic_pipeline.cli import main
 
 
 def test_every_pipeline_step_has_a_command():

@@ -13,7 +13,7 @@ import pytest
 @pytest.mark.slow
 def test_nic_demo_learns_an_easy_cohort_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    command = [sys.executable, "-m", "pipeline", "demo", str(out), "--slides", "12", "--size", "3072",
+    command = [sys.executable, "-m", "nic_pipeline", "demo", str(out), "--slides", "12", "--size", "3072",
                "--lesion-fraction", "0.3", "--model", "abmil", "--folds", "3", "--workers", "2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -45,7 +45,7 @@ def test_cohort_names_are_unique_per_setting(haystack):
 
 
 def test_every_registered_head_is_in_the_study(haystack):
-    from models.slide_models import list_slide_models
+    from nic_models.slide_models import list_slide_models
 
     assert set(haystack.MODELS) == set(list_slide_models())
     assert haystack.MODELS[:4] == ("mean", "max", "abmil", "nic-cnn")

@@ -1,12 +1,12 @@
 """Slide-level heads that read compressed slide tensors (the second NIC stage), by registry.
 
-One file per head registers it (see :mod:`models.slide_models.registry`); importing this
+One file per head registers it (see :mod:`nic_models.slide_models.registry`); importing this
 package registers the built-in heads: nic-cnn, abmil, mean, max, topk, dsmil, clam-sb, transmil,
 local-max.
 """
 
-from models.slide_models import abmil, clam_sb, dsmil, local_max, nic_cnn, pooling, topk, transmil  # noqa: F401  (registers heads)
-from models.slide_models.registry import (
+from nic_models.slide_models import abmil, clam_sb, dsmil, local_max, nic_cnn, pooling, topk, transmil  # noqa: F401  (registers heads)
+from nic_models.slide_models.registry import (
     INPUTS,
     SlideModelSpec,
     UnknownSlideModel,
@@ -15,7 +15,7 @@ from models.slide_models.registry import (
     list_slide_models,
     register_slide_model,
 )
-from models.slide_models.tasks import (
+from nic_models.slide_models.tasks import (
     TASKS,
     bag_loss,
     cox_loss,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.slide_models.registry import register_slide_model
+from nic_models.slide_models.registry import register_slide_model
 
 
 class GatedAttentionMIL(nn.Module):

@@ -7,7 +7,7 @@ pseudo-labels 1 and 0 for the instance classifier of the bag's class (a linear l
 embedding, one per class), trained with the smooth top-1 SVM loss (Berrada et al., ICLR 2018;
 alpha 1, tau 1); for multiclass (CLAM's subtyping setting) the other classes' classifiers also
 learn to call the most-attended cells negative. The bag loop trains on 0.7 x bag loss + 0.3 x
-instance loss (:func:`models.slide_models.tasks.bag_loss`; regression and survival have no
+instance loss (:func:`nic_models.slide_models.tasks.bag_loss`; regression and survival have no
 class to pseudo-label and train on the bag loss alone).
 Defaults: Adam lr 2e-4 and weight decay 1e-5 (the paper), dropout 0.25, 200 epochs, one bag a step.
 """
@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.slide_models.abmil import GatedAttentionMIL
-from models.slide_models.registry import register_slide_model
+from nic_models.slide_models.abmil import GatedAttentionMIL
+from nic_models.slide_models.registry import register_slide_model
 
 
 def smooth_top1_svm(logits: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, tau: float = 1.0) -> torch.Tensor:

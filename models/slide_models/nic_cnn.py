@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.dihedral import dihedral, dihedral_inverse
-from models.slide_models.registry import register_slide_model
+from nic_models.dihedral import dihedral, dihedral_inverse
+from nic_models.slide_models.registry import register_slide_model
 
 class SeparableBlock(nn.Module):
     """Depthwise 3x3 + pointwise 1x1 convolution, BatchNorm, LeakyReLU, channel dropout."""
@@ -33,7 +33,7 @@ class NicCNN(nn.Module):
 
     ``depth`` depthwise-separable 3x3 blocks of ``width`` filters, stride 2 on the first
     ``n_strided``; global ``pooling`` ("max" or "mean"); dense layer of ``hidden``; output.
-    L2 weight decay is applied by the optimiser (see pipeline.classify). Grad-CAM of
+    L2 weight decay is applied by the optimiser (see nic_pipeline.classify). Grad-CAM of
     :meth:`relevance` is taken at block ``cam_layer`` (HiResCAM when ``cam_hires``).
     """
 

@@ -12,7 +12,7 @@ import functools
 import torch
 from torch import nn
 
-from models.slide_models.registry import register_slide_model
+from nic_models.slide_models.registry import register_slide_model
 
 
 class PoolingLinear(nn.Module):

@@ -18,7 +18,7 @@ entry (or the module it builds) and never branches on a model's name:
   module with a second training loss (CLAM's instance loss) implements ``forward_extras(bag)`` ->
   (outputs, extras), ``auxiliary_loss(extras, target, task)`` -> scalar (or None) and
   ``auxiliary_weight`` w; training minimises (1 - w) task loss + w auxiliary loss
-  (:func:`models.slide_models.tasks.bag_loss`).
+  (:func:`nic_models.slide_models.tasks.bag_loss`).
 
 Adding a head means one file that defines the module and calls :func:`register_slide_model`,
 plus its import in ``models/slide_models/__init__.py``.
@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from models.errors import NicError
+from nic_models.errors import NicError
 
 INPUTS = ("grid", "bag")
 # What each input kind's training loop reads from the params (beyond the model's own).

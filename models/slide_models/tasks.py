@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.dihedral import dihedral
+from nic_models.dihedral import dihedral
 
 TASKS = ("binary", "multiclass", "regression", "survival")
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.slide_models.registry import register_slide_model
+from nic_models.slide_models.registry import register_slide_model
 
 
 def iterative_pinv(x: torch.Tensor, iterations: int = 6) -> torch.Tensor:

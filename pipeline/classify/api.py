@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 
-from pipeline.classify.explain import explain_cohort
-from pipeline.classify.graph import predict_cohort, train_cohort
-from pipeline.runtime.cluster import client_or_embedded
-from pipeline.runtime.preflight import absolute, preflight
+from nic_pipeline.classify.explain import explain_cohort
+from nic_pipeline.classify.graph import predict_cohort, train_cohort
+from nic_pipeline.runtime.cluster import client_or_embedded
+from nic_pipeline.runtime.preflight import absolute, preflight
 
 
 def train(store, labels, out, client=None, *, model: str = "abmil", task: str = "binary", folds: int = 5,

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.slide_models import SlideModelSpec, get_slide_model_spec, scores_from_outputs
-from models.slide_models.tasks import predict_dihedral
-from pipeline.classify.source import SlideSource
-from pipeline.errors import NicError
-from pipeline.runtime.device import torch_device
+from nic_models.slide_models import SlideModelSpec, get_slide_model_spec, scores_from_outputs
+from nic_models.slide_models.tasks import predict_dihedral
+from nic_pipeline.classify.source import SlideSource
+from nic_pipeline.errors import NicError
+from nic_pipeline.runtime.device import torch_device
 
 COMMON = dict(seed=0, cache_mb=1024)
 

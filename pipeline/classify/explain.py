@@ -3,7 +3,7 @@
 For each slide: a relevance map on the compressed grid, as the model explains itself (Grad-CAM
 for nic-cnn, attention for abmil, per-cell contribution of the linear head for mean/max; see
 SlideModel.explain), drawn over the slide thumbnail when the slide file is given, beside the
-PCA-RGB view of the codes (:mod:`pipeline.viz`). Where a lesion mask exists (synthetic cohorts),
+PCA-RGB view of the codes (:mod:`nic_pipeline.viz`). Where a lesion mask exists (synthetic cohorts),
 the AUC of the relevance values against the lesion cells is reported: how well the explanation
 finds the lesion.
 """
@@ -16,16 +16,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.classify.bundle import SlideModel, check_store_matches
-from pipeline.classify.labels import load_labels
-from pipeline.classify.metrics import auc
-from pipeline.classify.source import SlideSource, list_store_slides
-from pipeline.compress.grid import cell_coverage
-from pipeline.errors import NicError
-from pipeline.io import find_slides, open_slide
-from pipeline.io.masks import mask_downsample, read_mask
-from pipeline.viz.heatmap import HeatScale, render
-from pipeline.viz.pca import PcaRgb, sample_codes
+from nic_pipeline.classify.bundle import SlideModel, check_store_matches
+from nic_pipeline.classify.labels import load_labels
+from nic_pipeline.classify.metrics import auc
+from nic_pipeline.classify.source import SlideSource, list_store_slides
+from nic_pipeline.compress.grid import cell_coverage
+from nic_pipeline.errors import NicError
+from nic_pipeline.io import find_slides, open_slide
+from nic_pipeline.io.masks import mask_downsample, read_mask
+from nic_pipeline.viz.heatmap import HeatScale, render
+from nic_pipeline.viz.pca import PcaRgb, sample_codes
 
 THUMBNAIL_PX = 2048  # longer side of the slide thumbnail under a heatmap
 PCA_CELLS, SCALE_CELLS = 2000, 5000  # cells per slide sampled for the cohort's PCA and colour scale

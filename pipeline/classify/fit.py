@@ -14,18 +14,18 @@ import time
 import numpy as np
 import torch
 
-from models.dihedral import dihedral
-from models.slide_models import bag_loss, get_slide_model_spec, n_outputs_for, task_loss
-from pipeline.classify.bundle import SlideModel, resolve_params
-from pipeline.classify.source import SlideSource
-from pipeline.errors import NicError
-from pipeline.runtime.device import torch_device
+from nic_models.dihedral import dihedral
+from nic_models.slide_models import bag_loss, get_slide_model_spec, n_outputs_for, task_loss
+from nic_pipeline.classify.bundle import SlideModel, resolve_params
+from nic_pipeline.classify.source import SlideSource
+from nic_pipeline.errors import NicError
+from nic_pipeline.runtime.device import torch_device
 
 
 def fit(model, task: str, source: SlideSource, slide_ids: list[str], targets: dict,
         spec: dict, params: dict, store_info: dict | None = None, progress=None) -> SlideModel:
     """Train ``model`` (registry name or entry) on the slides ``slide_ids`` (targets from
-    :func:`pipeline.classify.labels.encode_targets`). ``progress(n)`` is called after every
+    :func:`nic_pipeline.classify.labels.encode_targets`). ``progress(n)`` is called after every
     :func:`training_units` unit (a step of a grid model, an epoch of a bag model)."""
     entry = get_slide_model_spec(model)
     params = resolve_params(entry, params)
@@ -151,7 +151,7 @@ def fit_grid(bundle: SlideModel, source, slide_ids, tensors, params, rng, n_clas
 def fit_bag(bundle: SlideModel, source, slide_ids, tensors, params, rng, n_classes, progress) -> None:
     """Mini-batches of whole bags (``batch_size``, default all), sub-sampled to ``max_cells``
     (default all), class-weighted loss plus the module's auxiliary loss if it has one
-    (:func:`models.slide_models.tasks.bag_loss`), Adam. A module with a parameter-free ``pool``
+    (:func:`nic_models.slide_models.tasks.bag_loss`), Adam. A module with a parameter-free ``pool``
     and a ``classify`` head has every slide pooled once, then trains the head alone."""
     task, device, module = bundle.task, bundle.device, bundle.module
     weight = _class_weights(task, tensors["target"].numpy(), n_classes, device)

@@ -30,15 +30,15 @@ import torch
 from distributed import as_completed, get_worker
 from tqdm.auto import tqdm
 
-from models.slide_models import get_slide_model_spec
-from pipeline.classify.bundle import SlideModel, check_store_matches, resolve_params
-from pipeline.classify.fit import UNITS, fit, seconds_per_unit, training_units
-from pipeline.classify.labels import assign_folds, encode_targets, load_labels, target_spec
-from pipeline.classify.metrics import json_safe, summarize_folds, task_metrics
-from pipeline.classify.source import SlideSource, list_store_slides
-from pipeline.errors import NicError
-from pipeline.runtime.cluster import connect, gpu_resources
-from pipeline.runtime.process import keep_freed_memory
+from nic_models.slide_models import get_slide_model_spec
+from nic_pipeline.classify.bundle import SlideModel, check_store_matches, resolve_params
+from nic_pipeline.classify.fit import UNITS, fit, seconds_per_unit, training_units
+from nic_pipeline.classify.labels import assign_folds, encode_targets, load_labels, target_spec
+from nic_pipeline.classify.metrics import json_safe, summarize_folds, task_metrics
+from nic_pipeline.classify.source import SlideSource, list_store_slides
+from nic_pipeline.errors import NicError
+from nic_pipeline.runtime.cluster import connect, gpu_resources
+from nic_pipeline.runtime.process import keep_freed_memory
 
 LONG_RUN_S = 600  # warn with an estimate when CPU training will take longer
 

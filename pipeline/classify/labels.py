@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 
-from models.slide_models import TASKS
-from pipeline.errors import NicError
+from nic_models.slide_models import TASKS
+from nic_pipeline.errors import NicError
 
 
 def load_labels(path, task: str) -> pd.DataFrame:

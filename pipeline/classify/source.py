@@ -11,8 +11,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from pipeline.compress.store import block_name, check_slide, list_slides, open_cohort
-from pipeline.errors import NicError
+from nic_pipeline.compress.store import block_name, check_slide, list_slides, open_cohort
+from nic_pipeline.errors import NicError
 
 
 def list_store_slides(store) -> list[str]:

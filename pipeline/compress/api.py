@@ -1,6 +1,6 @@
 """The front door's ``compress``: slide files or folders in, a Zarr store of code grids out.
 
-Kept apart from the training front door (:mod:`pipeline.classify.api`) so that ``nic compress``
+Kept apart from the training front door (:mod:`nic_pipeline.classify.api`) so that ``nic compress``
 imports only what compression needs: the command's start-up is part of every job's wall time.
 """
 
@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from pipeline.compress.encode import EncoderSettings
-from pipeline.compress.graph import CompressReport, RunOptions
-from pipeline.compress.graph import compress as run_compress
-from pipeline.compress.jobs import SlideJob, plan_jobs
-from pipeline.runtime.cluster import client_or_embedded
-from pipeline.runtime.preflight import absolute, preflight
+from nic_pipeline.compress.encode import EncoderSettings
+from nic_pipeline.compress.graph import CompressReport, RunOptions
+from nic_pipeline.compress.graph import compress as run_compress
+from nic_pipeline.compress.jobs import SlideJob, plan_jobs
+from nic_pipeline.runtime.cluster import client_or_embedded
+from nic_pipeline.runtime.preflight import absolute, preflight
 
 
 def compress(slides, store: str | os.PathLike, client=None, *, encoder: str = "nic", weights=None,

@@ -2,7 +2,7 @@
 run in batches at the precision the worker's hardware allows.
 
 The only compression module that imports torch; the worker side loads it when a worker first
-needs an encoder (:meth:`pipeline.compress.encode.NicWorker.encoder`), and the client never does.
+needs an encoder (:meth:`nic_pipeline.compress.encode.NicWorker.encoder`), and the client never does.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.registry import create_encoder
-from pipeline.compress.encode import EncoderSettings
-from pipeline.runtime.device import resolve_device, resolve_precision
+from nic_models.registry import create_encoder
+from nic_pipeline.compress.encode import EncoderSettings
+from nic_pipeline.runtime.device import resolve_device, resolve_precision
 
 
 def default_batch_size(patch_size: int) -> int:

@@ -1,7 +1,7 @@
 """A compressed slide as a lazy xarray Dataset: ``features`` (feature, y, x), ``tissue`` (y, x) and
 the cell centres ``y``/``x`` in µm, with the slide's settings as attributes.
 
-Apart from :mod:`pipeline.compress.store` so that writers (the workers, the ``nic compress``
+Apart from :mod:`nic_pipeline.compress.store` so that writers (the workers, the ``nic compress``
 client) never import xarray and pandas.
 """
 

@@ -3,7 +3,7 @@
 Encoders and open slides live in one :class:`NicWorker` plugin on each worker: an encoder is
 loaded once per worker (on the worker's GPU when it has one) and shared by every task and every
 job that asks for the same settings; at most ``max_encoders`` stay loaded. Each worker picks its
-own device and precision (:mod:`pipeline.runtime.device`), and every block reports what it ran
+own device and precision (:mod:`nic_pipeline.runtime.device`), and every block reports what it ran
 with. Pixels go from the reader to the encoder on the worker's device (cuCIM ``device="cuda"``,
 CuPy, torch through the CUDA array interface, zero-copy); the next band of a block is read while
 the current one is encoded; only the block's codes are written out, and only small metadata
@@ -28,12 +28,12 @@ import numpy as np
 from distributed import WorkerPlugin, get_worker
 from distributed.metrics import context_meter
 
-from pipeline.compress.grid import Block, Grid
-from pipeline.runtime.arrays import array_namespace
-from pipeline.runtime.process import keep_freed_memory, serialise_ast_parsing
-from pipeline.compress.stain import normaliser
-from pipeline.compress.store import CompressionConfig, block_name, open_slide_group, write_block
-from pipeline.io import open_slide
+from nic_pipeline.compress.grid import Block, Grid
+from nic_pipeline.runtime.arrays import array_namespace
+from nic_pipeline.runtime.process import keep_freed_memory, serialise_ast_parsing
+from nic_pipeline.compress.stain import normaliser
+from nic_pipeline.compress.store import CompressionConfig, block_name, open_slide_group, write_block
+from nic_pipeline.io import open_slide
 
 
 @dataclass(frozen=True)
@@ -163,14 +163,14 @@ class NicWorker(WorkerPlugin):
             self._encoders.clear()
 
     def encoder(self, settings: EncoderSettings):
-        """The encoder for ``settings`` (a :class:`pipeline.compress.codes.LoadedEncoder`), loaded
+        """The encoder for ``settings`` (a :class:`nic_pipeline.compress.codes.LoadedEncoder`), loaded
         on first use (once per worker)."""
         with self._encoder_lock:
             if settings.key in self._encoders:
                 self._encoders.move_to_end(settings.key)
                 return self._encoders[settings.key]
             started = time.time()
-            codes = import_module("pipeline.compress.codes")  # torch: on the workers only, when first needed
+            codes = import_module("nic_pipeline.compress.codes")  # torch: on the workers only, when first needed
             loaded = self._encoders[settings.key] = codes.load_encoder(settings, self.nthreads)
             self.loads.append((settings.name, started, time.time()))
             while len(self._encoders) > self.max_encoders:

@@ -35,11 +35,11 @@ import zarr
 from distributed import as_completed, span
 from tqdm.auto import tqdm
 
-from models.registry import get_spec, weights_sha256
-from pipeline.compress.encode import EncoderSettings, NicWorker, encode_block, warm_encoder
-from pipeline.compress.grid import Grid, cell_coverage
-from pipeline.compress.jobs import SlideJob, slide_mpp
-from pipeline.compress.store import (
+from nic_models.registry import get_spec, weights_sha256
+from nic_pipeline.compress.encode import EncoderSettings, NicWorker, encode_block, warm_encoder
+from nic_pipeline.compress.grid import Grid, cell_coverage
+from nic_pipeline.compress.jobs import SlideJob, slide_mpp
+from nic_pipeline.compress.store import (
     COMPLETE,
     IN_PROGRESS,
     CompressionConfig,
@@ -60,14 +60,14 @@ from pipeline.compress.store import (
     slide_block,
     source_fingerprint,
 )
-from pipeline.compress.stain_fit import source_stain_attrs, with_stain_target
-from pipeline.compress.tissue import slide_tissue_mask
-from pipeline.errors import NicError, SlideError
-from pipeline.io import open_slide
-from pipeline.runtime.cluster import gpu_resources
-from pipeline.runtime.device import resolve_array_device
-from pipeline.runtime.monitor import publish_progress
-from pipeline.runtime.preflight import absolute, package_versions
+from nic_pipeline.compress.stain_fit import source_stain_attrs, with_stain_target
+from nic_pipeline.compress.tissue import slide_tissue_mask
+from nic_pipeline.errors import NicError, SlideError
+from nic_pipeline.io import open_slide
+from nic_pipeline.runtime.cluster import gpu_resources
+from nic_pipeline.runtime.device import resolve_array_device
+from nic_pipeline.runtime.monitor import publish_progress
+from nic_pipeline.runtime.preflight import absolute, package_versions
 
 
 @dataclass(frozen=True)
@@ -356,7 +356,7 @@ def compress(
 
     ``window``: slides in flight at once (default: twice the workers, at least 4).
     ``stain_norm``/``stain_target``: normalise each slide's stain onto a reference file's or the
-    cohort's (``"cohort"``) before encoding (:mod:`pipeline.compress.stain_fit`); ``stride``: px
+    cohort's (``"cohort"``) before encoding (:mod:`nic_pipeline.compress.stain_fit`); ``stride``: px
     between patches (default the encoder's; 64 with 128 px patches: overlapping, 4x the cells).
     """
     started = time.perf_counter()

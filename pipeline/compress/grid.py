@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.runtime.arrays import array_namespace
+from nic_pipeline.runtime.arrays import array_namespace
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.compress.grid import Grid
-from pipeline.compress.store import (
+from nic_pipeline.compress.grid import Grid
+from nic_pipeline.compress.store import (
     COMPLETE,
     CompressionConfig,
     consolidate,
@@ -27,7 +27,7 @@ from pipeline.compress.store import (
     open_cohort,
     open_store,
 )
-from pipeline.errors import NicError
+from nic_pipeline.errors import NicError
 
 def _magnification(mpp: float) -> float:
     """Objective magnification of a µm/px by the usual convention (1.0 = 10x, 0.5 = 20x, 0.25 = 40x);

@@ -11,9 +11,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import SlideError
-from pipeline.io import discover_slides, read_mpp_csv, read_slide_list
-from pipeline.io.metadata import MPP_FIX
+from nic_pipeline.errors import SlideError
+from nic_pipeline.io import discover_slides, read_mpp_csv, read_slide_list
+from nic_pipeline.io.metadata import MPP_FIX
 
 
 @dataclass(frozen=True)

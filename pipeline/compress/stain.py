@@ -8,7 +8,7 @@ stain: one transform per slide, so neighbouring patches stay consistent. An imag
 little tissue to fit gets no stain (None), and normalising it leaves it as it is (never NaN).
 
 Written once for NumPy and CuPy: the namespace comes from the input (``array_namespace``) and
-the colour conversions from skimage.color or cucim.skimage.color (:mod:`pipeline.runtime.arrays`).
+the colour conversions from skimage.color or cucim.skimage.color (:mod:`nic_pipeline.runtime.arrays`).
 Method, parameters and measurements: docs/compress.md, "Stain normalisation".
 """
 
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.compress.tissue import MIN_OD, optical_density
-from pipeline.runtime.arrays import array_namespace, skimage, to_numpy
+from nic_pipeline.compress.tissue import MIN_OD, optical_density
+from nic_pipeline.runtime.arrays import array_namespace, skimage, to_numpy
 
 METHODS = ("macenko", "reinhard")
 MACENKO_BETA = 0.15  # Macenko's beta: pixels with OD below this in any channel are too clear to unmix
@@ -125,7 +125,7 @@ def fit_macenko(pixels) -> Stain | None:
 def macenko_vectors(od, beta: float = MACENKO_BETA, alpha: float = MACENKO_ALPHA, min_pixels: int = MIN_FIT_PIXELS):
     """Macenko's H and E unit OD vectors, (2, 3) rows H then E, of (n, 3) optical densities; None
     with fewer than ``min_pixels`` pixels above ``beta`` in every channel, or a single stain.
-    Shared by normalisation (per slide) and stain augmentation (per patch, pipeline.encoder.macenko)."""
+    Shared by normalisation (per slide) and stain augmentation (per patch, nic_pipeline.encoder.macenko)."""
     xp = array_namespace(od)
     clear = od[xp.all(od >= beta, axis=1)]
     if len(clear) < min_pixels:

@@ -19,13 +19,13 @@ import numpy as np
 import zarr
 from PIL import Image
 
-from pipeline.compress.grid import Grid, cell_coverage
-from pipeline.compress.jobs import SlideJob, plan_jobs, slide_mpp
-from pipeline.compress.stain import METHODS, Stain, fit_stain, median_stain
-from pipeline.compress.store import CompressionConfig
-from pipeline.compress.tissue import slide_tissue_mask
-from pipeline.errors import NicError, SlideError
-from pipeline.io import SUFFIXES, open_slide
+from nic_pipeline.compress.grid import Grid, cell_coverage
+from nic_pipeline.compress.jobs import SlideJob, plan_jobs, slide_mpp
+from nic_pipeline.compress.stain import METHODS, Stain, fit_stain, median_stain
+from nic_pipeline.compress.store import CompressionConfig
+from nic_pipeline.compress.tissue import slide_tissue_mask
+from nic_pipeline.errors import NicError, SlideError
+from nic_pipeline.io import SUFFIXES, open_slide
 
 SAMPLE_CELLS = 64
 """Tissue cells a slide's stain is fitted on (about a million pixels of 128 px patches)."""

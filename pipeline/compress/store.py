@@ -37,9 +37,9 @@ from zarr.core.buffer import cpu as cpu_buffer
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from pipeline import __version__
-from pipeline.compress.grid import Block, Grid, iter_blocks
-from pipeline.errors import NicError
+from nic_pipeline import __version__
+from nic_pipeline.compress.grid import Block, Grid, iter_blocks
+from nic_pipeline.errors import NicError
 
 COMPLETE = "complete"
 IN_PROGRESS = "in-progress"

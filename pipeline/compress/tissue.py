@@ -8,7 +8,7 @@ The method, its parameters and its measured accuracy are in docs/tissue.md.
 
 The array functions are written once for NumPy and CuPy: the namespace comes from the input
 (``array_namespace``) and the image operations from skimage/scipy.ndimage or
-cucim.skimage/cupyx.scipy.ndimage (:mod:`pipeline.arrays`), so CPU tests exercise the code that
+cucim.skimage/cupyx.scipy.ndimage (:mod:`nic_pipeline.arrays`), so CPU tests exercise the code that
 runs on the GPU.
 """
 
@@ -18,8 +18,8 @@ import inspect
 import math
 import numpy as np
 
-from pipeline.runtime.arrays import array_namespace, is_cupy, ndimage, skimage, to_numpy
-from pipeline.errors import SlideError
+from nic_pipeline.runtime.arrays import array_namespace, is_cupy, ndimage, skimage, to_numpy
+from nic_pipeline.errors import SlideError
 
 DEFAULT_MASK_MPP = 8.0
 """µm per pixel of the tissue mask (and the resolution ``tissue_mask`` assumes by default)."""

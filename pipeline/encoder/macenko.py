@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.compress.stain import macenko_vectors
+from nic_pipeline.compress.stain import macenko_vectors
 
 # torchstain's reference H and E OD vectors (columns), used where a patch has too little tissue
 HE_REFERENCE = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]])
@@ -27,7 +27,7 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
 
 def stain_vectors(od: np.ndarray, beta: float = 0.15, alpha: float = 1.0, min_pixels: int = 64) -> np.ndarray:
     """The ``(3, 2)`` H and E OD vectors (columns, H first) of a patch by Macenko's method
-    (:func:`pipeline.compress.stain.macenko_vectors`, shared with stain normalisation).
+    (:func:`nic_pipeline.compress.stain.macenko_vectors`, shared with stain normalisation).
 
     Pixels with OD below ``beta`` in any channel are background; ``alpha`` is the percentile of
     the angle taken as each extreme. Too few tissue pixels, or one stain only: :data:`HE_REFERENCE`.

@@ -28,7 +28,7 @@ from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.errors import NicError
+from nic_pipeline.errors import NicError
 
 
 def load_features(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,7 @@
 """One training task's data: tiles in memory, group-aware split, fixed validation patches,
 target scaling, and task-balanced augmented batches.
 
-Tiles are read from the task's sources (:func:`pipeline.encoder.tiles.read_source`), downsampled
+Tiles are read from the task's sources (:func:`nic_pipeline.encoder.tiles.read_source`), downsampled
 once to the encoder's µm/px, and cut into ``patch_size`` crops on the fly.
 """
 
@@ -16,8 +16,8 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline.encoder import tiles as T
-from pipeline.io.masks import read_mask
+from nic_pipeline.encoder import tiles as T
+from nic_pipeline.io.masks import read_mask
 
 
 AUGMENT_KEYS = ("hed_sigma", "brightness", "contrast", "blur_p", "blur_sigma", "macenko_scale", "macenko_shift")

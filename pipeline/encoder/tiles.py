@@ -2,7 +2,7 @@
 
 Used by ``nic train-encoder`` (random crops of labelled tiles at 0.5 µm/px) and ``nic embed``
 (tiles -> codes of any registry encoder). Tiles are small (a few hundred px) so they are read
-with Pillow into memory; whole slides go through :mod:`pipeline.io` instead.
+with Pillow into memory; whole slides go through :mod:`nic_pipeline.io` instead.
 
 Resampling is one rule everywhere: a patch of ``size`` px at ``target_mpp`` covers
 ``size * target_mpp / src_mpp`` source px; that (fractional) box is cut out and resized with
@@ -27,9 +27,9 @@ from skimage.filters import gaussian
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 from tqdm.auto import tqdm
 
-from models.dihedral import dihedral
-from pipeline.encoder.macenko import macenko_augment
-from pipeline.errors import NicError
+from nic_models.dihedral import dihedral
+from nic_pipeline.encoder.macenko import macenko_augment
+from nic_pipeline.errors import NicError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -264,7 +264,7 @@ def augment_patch(patch: np.ndarray, rng: np.random.Generator, hed_sigma: float 
     HED jitter follows Tellez et al. (MedIA 2019, "Quantifying the effects of data augmentation
     and stain color normalization"): each of the H, E, D channels of ``skimage.color.rgb2hed``
     is scaled by ``1 + U(-s, s)`` and shifted by ``U(-s, s)`` times its spread. Macenko jitter
-    (:func:`pipeline.encoder.macenko.macenko_augment`) scales and shifts the concentrations of
+    (:func:`nic_pipeline.encoder.macenko.macenko_augment`) scales and shifts the concentrations of
     the patch's own fitted H and E vectors; either is off at 0.
     """
     if use_dihedral:

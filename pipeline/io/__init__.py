@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.errors import NicError, SlideError
-from pipeline.io.base import Slide, SlideBackend, resample
-from pipeline.io.cucim_backend import CucimReader
-from pipeline.io.files import (
+from nic_pipeline.errors import NicError, SlideError
+from nic_pipeline.io.base import Slide, SlideBackend, resample
+from nic_pipeline.io.cucim_backend import CucimReader
+from nic_pipeline.io.files import (
     SUFFIXES,
     TIFF_SUFFIXES,
     SlideRow,
@@ -26,10 +26,10 @@ from pipeline.io.files import (
     slide_id_of,
     why_unreadable,
 )
-from pipeline.io.metadata import read_mpp_csv, valid_mpp
-from pipeline.io.openslide_backend import OpenSlideReader
-from pipeline.io.tiff import JpegTiles
-from pipeline.runtime.device import cupy_gpu
+from nic_pipeline.io.metadata import read_mpp_csv, valid_mpp
+from nic_pipeline.io.openslide_backend import OpenSlideReader
+from nic_pipeline.io.tiff import JpegTiles
+from nic_pipeline.runtime.device import cupy_gpu
 
 __all__ = [
     "SUFFIXES",

@@ -2,7 +2,7 @@
 contract a reader fulfils, and the resampling that turns level pixels into target-µm/px pixels.
 
 In the manner of xarray's ``backends/``: each storage engine is one module with one reader class
-(``cucim_backend``, ``openslide_backend``); :func:`pipeline.io.open_slide` picks the engine in one
+(``cucim_backend``, ``openslide_backend``); :func:`nic_pipeline.io.open_slide` picks the engine in one
 place; :class:`Slide` adds what is the same for all of them (µm/px, levels, reads at a target
 µm/px, thumbnails, errors that name the file). See docs/slides.md.
 """
@@ -16,11 +16,11 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 
-from pipeline.errors import SlideError
-from pipeline.io.files import slide_id_of
-from pipeline.io.metadata import MPP_FIX, valid_mpp
-from pipeline.io.tiff import JpegTiles
-from pipeline.runtime.arrays import array_namespace, skimage
+from nic_pipeline.errors import SlideError
+from nic_pipeline.io.files import slide_id_of
+from nic_pipeline.io.metadata import MPP_FIX, valid_mpp
+from nic_pipeline.io.tiff import JpegTiles
+from nic_pipeline.runtime.arrays import array_namespace, skimage
 
 LEVEL_TOLERANCE = 0.01  # a level up to 1 % coarser than the target still counts as "not coarser"
 SCALE_TOLERANCE = 0.02

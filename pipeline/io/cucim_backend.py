@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.io.base import SlideBackend, device_namespace
-from pipeline.io.metadata import cucim_mpp
-from pipeline.runtime.device import cupy_gpu, usable_cpus
+from nic_pipeline.io.base import SlideBackend, device_namespace
+from nic_pipeline.io.metadata import cucim_mpp
+from nic_pipeline.runtime.device import cupy_gpu, usable_cpus
 
 BATCH_SIZE = 32  # regions per cuCIM batch
 GPU_DECODING_ENV = "ENABLE_CUSLIDE2"

@@ -1,7 +1,7 @@
 """Slide files: which names are slides, finding them (a folder, a list of files, or a CSV slide
 list), and checking a file before a C reader touches it (missing, unreadable, empty, not a TIFF,
 truncated, implausible, a DICOM that is no whole-slide image), so that bad input gives one line
-naming the file and the reason: a :class:`~pipeline.errors.SlideError` when one slide is opened,
+naming the file and the reason: a :class:`~nic_pipeline.errors.SlideError` when one slide is opened,
 a ``(path, reason)`` problem when a cohort is discovered."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Iterable, NamedTuple, TypeVar
 
 import pydicom
 
-from pipeline.errors import NicError, SlideError
-from pipeline.io.metadata import valid_mpp
-from pipeline.io.tiff import check_tiff
+from nic_pipeline.errors import NicError, SlideError
+from nic_pipeline.io.metadata import valid_mpp
+from nic_pipeline.io.tiff import check_tiff
 
 SUFFIXES = frozenset(
     {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".dcm", ".vms", ".vmu", ".bif", ".svslide"}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from pipeline.errors import NicError
+from nic_pipeline.errors import NicError
 
 DOWNSAMPLE_KEY = "nic:mask_downsample"
 

@@ -8,7 +8,7 @@ import math
 import os
 from pathlib import Path
 
-from pipeline.errors import NicError
+from nic_pipeline.errors import NicError
 
 MPP_FIX = "pass --mpp X (µm/px of level 0) or --mpp-csv FILE with columns slide_id,mpp"
 PLAUSIBLE_MPP = (0.01, 100.0)  # µm/px; outside this a resolution tag is not a microscope's

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import openslide
 
-from pipeline.io.base import SlideBackend, device_namespace
-from pipeline.io.files import SUFFIXES
-from pipeline.io.metadata import plausible_mpp
+from nic_pipeline.io.base import SlideBackend, device_namespace
+from nic_pipeline.io.files import SUFFIXES
+from nic_pipeline.io.metadata import plausible_mpp
 
 
 class OpenSlideReader(SlideBackend):

@@ -27,7 +27,7 @@ import numpy as np
 import simplejpeg
 import tifffile
 
-from pipeline.errors import SlideError
+from nic_pipeline.errors import SlideError
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 JPEG = 7  # TIFF Compression tag value of (new-style) JPEG

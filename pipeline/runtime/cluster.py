@@ -5,7 +5,7 @@ worker per GPU when GPUs and dask-cuda are present (each declaring a ``GPU`` res
 worker processes otherwise. Naming a scheduler address or scheduler file submits to an existing
 cluster instead (``dask scheduler`` + ``dask worker`` / ``dask cuda worker`` on HPC nodes), and
 naming a batch system (``--cluster slurm``) submits worker jobs through dask-jobqueue
-(:mod:`pipeline.runtime.jobqueue`). Connections use TLS when certificates are given (flags, or
+(:mod:`nic_pipeline.runtime.jobqueue`). Connections use TLS when certificates are given (flags, or
 ``distributed.comm.tls`` in the Dask config); the embedded cluster's dashboard listens on localhost only.
 """
 
@@ -24,9 +24,9 @@ import dask
 from distributed import Client, LocalCluster
 from distributed.security import Security
 
-from pipeline.errors import NicError
-from pipeline.runtime.device import nvml_gpu_count
-from pipeline.runtime.jobqueue import BatchSettings, batch_cluster
+from nic_pipeline.errors import NicError
+from nic_pipeline.runtime.device import nvml_gpu_count
+from nic_pipeline.runtime.jobqueue import BatchSettings, batch_cluster
 
 
 def tcmalloc_path() -> str | None:

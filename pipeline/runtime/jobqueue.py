@@ -34,7 +34,7 @@ from dask_jobqueue import PBSCluster, SLURMCluster  # noqa: E402
 if threading.current_thread() is threading.main_thread():
     signal.signal(signal.SIGINT, _sigint)
 
-from pipeline.errors import NicError  # noqa: E402
+from nic_pipeline.errors import NicError  # noqa: E402
 
 CLUSTERS = {"slurm": SLURMCluster, "pbs": PBSCluster}
 GPU_DIRECTIVE = {"slurm": "--gres=gpu:{n}", "pbs": "-l ngpus={n}"}

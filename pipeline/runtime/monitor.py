@@ -9,7 +9,7 @@ scheduler's process, where the dashboard's ``/metrics`` endpoint serves them nex
 ``nic_patches_per_second{run}`` (the rate between the last two reports).
 
 The plugin is registered by the first :func:`publish_progress` of a client, or at scheduler start
-with ``dask scheduler --preload pipeline.runtime.monitor``.
+with ``dask scheduler --preload nic_pipeline.runtime.monitor``.
 """
 
 from __future__ import annotations
@@ -79,5 +79,5 @@ def publish_progress(client, run_id: str, slides_done: int, slides_total: int, p
 
 
 def dask_setup(scheduler) -> None:
-    """``dask scheduler --preload pipeline.runtime.monitor``: the metrics from the start."""
+    """``dask scheduler --preload nic_pipeline.runtime.monitor``: the metrics from the start."""
     scheduler.add_plugin(ProgressMetrics(), name=ProgressMetrics.name)

@@ -13,7 +13,7 @@ import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pipeline.errors import NicError
+from nic_pipeline.errors import NicError
 
 PACKAGES = ("nic-pipeline", "torch", "zarr", "numcodecs", "numpy", "dask", "distributed", "cloudpickle", "msgpack")
 """Packages whose versions must agree between client and workers."""

@@ -23,7 +23,7 @@ Modules, in data-flow order: ``noise`` (hashes, value noise, cellular noise), ``
 TIFF), ``slide`` (one slide and its truth), ``cohort`` (N slides, masks, labels).
 """
 
-from pipeline.synth.cohort import (
+from nic_pipeline.synth.cohort import (
     CohortSpec,
     cohort_assignment,
     read_lesion_mask,
@@ -31,9 +31,9 @@ from pipeline.synth.cohort import (
     write_cohort,
     write_masks,
 )
-from pipeline.synth.fields import MASK_DOWNSAMPLE, build_fields, mask_shape
-from pipeline.synth.slide import SlideTruth, write_synthetic_slide
-from pipeline.synth.writer import level_dimensions, pyramid_downsamples
+from nic_pipeline.synth.fields import MASK_DOWNSAMPLE, build_fields, mask_shape
+from nic_pipeline.synth.slide import SlideTruth, write_synthetic_slide
+from nic_pipeline.synth.writer import level_dimensions, pyramid_downsamples
 
 __all__ = [
     "MASK_DOWNSAMPLE",

@@ -1,7 +1,7 @@
 """Cohorts of synthetic slides: which slides are positive, the slides, their masks and labels.
 
 ``write_cohort`` writes ``synth_NNN.tif`` with ``_lesion.png`` / ``_tissue.png`` masks (read
-back with :mod:`pipeline.io.masks`), ``labels.csv`` and ``synth.json`` (the spec and per-slide
+back with :mod:`nic_pipeline.io.masks`), ``labels.csv`` and ``synth.json`` (the spec and per-slide
 seeds), all from one seed.
 """
 
@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.errors import NicError
-from pipeline.io.masks import mask_path, read_mask, write_mask
-from pipeline.synth.fields import MASK_DOWNSAMPLE
-from pipeline.synth.slide import SlideTruth, write_synthetic_slide
+from nic_pipeline.errors import NicError
+from nic_pipeline.io.masks import mask_path, read_mask, write_mask
+from nic_pipeline.synth.fields import MASK_DOWNSAMPLE
+from nic_pipeline.synth.slide import SlideTruth, write_synthetic_slide
 
 
 @dataclass(frozen=True)

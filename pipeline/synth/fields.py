@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.draw import line
 
-from pipeline.synth.noise import fbm, interp_weights, smoothstep, stream_key, value_noise
+from nic_pipeline.synth.noise import fbm, interp_weights, smoothstep, stream_key, value_noise
 
 MASK_DOWNSAMPLE = 32          # level-0 px per mask px (16 µm at 0.5 µm/px)
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.synth.fields import Fields, sample_fields
-from pipeline.synth.noise import blob_layer, smoothstep, stream_key, value_noise, voronoi
-from pipeline.synth.stain import EOSIN, HEMATOXYLIN, restain, restain_matrix, stain_scales
-from pipeline.synth.tiles import TilePools
+from nic_pipeline.synth.fields import Fields, sample_fields
+from nic_pipeline.synth.noise import blob_layer, smoothstep, stream_key, value_noise, voronoi
+from nic_pipeline.synth.stain import EOSIN, HEMATOXYLIN, restain, restain_matrix, stain_scales
+from nic_pipeline.synth.tiles import TilePools
 
 BACKGROUND_RGB = (241.0, 239.0, 243.0)
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from pipeline.errors import NicError
-from pipeline.synth.fields import MASK_DOWNSAMPLE, build_fields
-from pipeline.synth.render import Renderer
-from pipeline.synth.tiles import TilePools, parse_texture
-from pipeline.synth.writer import write_pyramid
+from nic_pipeline.errors import NicError
+from nic_pipeline.synth.fields import MASK_DOWNSAMPLE, build_fields
+from nic_pipeline.synth.render import Renderer
+from nic_pipeline.synth.tiles import TilePools, parse_texture
+from nic_pipeline.synth.writer import write_pyramid
 
 
 @dataclass
@@ -57,7 +57,7 @@ def write_synthetic_slide(path, width: int, height: int, mpp: float = 0.5, seed:
 
     ``lesion_fraction`` is the lesion area as a share of the tissue area (0 = negative
     slide). ``stain_jitter`` (0 <= s < 1) scales the H and E vectors per slide by ``U(1-s, 1+s)``
-    from the seed (:mod:`pipeline.synth.stain`). Same arguments -> byte-identical file (whatever
+    from the seed (:mod:`nic_pipeline.synth.stain`). Same arguments -> byte-identical file (whatever
     ``workers``, the number of rendering threads; default: up to 2 CPU cores).
     """
     if width < 1 or height < 1:

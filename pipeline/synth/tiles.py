@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from models.dihedral import dihedral
-from pipeline.errors import NicError
-from pipeline.synth.noise import hash01, value_noise
+from nic_models.dihedral import dihedral
+from nic_pipeline.errors import NicError
+from nic_pipeline.synth.noise import hash01, value_noise
 
 IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"}
 LESION_WORDS = ("tumor", "tumour", "tum", "aca", "scc", "carcinoma", "cancer", "malignant", "metasta")

@@ -15,7 +15,7 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
-from pipeline.synth.render import Renderer
+from nic_pipeline.synth.render import Renderer
 
 TILE = 256
 MIN_LEVEL_SIZE = 512          # add pyramid levels (factor 4) until the longest side is <= this

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.runtime.arrays import array_namespace
+from nic_pipeline.runtime.arrays import array_namespace
 
 
 def tissue_codes(features, tissue):

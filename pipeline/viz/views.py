@@ -16,11 +16,11 @@ matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 import numpy as np  # noqa: E402
 
-from pipeline.compress.dataset import open_slide_tensor  # noqa: E402
-from pipeline.compress.store import list_slides, open_cohort  # noqa: E402
-from pipeline.errors import NicError  # noqa: E402
-from pipeline.io import find_slides, open_slide  # noqa: E402
-from pipeline.viz.pca import PcaRgb, pca_rgb, sample_codes  # noqa: E402
+from nic_pipeline.compress.dataset import open_slide_tensor  # noqa: E402
+from nic_pipeline.compress.store import list_slides, open_cohort  # noqa: E402
+from nic_pipeline.errors import NicError  # noqa: E402
+from nic_pipeline.io import find_slides, open_slide  # noqa: E402
+from nic_pipeline.viz.pca import PcaRgb, pca_rgb, sample_codes  # noqa: E402
 
 
 def slide_files_by_id(folders) -> dict[str, Path]:

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.classify import (
+from nic_pipeline.classify import (
     SlideModel,
     SlideSource,
     check_store_matches,
@@ -16,7 +16,7 @@ from pipeline.classify import (
     resolve_params,
     target_spec,
 )
-from pipeline.errors import NicError
+from nic_pipeline.errors import NicError
 from tests.classify.cohort import make_cohort
 
 

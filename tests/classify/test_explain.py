@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from pipeline.classify import train_cohort
-from pipeline.classify.explain import explain_cohort, heatmap_auc, mask_to_grid, score_text
-from pipeline.viz.heatmap import HeatScale
+from nic_pipeline.classify import train_cohort
+from nic_pipeline.classify.explain import explain_cohort, heatmap_auc, mask_to_grid, score_text
+from nic_pipeline.viz.heatmap import HeatScale
 
 
 def test_lesion_mask_to_grid_fractions():

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from models.slide_models import get_slide_model_spec, list_slide_models, register_slide_model
-from pipeline.classify import SlideSource, encode_targets, fit, predict_cohort, target_spec, train_cohort
-from pipeline.classify.explain import explain_cohort
-from pipeline.classify.metrics import auc
-from pipeline.cli import main
+from nic_models.slide_models import get_slide_model_spec, list_slide_models, register_slide_model
+from nic_pipeline.classify import SlideSource, encode_targets, fit, predict_cohort, target_spec, train_cohort
+from nic_pipeline.classify.explain import explain_cohort
+from nic_pipeline.classify.metrics import auc
+from nic_pipeline.cli import main
 
 torch.set_num_threads(1)  # as a fold task trains; two threads on a busy two-core machine run several times slower
 
@@ -119,7 +119,7 @@ def test_nic_train_help_names_every_built_in_head():
     build its help, so the list is written out there)."""
     builds = {name: get_slide_model_spec(name).build for name in list_slide_models()}
     built_in = [name for name, build in builds.items()  # mean/max register a functools.partial
-                if getattr(build, "func", build).__module__.startswith("models.slide_models.")]
+                if getattr(build, "func", build).__module__.startswith("nic_models.slide_models.")]
     assert {"transmil", "clam-sb", "dsmil", "topk"} <= set(built_in)
     option = next(p for p in main.commands["train"].params if p.name == "model")
     listed = option.help.split(":", 1)[1].split("(")[0]
@@ -129,7 +129,7 @@ def test_nic_train_help_names_every_built_in_head():
 def test_a_training_crop_holds_a_slide_whole_along_every_axis_that_fits():
     """Grid 20 x 50, crop 32: rows always whole (a lesion is never cropped out along them),
     columns a tissue-centred window; the grid's place in the crop still varies."""
-    from pipeline.classify.fit import random_crop_origin
+    from nic_pipeline.classify.fit import random_crop_origin
 
     tissue = np.zeros((20, 50))
     tissue[5:15, 10:40] = 1

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from models.slide_models import get_slide_model_spec
-from pipeline.classify import predict_cohort, resolve_params, train_cohort
-from pipeline.classify.graph import _warn_if_long
-from pipeline.classify.explain import explain_cohort
-from pipeline.classify.metrics import auc
-from pipeline.cli import main
+from nic_models.slide_models import get_slide_model_spec
+from nic_pipeline.classify import predict_cohort, resolve_params, train_cohort
+from nic_pipeline.classify.graph import _warn_if_long
+from nic_pipeline.classify.explain import explain_cohort
+from nic_pipeline.classify.metrics import auc
+from nic_pipeline.cli import main
 from tests.classify.cohort import N_SLIDES, make_cohort
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from pipeline.classify import assign_folds, encode_targets, load_labels, target_spec
-from pipeline.errors import NicError
+from nic_pipeline.classify import assign_folds, encode_targets, load_labels, target_spec
+from nic_pipeline.errors import NicError
 
 
 def test_load_labels_names_missing_columns(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.classify.metrics import (
+from nic_pipeline.classify.metrics import (
     auc,
     balanced_accuracy,
     c_index,

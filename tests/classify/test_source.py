@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pipeline.classify import SlideSource, encode_targets, fit, target_spec
-from pipeline.cli import main
-from pipeline.errors import NicError
+from nic_pipeline.classify import SlideSource, encode_targets, fit, target_spec
+from nic_pipeline.cli import main
+from nic_pipeline.errors import NicError
 from tests.classify.cohort import make_cohort
 
 

@@ -30,7 +30,7 @@ def nic_env(extra: dict | None = None) -> dict:
 
 
 def nic_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline", *args]
+    return [sys.executable, "-m", "nic_pipeline", *args]
 
 
 def nic(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ import time
 import pytest
 from distributed import Client
 
-from pipeline.synth import write_synthetic_slide
+from nic_pipeline.synth import write_synthetic_slide
 
 
 def start_cluster(folder, n_workers: int = 2, env: dict | None = None, workers: bool = True):

@@ -16,16 +16,16 @@ import pytest
 import xarray as xr
 import zarr
 
-from pipeline.runtime.cluster import connect
-from pipeline.compress.graph import compress
-from pipeline.compress.jobs import plan_jobs
-from pipeline.compress.codes import encode_patches
-from pipeline.compress.encode import EncoderSettings, NicWorker, read_cells
-from pipeline.errors import NicError
-from pipeline.compress.grid import Grid, iter_blocks
-from pipeline.io import open_slide
-from pipeline.compress.store import list_slides
-from pipeline.synth import write_synthetic_slide
+from nic_pipeline.runtime.cluster import connect
+from nic_pipeline.compress.graph import compress
+from nic_pipeline.compress.jobs import plan_jobs
+from nic_pipeline.compress.codes import encode_patches
+from nic_pipeline.compress.encode import EncoderSettings, NicWorker, read_cells
+from nic_pipeline.errors import NicError
+from nic_pipeline.compress.grid import Grid, iter_blocks
+from nic_pipeline.io import open_slide
+from nic_pipeline.compress.store import list_slides
+from nic_pipeline.synth import write_synthetic_slide
 
 from tests.conftest import shared_path
 
@@ -124,7 +124,7 @@ def test_a_killed_client_resumes_with_only_the_missing_blocks(tmp_path, external
         full = compress(jobs, reference, client, SETTINGS, block=4, progress=False)
     total = full.blocks_encoded
 
-    command = [sys.executable, "-m", "pipeline", "compress", str(synthetic_slide), "--out", str(resumed),
+    command = [sys.executable, "-m", "nic_pipeline", "compress", str(synthetic_slide), "--out", str(resumed),
                "--scheduler-file", external_cluster, "--block", "4", "--precision", "bf16"]
     client_process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -170,7 +170,7 @@ def test_cli_reports_bad_slides_and_finishes_the_rest(tmp_path, synthetic_slide)
     empty = tmp_path / "empty.svs"
     empty.write_bytes(b"")
     store = tmp_path / "cohort.zarr"
-    base = [sys.executable, "-m", "pipeline", "compress", "--out", str(store), "--workers", "2"]
+    base = [sys.executable, "-m", "nic_pipeline", "compress", "--out", str(store), "--workers", "2"]
     first = subprocess.run(base + [str(synthetic_slide), str(tcga), str(empty)], capture_output=True, text=True)
     assert first.returncode == 1, first.stderr
     assert f"FAILED {tcga.resolve()}" in first.stderr and "--mpp" in first.stderr
@@ -184,7 +184,7 @@ def test_cli_reports_bad_slides_and_finishes_the_rest(tmp_path, synthetic_slide)
     ds = xr.open_zarr(store, group="TCGA-CR-7395-01A-01-TS1", consolidated=False)
     assert ds.attrs["slide_mpp"] == 0.25 and ds["features"].shape[1:] == (1783 // 128, 2221 // 128)
 
-    listing = subprocess.run([sys.executable, "-m", "pipeline", "inspect", str(store)], capture_output=True,
+    listing = subprocess.run([sys.executable, "-m", "nic_pipeline", "inspect", str(store)], capture_output=True,
                              text=True)
     assert "TCGA-CR-7395-01A-01-TS1" in listing.stdout and "complete" in listing.stdout
 
@@ -193,7 +193,7 @@ def test_the_compress_client_never_imports_torch(tmp_path, synthetic_slide):
     """`nic compress` with the embedded cluster: the client decides GPU or CPU workers without
     torch (seconds of every start); only the workers load it."""
     store = tmp_path / "light.zarr"
-    code = ("import sys; from pipeline.cli import main; "
+    code = ("import sys; from nic_pipeline.cli import main; "
             f"main(['compress', {str(synthetic_slide)!r}, '--out', {str(store)!r}, '--workers', '1'], standalone_mode=False); "
             "print('client imported torch:', 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -206,7 +206,7 @@ def test_the_compress_client_never_imports_torch(tmp_path, synthetic_slide):
 def test_gpu_worker_matches_cpu_within_half_precision(tmp_path, synthetic_slide):
     """The same functions on a GPU worker (cuCIM device='cuda', CuPy, fp16 autocast) give the
     codes the CPU path gives, within half-precision rounding."""
-    from pipeline.runtime.device import resolve_device
+    from nic_pipeline.runtime.device import resolve_device
 
     assert resolve_device() == "cuda"
     jobs = plan_jobs([synthetic_slide])

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from pipeline.compress.codes import default_batch_size, encode_patches
-from pipeline.compress.encode import BAND_PX, EncoderSettings, NicWorker, read_cells
-from pipeline.compress.grid import Grid, iter_blocks
-from pipeline.io import open_slide
+from nic_pipeline.compress.codes import default_batch_size, encode_patches
+from nic_pipeline.compress.encode import BAND_PX, EncoderSettings, NicWorker, read_cells
+from nic_pipeline.compress.grid import Grid, iter_blocks
+from nic_pipeline.io import open_slide
 
 from tests.conftest import shared_path
 

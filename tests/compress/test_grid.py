@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from pipeline.compress.grid import Grid, block_grid_shape, iter_blocks
+from nic_pipeline.compress.grid import Grid, block_grid_shape, iter_blocks
 
 
 def test_native_resolution_grid_keeps_only_whole_patches():

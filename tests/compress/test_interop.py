@@ -4,9 +4,9 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.compress.grid import Grid, iter_blocks
-from pipeline.compress.interop import export_h5, import_h5
-from pipeline.compress.store import (
+from nic_pipeline.compress.grid import Grid, iter_blocks
+from nic_pipeline.compress.interop import export_h5, import_h5
+from nic_pipeline.compress.store import (
     CompressionConfig,
     consolidate,
     create_slide,
@@ -14,7 +14,7 @@ from pipeline.compress.store import (
     open_store,
     write_block,
 )
-from pipeline.classify.source import SlideSource
+from nic_pipeline.classify.source import SlideSource
 
 CONFIG = CompressionConfig(encoder="nic-test", encoder_sha256="abc", code_dim=8, mpp=0.5, patch_size=128,
                            stride=128, block=4)

@@ -17,13 +17,13 @@ import xarray as xr
 import zarr
 from distributed import Client
 
-from pipeline.compress.encode import EncoderSettings
-from pipeline.compress.graph import RunOptions, compress
-from pipeline.compress.jobs import plan_jobs
-from pipeline.compress.store import describe_store
-from pipeline.errors import NicError
-from pipeline.runtime.preflight import check_versions, check_visible
-from pipeline.synth import write_synthetic_slide
+from nic_pipeline.compress.encode import EncoderSettings
+from nic_pipeline.compress.graph import RunOptions, compress
+from nic_pipeline.compress.jobs import plan_jobs
+from nic_pipeline.compress.store import describe_store
+from nic_pipeline.errors import NicError
+from nic_pipeline.runtime.preflight import check_versions, check_visible
+from nic_pipeline.synth import write_synthetic_slide
 from tests.compress.conftest import start_cluster, start_workers, stop
 from tests.conftest import shared_path
 
@@ -36,7 +36,7 @@ def _features(store, slide_id=SLIDE_ID) -> np.ndarray:
 
 
 def _nic(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "nic_pipeline", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env={**os.environ, **(env or {})}, timeout=600)
 
 
@@ -54,7 +54,7 @@ def test_dashboard_has_one_group_per_task_kind_on_real_slide_names(tmp_path, ext
 
 def test_relative_paths_are_resolved_on_the_client(tmp_path, external_cluster, synthetic_slide):
     """The workers run in another directory: --out and --weights relative to the user's folder work."""
-    from models.registry import weights_dir
+    from nic_models.registry import weights_dir
 
     work = tmp_path / "user"
     (work / "slides").mkdir(parents=True)
@@ -109,7 +109,7 @@ def test_late_workers_of_another_kind_resume_and_the_store_says_which_ran(tmp_pa
     store = tmp_path / "mixed.zarr"
     try:
         first = start_workers(scheduler_file, tmp_path, 1, {**os.environ, "NIC_CPU_BF16": "0"})
-        client_run = subprocess.Popen([sys.executable, "-m", "pipeline", "compress", str(synthetic_slide), "--out",
+        client_run = subprocess.Popen([sys.executable, "-m", "nic_pipeline", "compress", str(synthetic_slide), "--out",
                                        str(store), "--scheduler-file", scheduler_file, "--block", "4"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 300

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.compress.stain import (
+from nic_pipeline.compress.stain import (
     METHODS,
     Stain,
     fit_stain,
@@ -15,10 +15,10 @@ from pipeline.compress.stain import (
     normalise,
     normaliser,
 )
-from pipeline.compress.tissue import optical_density
-from pipeline.io import open_slide
-from pipeline.synth import write_synthetic_slide
-from pipeline.synth.stain import EOSIN, HEMATOXYLIN
+from nic_pipeline.compress.tissue import optical_density
+from nic_pipeline.io import open_slide
+from nic_pipeline.synth import write_synthetic_slide
+from nic_pipeline.synth.stain import EOSIN, HEMATOXYLIN
 
 
 def unit(v):

@@ -11,18 +11,18 @@ import pytest
 import zarr
 from PIL import Image
 
-from pipeline.compress.codes import encode_patches
-from pipeline.compress.encode import EncoderSettings, NicWorker, read_cells
-from pipeline.compress.graph import compress
-from pipeline.compress.grid import Grid, iter_blocks
-from pipeline.compress.jobs import plan_jobs
-from pipeline.compress.stain import Stain, fit_stain, normalise
-from pipeline.compress.stain_fit import with_stain_target
-from pipeline.compress.store import CompressionConfig
-from pipeline.errors import NicError
-from pipeline.io import open_slide
-from pipeline.runtime.cluster import connect
-from pipeline.synth import write_synthetic_slide
+from nic_pipeline.compress.codes import encode_patches
+from nic_pipeline.compress.encode import EncoderSettings, NicWorker, read_cells
+from nic_pipeline.compress.graph import compress
+from nic_pipeline.compress.grid import Grid, iter_blocks
+from nic_pipeline.compress.jobs import plan_jobs
+from nic_pipeline.compress.stain import Stain, fit_stain, normalise
+from nic_pipeline.compress.stain_fit import with_stain_target
+from nic_pipeline.compress.store import CompressionConfig
+from nic_pipeline.errors import NicError
+from nic_pipeline.io import open_slide
+from nic_pipeline.runtime.cluster import connect
+from nic_pipeline.synth import write_synthetic_slide
 
 SETTINGS = EncoderSettings(precision="bf16", device="cpu")
 BLOCK = 8
@@ -117,7 +117,7 @@ def test_bad_stain_options_are_named():
 
 def test_cli_takes_the_stain_options(tmp_path, slides):
     store = tmp_path / "cli.zarr"
-    run = subprocess.run([sys.executable, "-m", "pipeline", "compress", str(slides / "b.tif"), "--out", str(store),
+    run = subprocess.run([sys.executable, "-m", "nic_pipeline", "compress", str(slides / "b.tif"), "--out", str(store),
                           "--workers", "1", "--block", str(BLOCK), "--precision", "bf16", "--stain-norm", "macenko",
                           "--stain-target", str(slides / "ref.tif")], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

@@ -9,8 +9,8 @@ import pytest
 import xarray as xr
 import zarr
 
-from pipeline.compress.grid import Grid, iter_blocks
-from pipeline.compress.store import (
+from nic_pipeline.compress.grid import Grid, iter_blocks
+from nic_pipeline.compress.store import (
     COMPLETE,
     CompressionConfig,
     block_done,
@@ -29,7 +29,7 @@ from pipeline.compress.store import (
     source_fingerprint,
     write_block,
 )
-from pipeline.errors import NicError
+from nic_pipeline.errors import NicError
 
 CONFIG = CompressionConfig(encoder="nic-test", encoder_sha256="abc", code_dim=8, mpp=0.5, patch_size=128,
                            stride=128, block=4)

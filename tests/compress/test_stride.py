@@ -9,16 +9,16 @@ import xarray as xr
 from click.testing import CliRunner
 from distributed import Client
 
-from pipeline.cli import main
-from pipeline.compress.codes import encode_patches
-from pipeline.compress.encode import EncoderSettings, NicWorker
-from pipeline.compress.graph import compress, compression_config
-from pipeline.compress.grid import Grid, cell_coverage
-from pipeline.compress.interop import export_h5
-from pipeline.compress.jobs import plan_jobs
-from pipeline.errors import NicError
-from pipeline.io import open_slide
-from pipeline.synth import write_synthetic_slide
+from nic_pipeline.cli import main
+from nic_pipeline.compress.codes import encode_patches
+from nic_pipeline.compress.encode import EncoderSettings, NicWorker
+from nic_pipeline.compress.graph import compress, compression_config
+from nic_pipeline.compress.grid import Grid, cell_coverage
+from nic_pipeline.compress.interop import export_h5
+from nic_pipeline.compress.jobs import plan_jobs
+from nic_pipeline.errors import NicError
+from nic_pipeline.io import open_slide
+from nic_pipeline.synth import write_synthetic_slide
 
 SETTINGS = EncoderSettings(precision="fp32", device="cpu")
 

@@ -9,9 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from pipeline.errors import SlideError
-from pipeline.compress.grid import cell_coverage
-from pipeline.compress.tissue import (
+from nic_pipeline.errors import SlideError
+from nic_pipeline.compress.grid import cell_coverage
+from nic_pipeline.compress.tissue import (
     _close,
     _dilate,
     array_namespace,
@@ -248,7 +248,7 @@ def test_cell_fraction_conserves_area():
 
 
 def test_cmu_slide_mask():
-    from pipeline.io import open_slide
+    from nic_pipeline.io import open_slide
 
     with open_slide(shared_path("slides", "CMU-1-Small-Region.svs")) as slide:
         mask, mpp = slide_tissue_mask(slide)
@@ -262,7 +262,7 @@ def test_cmu_slide_mask():
 
 
 def test_strip_reading_matches_one_read():
-    from pipeline.io import open_slide
+    from nic_pipeline.io import open_slide
 
     with open_slide(shared_path("slides", "CMU-1-Small-Region.svs")) as slide:
         whole = slide_image_at_mpp(slide, 8.0)
@@ -271,7 +271,7 @@ def test_strip_reading_matches_one_read():
 
 
 def test_slide_without_mpp_needs_one():
-    from pipeline.io import open_slide
+    from nic_pipeline.io import open_slide
 
     path = shared_path("slides", "TCGA-CR-7395-01A-01-TS1.svs")
     with open_slide(path) as slide, pytest.raises(SlideError, match="TCGA-CR-7395"):
@@ -283,14 +283,14 @@ def test_slide_without_mpp_needs_one():
 
 @pytest.fixture(scope="module")
 def synthetic_slide(tmp_path_factory):
-    from pipeline.synth import write_synthetic_slide
+    from nic_pipeline.synth import write_synthetic_slide
 
     path = tmp_path_factory.mktemp("tissue") / "synthetic.tif"
     return write_synthetic_slide(path, 3072, 2048, mpp=0.5, seed=3, lesion_fraction=0.1, pen_marks=True)
 
 
 def test_synthetic_slide_iou(synthetic_slide):
-    from pipeline.io import open_slide
+    from nic_pipeline.io import open_slide
 
     truth = synthetic_slide
     with open_slide(truth.path) as slide:
@@ -306,7 +306,7 @@ def test_synthetic_slide_iou(synthetic_slide):
 def test_blank_slide_raises_unless_allowed(tmp_path):
     import tifffile
 
-    from pipeline.io import open_slide
+    from nic_pipeline.io import open_slide
 
     rng = np.random.default_rng(0)
     glass = np.clip(np.array([241, 239, 243]) + rng.normal(0, 2, (1024, 1536, 3)), 0, 255)

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def nic(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> str:
     """Run the ``nic`` CLI of this checkout in a subprocess and return its stdout; fail on error."""
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "nic_pipeline", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"nic {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pipeline.runtime.cluster import connect
+from nic_pipeline.runtime.cluster import connect
 from tests.deploy.conftest import job_environment
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
@@ -60,7 +60,7 @@ def test_dashboard_shows_pipeline_tasks_in_chromium(cohort, tmp_path):
     with browser, connect(workers=2, dashboard=False) as client:
         base = client.dashboard_link.replace("/status", "")
         browser.get(f"{base}/status")  # the task stream and the progress bars on one page
-        run = subprocess.Popen([sys.executable, "-m", "pipeline", "compress", str(cohort), "--out",
+        run = subprocess.Popen([sys.executable, "-m", "nic_pipeline", "compress", str(cohort), "--out",
                                 str(tmp_path / "cohort.zarr"), "--scheduler", client.scheduler.address,
                                 "--block", "2"], env=job_environment(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)

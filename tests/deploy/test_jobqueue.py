@@ -8,8 +8,8 @@ import json
 import dask
 import pytest
 
-from pipeline.errors import NicError
-from pipeline.runtime.jobqueue import BatchSettings, cpu_pool, make_cluster
+from nic_pipeline.errors import NicError
+from nic_pipeline.runtime.jobqueue import BatchSettings, cpu_pool, make_cluster
 from tests.deploy.conftest import job_environment, nic, slide_statuses
 
 JOB = {"cores": 4, "memory": "8GiB", "walltime": "01:00:00", "queue": "gpu"}

@@ -7,8 +7,8 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.runtime.cluster import connect
-from pipeline.runtime.monitor import publish_progress
+from nic_pipeline.runtime.cluster import connect
+from nic_pipeline.runtime.monitor import publish_progress
 
 
 def _metrics(url: str, run: str) -> dict[str, float]:

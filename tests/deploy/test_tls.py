@@ -11,8 +11,8 @@ import time
 import pytest
 from distributed.security import Security
 
-from pipeline.errors import NicError
-from pipeline.runtime.cluster import connect, tls_security
+from nic_pipeline.errors import NicError
+from nic_pipeline.runtime.cluster import connect, tls_security
 from tests.deploy.conftest import job_environment
 
 
@@ -56,7 +56,7 @@ def test_tls_scheduler_refuses_clients_without_the_certificate(tls_cluster, coho
     assert address.startswith("tls://")
     # refused clients run in their own processes, as users' would
     for target in (address, address.replace("tls://", "tcp://")):
-        refused = subprocess.run([sys.executable, "-m", "pipeline", "compress", str(cohort), "--out",
+        refused = subprocess.run([sys.executable, "-m", "nic_pipeline", "compress", str(cohort), "--out",
                                   str(tmp_path / "x.zarr"), "--scheduler", target],
                                  env=job_environment(DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="10s"),
                                  capture_output=True, text=True, timeout=300)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.encoder import tiles as T
-from pipeline.encoder.macenko import HE_REFERENCE, macenko_augment, optical_density, stain_vectors
+from nic_pipeline.encoder import tiles as T
+from nic_pipeline.encoder.macenko import HE_REFERENCE, macenko_augment, optical_density, stain_vectors
 
 H_TRUE = np.array([0.65, 0.70, 0.29])
 E_TRUE = np.array([0.27, 0.78, 0.56])

@@ -17,13 +17,13 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.cli import main
-from pipeline.encoder import tiles as T
-from pipeline.encoder.config import dotted_overrides
-from pipeline.encoder.metrics import validation_score
-from pipeline.encoder.probe import holdout_probe
-from pipeline.encoder.train import train_encoder
-from pipeline.errors import NicError
+from nic_pipeline.cli import main
+from nic_pipeline.encoder import tiles as T
+from nic_pipeline.encoder.config import dotted_overrides
+from nic_pipeline.encoder.metrics import validation_score
+from nic_pipeline.encoder.probe import holdout_probe
+from nic_pipeline.encoder.train import train_encoder
+from nic_pipeline.errors import NicError
 from tests.conftest import shared_path
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,9 +11,9 @@ from scipy.stats import spearmanr
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, cross_val_predict
 
-from pipeline.cli import main
-from pipeline.errors import NicError
-from pipeline.encoder.probe import align_labels, make_model, out_of_fold, probe, run_probe
+from nic_pipeline.cli import main
+from nic_pipeline.errors import NicError
+from nic_pipeline.encoder.probe import align_labels, make_model, out_of_fold, probe, run_probe
 
 
 def _grouped_classes(n_groups=30, per_group=4, n_classes=3, dim=16, signal=1.5, seed=0):

@@ -15,13 +15,13 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.numpy import load_file
 
-from models.registry import create_encoder, list_encoders, register_from_card
-from pipeline.cli import main
-from pipeline.encoder import tiles as T
-from pipeline.encoder.config import load_config
-from pipeline.encoder.metrics import validation_score
-from pipeline.encoder.train import train_encoder
-from pipeline.errors import NicError
+from nic_models.registry import create_encoder, list_encoders, register_from_card
+from nic_pipeline.cli import main
+from nic_pipeline.encoder import tiles as T
+from nic_pipeline.encoder.config import load_config
+from nic_pipeline.encoder.metrics import validation_score
+from nic_pipeline.encoder.train import train_encoder
+from nic_pipeline.errors import NicError
 from tests.conftest import shared_path
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import xarray as xr
 
-from pipeline.synth import write_synthetic_slide
+from nic_pipeline.synth import write_synthetic_slide
 from tests.faults.helpers import nic
 
 SIZE = 2048  # px per side: 16 x 16 cells of the NIC grid, 4 blocks of 8 x 8 cells

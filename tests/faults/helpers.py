@@ -19,7 +19,7 @@ import tifffile
 from tests.conftest import DATA
 from tests.io.helpers import CMU, TCGA_DICOM, TCGA_J2K, claim_size, damage_tiles, smooth_image, write_aperio_tiff
 
-NIC = [sys.executable, "-m", "pipeline"]
+NIC = [sys.executable, "-m", "nic_pipeline"]
 REPO = Path(__file__).resolve().parents[2]
 NOISE = ("Traceback", "Error", "ERROR", "Exception", "Warning", "Corrupt JPEG data", "Premature end of JPEG")
 """What must not reach a user's terminal outside the one line per fault: tracebacks, worker error

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.compress.store import consolidate
+from nic_pipeline.compress.store import consolidate
 from tests.faults.conftest import BLOCK, features
 from tests.faults.helpers import nic, noise
 

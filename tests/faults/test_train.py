@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from pipeline.compress.store import consolidate
+from nic_pipeline.compress.store import consolidate
 from tests.faults.helpers import nic, noise, one_error_line
 
 pytestmark = pytest.mark.slow

@@ -56,7 +56,7 @@ def written(path, data: bytes):
 
 def run_nic(*args) -> subprocess.CompletedProcess:
     """`nic ARGS` in a fresh interpreter, so stderr holds everything the C readers print too."""
-    code = "from pipeline.cli import main; main()"
+    code = "from nic_pipeline.cli import main; main()"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
 
 

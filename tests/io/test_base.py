@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from skimage.transform import resize
 
-from pipeline.errors import NicError, SlideError
-from pipeline.io import open_slide, resample
-from pipeline.runtime.device import cupy_gpu
+from nic_pipeline.errors import NicError, SlideError
+from nic_pipeline.io import open_slide, resample
+from nic_pipeline.runtime.device import cupy_gpu
 from tests.conftest import shared_path
 from tests.io.helpers import CMU, READERS, diff
 

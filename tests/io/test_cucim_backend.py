@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import tifffile
 
-from pipeline.errors import SlideError
-from pipeline.io import open_slide
-from pipeline.io.cucim_backend import (
+from nic_pipeline.errors import SlideError
+from nic_pipeline.io import open_slide
+from nic_pipeline.io.cucim_backend import (
     GPU_DECODING_ENV,
     decoder_name,
     loaded_plugins,
     nvimgcodec_problem,
     nvimgcodec_version,
 )
-from pipeline.runtime.device import cupy_gpu
+from nic_pipeline.runtime.device import cupy_gpu
 from tests.conftest import shared_path
 from tests.io.helpers import TCGA_J2K, diff, smooth_image, write_aperio_tiff
 
@@ -111,7 +111,7 @@ def run_fresh(code: str, **env) -> str:
 
 @pytest.mark.skipif(cupy_gpu(), reason="checks the machine without a GPU")
 def test_gpu_decoding_stays_off_without_a_gpu():
-    code = ("import os; from pipeline.io.cucim_backend import prepare_gpu_decoding as p; "
+    code = ("import os; from nic_pipeline.io.cucim_backend import prepare_gpu_decoding as p; "
             "print(p(), os.environ.get('ENABLE_CUSLIDE2'))")
     assert run_fresh(code) == "no CUDA GPU None"
     assert run_fresh(code, ENABLE_CUSLIDE2="0") == "ENABLE_CUSLIDE2=0 was set 0"
@@ -123,7 +123,7 @@ def test_gpu_decoding_uses_nvimagecodec_and_matches_libjpeg(synthetic, tmp_path)
     and its pixels match libjpeg-turbo's decode of the same tiles (tifffile) within decoder tolerance."""
     out = tmp_path / "gpu.npy"
     code = (
-        "import numpy, cupy; from pipeline.io import open_slide\n"
+        "import numpy, cupy; from nic_pipeline.io import open_slide\n"
         f"slide = open_slide({str(synthetic[0])!r}, device='cuda')\n"
         "batch = slide.read_regions([(0, 0), (300, 500), (700, 260)], (256, 256), 0)\n"
         f"numpy.save({str(out)!r}, cupy.asnumpy(batch)); print(slide.decoder)"
@@ -142,7 +142,7 @@ def test_opening_slides_prints_no_cufile_noise_and_writes_nothing_here(tmp_path)
     """With torch's CUDA wheels installed and no GPU, cuFile printed 'dlopen error libcuda.so.1 …
     cuFile initialization failed' at every slide open and wrote cufile.log into the current folder."""
     svs = shared_path("slides", "CMU-1-Small-Region.svs")
-    code = ("import torch\nfrom pipeline.io import open_slide\n"
+    code = ("import torch\nfrom nic_pipeline.io import open_slide\n"
             f"with open_slide({str(svs)!r}) as s:\n    s.read_region((0, 0), (64, 64))\n"
             f"with open_slide({str(svs)!r}) as s:\n    print(s.reader)\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from pipeline.errors import NicError, SlideError
-from pipeline.io import discover_slides, find_slides, open_slide, read_slide_list
+from nic_pipeline.errors import NicError, SlideError
+from nic_pipeline.io import discover_slides, find_slides, open_slide, read_slide_list
 from tests.conftest import shared_path
 from tests.io.helpers import CMU, TCGA_DICOM, run_nic, truncated_copy, written
 

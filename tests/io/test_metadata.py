@@ -7,9 +7,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import main
-from pipeline.errors import NicError, SlideError
-from pipeline.io import open_slide, read_mpp_csv
+from nic_pipeline.cli import main
+from nic_pipeline.errors import NicError, SlideError
+from nic_pipeline.io import open_slide, read_mpp_csv
 from tests.conftest import shared_path
 from tests.io.helpers import CMU, READERS, TCGA_J2K
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from pipeline.errors import SlideError
-from pipeline.io import open_slide
+from nic_pipeline.errors import SlideError
+from nic_pipeline.io import open_slide
 from tests.conftest import shared_path
 from tests.io.helpers import CMU, READERS, diff
 
@@ -34,7 +34,7 @@ def test_region_outside_the_slide_is_white_in_both_readers():
 
 
 def test_teammate_synthetic_slide_reads_the_same_in_both_readers(tmp_path):
-    synth = pytest.importorskip("pipeline.synth")
+    synth = pytest.importorskip("nic_pipeline.synth")
     path = tmp_path / "synth-slide.tif"
     synth.write_synthetic_slide(path, 1536, 1024, mpp=0.5, seed=0)
     with open_slide(path, reader="cucim") as cu, open_slide(path, reader="openslide") as osl:

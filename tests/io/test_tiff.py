@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.errors import SlideError
-from pipeline.io import open_slide
-from pipeline.synth import write_synthetic_slide
+from nic_pipeline.errors import SlideError
+from nic_pipeline.io import open_slide
+from nic_pipeline.synth import write_synthetic_slide
 from tests.conftest import shared_path
 from tests.io.helpers import CMU, READERS, claim_size, damage_tiles, run_nic, smooth_image, write_aperio_tiff
 

@@ -21,9 +21,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 from safetensors.torch import save_file
 
-from models import registry
-from models.encoders import DihedralMean, Encoder, NicCNN
-from models.registry import (
+from nic_models import registry
+from nic_models.encoders import DihedralMean, Encoder, NicCNN
+from nic_models.registry import (
     DEFAULT_ENCODER,
     EncoderSpec,
     create_encoder,
@@ -35,7 +35,7 @@ from models.registry import (
     save_encoder,
     weights_dir,
 )
-from pipeline.errors import NicError
+from nic_pipeline.errors import NicError
 from tests.conftest import HAS_GPU, shared_model
 
 H5 = {"nic-mtl4-tellez2020": "encoder_multitask-4.h5", "nic-bigan-tellez2019": "encoder_bigan.h5"}
@@ -405,7 +405,7 @@ def test_encoder_on_gpu_matches_cpu():
 
 
 def test_weights_sha256_names_the_weights_without_building_the_network():
-    from models.registry import weights_sha256
+    from nic_models.registry import weights_sha256
 
     for name, kwargs in (("nic", {}), ("nic-bigan-tellez2019", {}), ("nic+dihedral", {}),
                          ("resnet50-trunc", {"random_init": True, "seed": 3})):
@@ -417,8 +417,8 @@ def test_weights_sha256_names_the_weights_without_building_the_network():
 def test_specs_and_weight_hashes_need_no_torch():
     """A client describing a job (grid, code size, weights hash) never imports torch: it would
     add seconds to every `nic compress` start."""
-    code = ("import sys; from models.registry import get_spec, weights_sha256; "
-            "spec = get_spec('nic'); weights_sha256('nic'); import pipeline.compress.api; "
+    code = ("import sys; from nic_models.registry import get_spec, weights_sha256; "
+            "spec = get_spec('nic'); weights_sha256('nic'); import nic_pipeline.compress.api; "
             "print(spec.code_dim, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["128", "False"]

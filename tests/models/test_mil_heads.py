@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.slide_models import bag_loss, create_slide_model, get_slide_model_spec
-from models.slide_models.abmil import GatedAttentionMIL
-from models.slide_models.clam_sb import smooth_top1_svm
-from models.slide_models.transmil import PPEG, NystromAttention
+from nic_models.slide_models import bag_loss, create_slide_model, get_slide_model_spec
+from nic_models.slide_models.abmil import GatedAttentionMIL
+from nic_models.slide_models.clam_sb import smooth_top1_svm
+from nic_models.slide_models.transmil import PPEG, NystromAttention
 
 torch.set_num_threads(1)
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from models.dihedral import dihedral, dihedral_inverse
-from models.errors import NicError
-from models.slide_models import (
+from nic_models.dihedral import dihedral, dihedral_inverse
+from nic_models.errors import NicError
+from nic_models.slide_models import (
     cox_loss,
     create_slide_model,
     get_slide_model_spec,
@@ -18,9 +18,9 @@ from models.slide_models import (
     register_slide_model,
     task_loss,
 )
-from models.slide_models.abmil import GatedAttentionMIL
-from models.slide_models.nic_cnn import NicCNN, grad_cam
-from models.slide_models.pooling import PoolingLinear
+from nic_models.slide_models.abmil import GatedAttentionMIL
+from nic_models.slide_models.nic_cnn import NicCNN, grad_cam
+from nic_models.slide_models.pooling import PoolingLinear
 
 torch.set_num_threads(1)
 

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from pipeline.runtime import device
-from pipeline.runtime.device import cpu_has_native_bf16, resolve_device, resolve_precision
+from nic_pipeline.runtime import device
+from nic_pipeline.runtime.device import cpu_has_native_bf16, resolve_device, resolve_precision
 
 
 def test_cpu_precision_follows_native_bf16(monkeypatch):
@@ -40,7 +40,7 @@ def test_auto_device_is_the_cpu_without_a_gpu():
 def test_array_work_picks_its_device_without_torch():
     """Tissue detection asks for its device through CuPy: importing torch (seconds) would hold
     back the first task of every run."""
-    code = ("import sys; from pipeline.runtime.device import resolve_array_device, cupy_gpu; "
+    code = ("import sys; from nic_pipeline.runtime.device import resolve_array_device, cupy_gpu; "
             "print(resolve_array_device() == ('cuda' if cupy_gpu() else 'cpu'), resolve_array_device('cpu'), "
             "'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

@@ -10,7 +10,7 @@ import pytest
 
 FAULTS = """
 import resource, sys, numpy as np
-from pipeline.runtime.process import keep_freed_memory
+from nic_pipeline.runtime.process import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else None
 for _ in range(3):  # warm up
     np.ones(1024 * 1024, np.uint8).sum()
@@ -42,7 +42,7 @@ def test_freed_buffers_are_reused_instead_of_faulted_in_again():
 
 AST_RACE = """
 import ast, gc, inspect, sys, threading
-from pipeline.runtime.process import serialise_ast_parsing
+from nic_pipeline.runtime.process import serialise_ast_parsing
 if sys.argv[1] == "serialised":
     serialise_ast_parsing()
 source = inspect.getsource(inspect)

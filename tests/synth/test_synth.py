@@ -13,11 +13,11 @@ from click.testing import CliRunner
 from PIL import Image
 from scipy import ndimage
 
-from pipeline import synth
-from pipeline.cli import main
-from pipeline.errors import NicError
-from pipeline.synth.stain import restain, restain_matrix, stain_scales
-from pipeline.synth.tiles import MAX_POOL, TilePools, _guess_tile_mpp, _is_background, _is_lesion, _roles, list_tiles
+from nic_pipeline import synth
+from nic_pipeline.cli import main
+from nic_pipeline.errors import NicError
+from nic_pipeline.synth.stain import restain, restain_matrix, stain_scales
+from nic_pipeline.synth.tiles import MAX_POOL, TilePools, _guess_tile_mpp, _is_background, _is_lesion, _roles, list_tiles
 from tests.conftest import shared_path
 
 MPP = 0.5

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from pipeline.viz.heatmap import DIVERGING, SEQUENTIAL, HeatScale, heatmap_figure, render
+from nic_pipeline.viz.heatmap import DIVERGING, SEQUENTIAL, HeatScale, heatmap_figure, render
 
 
 def test_scale_is_perceptual_and_signed_only_when_values_are():

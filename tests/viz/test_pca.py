@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.viz.pca import PcaRgb, pca_rgb, sample_codes
+from nic_pipeline.viz.pca import PcaRgb, pca_rgb, sample_codes
 
 
 def test_pca_rgb_separates_code_populations_on_white_background():

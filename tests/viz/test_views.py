@@ -7,11 +7,11 @@ import pytest
 import zarr
 from PIL import Image
 
-from pipeline.compress.store import consolidate
-from pipeline.errors import NicError
-from pipeline.synth import write_synthetic_slide
-from pipeline.viz.pca import PcaRgb
-from pipeline.viz.views import cohort_pca, save_store_views, slide_file
+from nic_pipeline.compress.store import consolidate
+from nic_pipeline.errors import NicError
+from nic_pipeline.synth import write_synthetic_slide
+from nic_pipeline.viz.pca import PcaRgb
+from nic_pipeline.viz.views import cohort_pca, save_store_views, slide_file
 from tests.classify.cohort import make_cohort
 
 
