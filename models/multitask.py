@@ -4,7 +4,7 @@ The idea of Tellez et al. (MIDL 2020, "Extending Unsupervised Neural Image Compr
 Supervised Multitask Learning"): train the NIC patch encoder on several labelled histopathology
 tasks at once, each task with its own small head on the shared 128-d code, so that the code
 carries what all tasks need and transfers to new ones. Only the trunk (an
-:class:`models.encoders.Encoder`) is kept for compression; the heads are saved beside it.
+:class:`nic_models.encoders.Encoder`) is kept for compression; the heads are saved beside it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.errors import NicError
+from nic_models.errors import NicError
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,36 @@ def nic_cnn_kwargs(net: nn.Module, patch_size: int) -> dict:
         size = (size - 3) // 2 + 1
     return {"patch_size": patch_size, "input_pool": pool, "channels": channels // (size * size),
             "n_blocks": blocks, "code_dim": net.dense.out_features}
+
+
+def card_architecture(net: nn.Module, patch_size: int) -> tuple[str, dict]:
+    """The registry architecture and its keyword arguments that rebuild ``net`` (for the model card)."""
+    if hasattr(net, "architecture_kwargs"):  # EfficientNet-Lite (nic_models.efficientnet_lite.LiteCode)
+        return "efficientnet-lite", net.architecture_kwargs()
+    if hasattr(net, "blocks") and hasattr(net, "dense"):
+        return "nic-cnn", nic_cnn_kwargs(net, patch_size)
+    raise NicError(f"no card architecture for a {type(net).__name__}: train a NIC CNN or an EfficientNet-Lite")
+
+
+NORMALISATION_NOTES = {
+    "nic": "x / 255 * 2 - 1 on uint8 RGB, then 2x2 average pooling (inside the model)",
+    "efficientnet-lite": "(x - 127) / 128 on uint8 RGB (Google's EfficientNet-Lite builder), inside the model",
+}
+
+
+def with_projection(encoder, code_dim: int, patch_size: int, mpp: float):
+    """``encoder`` (a pooled EfficientNet-Lite) with a new linear projection to ``code_dim``, at the
+    training geometry: an ImageNet trunk becomes a ``code_dim``-d encoder on the NIC grid."""
+    from dataclasses import replace
+
+    from nic_models.encoders import Encoder
+
+    if not hasattr(encoder.net, "project"):
+        raise NicError(f"code_dim {code_dim}: encoder {encoder.spec.name!r} has {encoder.spec.code_dim}-d codes "
+                       "and no projection to add (only EfficientNet-Lite trunks take one)")
+    encoder.net.project(code_dim)
+    spec = replace(encoder.spec, code_dim=code_dim, patch_size=patch_size, stride=patch_size, mpp=mpp)
+    return Encoder(encoder.net, spec, encoder.weights_sha256)
 
 
 def head_state(model: MultiTaskNet) -> dict[str, torch.Tensor]:

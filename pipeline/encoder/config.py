@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.errors import NicError
-from pipeline.runtime.device import DEVICES
+from nic_pipeline.errors import NicError
+from nic_pipeline.runtime.device import DEVICES
 
 TASK_TYPES = ("classification", "regression", "mask_fraction")
 
@@ -28,6 +28,7 @@ DEFAULTS = {
     "threads": 1,
     "target_mpp": 0.5,
     "patch_size": 128,
+    "code_dim": None,  # None: the init's; a number: a new projection to it (EfficientNet-Lite trunks)
     "training": {
         "epochs": 20, "steps_per_epoch": 50, "batch_per_task": 16, "lr": 1e-3,
         "weight_decay": 1e-4, "patience": 5, "val_fraction": 0.2, "val_grid": 2,

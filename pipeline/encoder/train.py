@@ -1,15 +1,15 @@
 """``nic train-encoder``: supervised multitask training of the NIC patch encoder.
 
-A YAML config (:mod:`pipeline.encoder.config`) lists tasks; each task is one data set
-(:mod:`pipeline.encoder.taskdata`) with its own head on the shared encoder
-(:mod:`models.multitask`). Patches are cut at the encoder's µm/px (0.5) and size (128 px) from
+A YAML config (:mod:`nic_pipeline.encoder.config`) lists tasks; each task is one data set
+(:mod:`nic_pipeline.encoder.taskdata`) with its own head on the shared encoder
+(:mod:`nic_models.multitask`). Patches are cut at the encoder's µm/px (0.5) and size (128 px) from
 tiles of any µm/px (each source declares it), with task-balanced batches (the same number of
 patches from every task in each step), class-balanced sampling within a task, per-task loss
 weights, rotation/flip + HED stain + brightness/contrast + blur augmentation, a group-aware
-train/validation split, per-task validation metrics every epoch (:mod:`pipeline.encoder.metrics`)
+train/validation split, per-task validation metrics every epoch (:mod:`nic_pipeline.encoder.metrics`)
 and early stopping.
 
-Output: ``<name>.safetensors`` (the encoder trunk, loadable by :func:`models.registry.create_encoder`),
+Output: ``<name>.safetensors`` (the encoder trunk, loadable by :func:`nic_models.registry.create_encoder`),
 ``<name>.heads.safetensors`` and the JSON card ``<name>.json`` (tasks, data sources with hashes and
 licences, µm/px, normalisation, per-task validation metrics, command, config).
 See docs/encoders.md and models/configs/nic-mtl-v1.yaml.
@@ -28,14 +28,15 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from models.encoders import file_sha256
-from models.multitask import HeadSpec, MultiTaskNet, head_state, nic_cnn_kwargs, task_loss
-from models.registry import create_encoder
-from pipeline.encoder.config import load_config, merge
-from pipeline.encoder.metrics import SCORE_IS, primary_metric, task_metrics, validation_score
-from pipeline.encoder.taskdata import TaskData, build_task, sample_batch
-from pipeline.errors import NicError
-from pipeline.runtime.device import torch_device
+from nic_models.encoders import file_sha256
+from nic_models.multitask import (NORMALISATION_NOTES, HeadSpec, MultiTaskNet, card_architecture, head_state, task_loss,
+                                  with_projection)
+from nic_models.registry import create_encoder
+from nic_pipeline.encoder.config import load_config, merge
+from nic_pipeline.encoder.metrics import SCORE_IS, primary_metric, task_metrics, validation_score
+from nic_pipeline.encoder.taskdata import TaskData, build_task, sample_batch
+from nic_pipeline.errors import NicError
+from nic_pipeline.runtime.device import torch_device
 
 TRAINED_BY = "nic train-encoder (pipeline/encoder/train.py)"
 
@@ -60,6 +61,10 @@ def build_model(config: dict, tasks: list[TaskData], device) -> MultiTaskNet:
         encoder = create_encoder(config["architecture"], random_init=True, seed=seed)
     else:
         encoder = create_encoder(config["init"], seed=seed)
+    if config.get("code_dim") and int(config["code_dim"]) != encoder.spec.code_dim:
+        torch.manual_seed(seed + 2)
+        encoder = with_projection(encoder, int(config["code_dim"]), int(config["patch_size"]),
+                                  float(config["target_mpp"]))
     heads = [HeadSpec(t.name, t.head_kind, len(t.classes) if t.classes else 1) for t in tasks]
     torch.manual_seed(seed + 1)
     return MultiTaskNet(encoder, heads).to(device)
@@ -197,14 +202,13 @@ def write_outputs(model, tasks: list[TaskData], config: dict, out_dir, command: 
         "aliases": [],
         "description": config.get("description", f"NIC encoder trained by supervised multitask learning "
                                                   f"on {len(tasks)} tasks ({', '.join(t.name for t in tasks)})."),
-        "architecture": "nic-cnn",
-        "architecture_kwargs": nic_cnn_kwargs(net, spec.patch_size),
+        **dict(zip(("architecture", "architecture_kwargs"), card_architecture(net, spec.patch_size))),
         "patch_size": spec.patch_size,
         "stride": spec.stride,
         "mpp": spec.mpp,
         "code_dim": spec.code_dim,
         "normalisation": spec.normalisation,
-        "normalisation_note": "x / 255 * 2 - 1 on uint8 RGB, then 2x2 average pooling (inside the model)",
+        "normalisation_note": NORMALISATION_NOTES.get(spec.normalisation, ""),
         "weights": weights.name,
         "weights_sha256": file_sha256(weights),
         "heads": heads_path.name,
