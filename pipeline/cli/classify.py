@@ -1,0 +1,90 @@
+"""Codes to slide labels: `nic train`, `nic predict`, `nic heatmap`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from nic_pipeline.cli.cluster import _connect_options, cluster_options
+from nic_pipeline.cli.group import EXISTING_PATH, main
+from nic_pipeline.errors import NicError
+
+
+def _parse_params(pairs) -> dict:
+    """KEY=VALUE pairs -> dict; values parsed as JSON where they can be (numbers, true/false)."""
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise NicError(f"--param {pair!r}: expected KEY=VALUE, e.g. steps=500")
+        try:
+            params[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.strip()] = value
+    return params
+
+
+@main.command("train")
+@click.argument("store", type=EXISTING_PATH)
+@click.option("--labels", required=True, type=EXISTING_PATH,
+              help="CSV slide_id,label[,group] (survival: slide_id,time,event[,group]).")
+@click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
+@click.option("--model", default="nic-cnn", show_default=True,
+              help="A registered slide model: nic-cnn, abmil, mean, max, topk, dsmil, clam-sb, transmil, local-max "
+                   "(docs/classify.md).")
+@click.option("--task", type=click.Choice(["binary", "multiclass", "regression", "survival"]), default="binary",
+              show_default=True)
+@click.option("--folds", type=int, default=5, show_default=True, help="Cross-validation folds (<2: final model only).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--param", "params", multiple=True, help="Override a hyper-parameter, KEY=VALUE (e.g. steps=500); repeatable.")
+@click.option("--scheduler", default=None, help="Address of a running Dask scheduler.")
+@click.option("--scheduler-file", type=click.Path(path_type=Path), default=None, help="Dask scheduler file.")
+@click.option("--workers", type=int, default=None, help="Workers of the local cluster (no scheduler named).")
+@cluster_options
+def train_cmd(store, labels, run_dir, model, task, folds, seed, params, scheduler, scheduler_file, workers, **cluster):
+    """Cross-validate a slide-level model on compressed STORE, then train the final model."""
+    from nic_pipeline.classify import metrics_summary
+    from nic_pipeline.classify.api import train
+    from nic_pipeline.runtime.cluster import connect
+
+    scheduler_file = str(scheduler_file) if scheduler_file else None
+    with connect(scheduler, scheduler_file, workers, **_connect_options(**cluster)) as client:
+        click.echo(f"dashboard: {client.dashboard_link}")
+        metrics = train(store, labels, run_dir, client, model=model, task=task, folds=folds, seed=seed,
+                        params=_parse_params(params),
+                        wait_workers=1 if (scheduler or scheduler_file or cluster["batch_system"]) else 0)
+    click.echo(metrics_summary(metrics))
+    click.echo(f"wrote {run_dir}/metrics.json, oof_predictions.csv and the final model")
+
+
+@main.command("predict")
+@click.argument("store", type=EXISTING_PATH)
+@click.option("--model", "run_dir", required=True, type=EXISTING_PATH, help="Run directory from `nic train`.")
+@click.option("--out", "out_csv", required=True, type=click.Path(path_type=Path), help="Predictions CSV.")
+def predict_cmd(store, run_dir, out_csv):
+    """Score the complete slides of STORE with the final model of a run."""
+    from nic_pipeline.classify import predict_cohort
+
+    frame = predict_cohort(store, run_dir, out_csv)
+    click.echo(f"scored {len(frame)} slides -> {out_csv}")
+
+
+@main.command("heatmap")
+@click.argument("store", type=EXISTING_PATH)
+@click.option("--model", "run_dir", required=True, type=EXISTING_PATH, help="Run directory from `nic train`.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--slides", "slides_dir", type=EXISTING_PATH, default=None,
+              help="Directory of the slide files (thumbnails; <slide_id>_lesion.png masks for heatmap AUC).")
+@click.option("--masks", "masks_dir", type=EXISTING_PATH, default=None,
+              help="Directory of <slide_id>_lesion.png masks (default: --slides).")
+def heatmap_cmd(store, run_dir, out_dir, slides_dir, masks_dir):
+    """Explanation heatmap PNG per slide (Grad-CAM / attention / linear contribution) beside PCA-RGB."""
+    from nic_pipeline.classify.explain import explain_cohort
+
+    frame = explain_cohort(store, run_dir, out_dir, slides_dir=slides_dir, masks_dir=masks_dir)
+    line = f"wrote {len(frame)} heatmaps to {out_dir}"
+    if "lesion_auc" in frame.columns and frame["lesion_auc"].notna().any():
+        line += f"; heatmap AUC vs lesion: median {frame['lesion_auc'].median():.3f}"
+    click.echo(line)

@@ -1,0 +1,50 @@
+"""The `nic` command group: one-line errors (exit 2), one line on Ctrl-C (exit 130), the process exit."""
+
+from __future__ import annotations
+
+import gc
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from nic_pipeline.errors import NicError
+
+EXISTING_PATH = click.Path(exists=True, path_type=Path)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings for users as one line, without Python's file, line and source."""
+    return f"warning: {message}\n"
+
+
+class NicGroup(click.Group):
+    """A click group that turns :class:`NicError` into a one-line message and exit code 2."""
+
+    def invoke(self, ctx):
+        warnings.formatwarning = _one_line_warning
+        try:
+            return super().invoke(ctx)
+        except NicError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: run the same command again to go on where it stopped", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=NicGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nic-pipeline")
+def main():
+    """Neural Image Compression for whole-slide images, on Dask."""
+
+
+def run() -> None:
+    """The ``nic`` command as a process: :func:`main`, then a quick exit. The interpreter's final
+    garbage collections walk every object that torch, Dask and a cluster's client made (about a
+    second); freezing them first skips that, since the process is ending anyway."""
+    try:
+        main()
+    finally:
+        gc.freeze()
