@@ -28,14 +28,30 @@ def runnable_docs() -> list[Path]:
     return [p for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))] if blocks(p, "bash runnable")]
 
 
+def fresh_clone(tmp_path: Path) -> Path | None:
+    """A clone of the repository's committed state, where a reader who just cloned it would stand
+    (None outside a git checkout)."""
+    if not (REPO / ".git").exists():
+        return None
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(REPO), str(clone)], check=True, timeout=120)
+    return clone
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("doc", runnable_docs(), ids=lambda p: p.name)
 def test_runnable_shell_blocks(doc, tmp_path):
+    """The blocks run as a reader runs them: the README's from the root of a fresh clone, which
+    they must leave with nothing untracked (their outputs are ignored); the others in a folder."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    where = (fresh_clone(tmp_path) if doc.name == "README.md" else None) or tmp_path
     for body in blocks(doc, "bash runnable"):
-        done = subprocess.run(["bash", "-euo", "pipefail", "-c", body], cwd=tmp_path, env=env, capture_output=True,
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", body], cwd=where, env=env, capture_output=True,
                               text=True, timeout=900)
         assert done.returncode == 0, f"{doc.name}:\n{body}\n--- stdout\n{done.stdout[-2000:]}\n--- stderr\n{done.stderr[-3000:]}"
+    if where != tmp_path:
+        untracked = subprocess.run(["git", "status", "--porcelain"], cwd=where, capture_output=True, text=True).stdout
+        assert untracked == "", f"the README's commands left files in the clone:\n{untracked}"
 
 
 def test_some_docs_have_runnable_blocks():
