@@ -11,12 +11,13 @@ def cluster_options(command):
         click.option("--cluster", "batch_system", type=click.Choice(["slurm", "pbs"]), default=None,
                      help="Submit worker jobs to this batch system (dask-jobqueue; settings in "
                           "~/.config/dask/jobqueue.yaml)."),
-        click.option("--jobs", type=int, default=1, show_default=True,
+        click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Worker jobs (--cluster); the most with --adapt."),
         click.option("--adapt", is_flag=True, help="Scale worker jobs between 1 and --jobs with the load (--cluster)."),
-        click.option("--gpus-per-job", type=int, default=1, show_default=True,
-                     help="GPUs per worker job, one `dask cuda worker` each (--cluster); 0: CPU worker jobs."),
-        click.option("--cpu-jobs", type=int, default=0, show_default=True,
+        click.option("--gpus-per-job", type=click.IntRange(min=0), default=None,
+                     help="GPUs per worker job, one `dask cuda worker` each (--cluster); 0: CPU worker jobs. "
+                          "Default: 1 where the SLURM partition's nodes have GPUs (sinfo), else 0; 1 on PBS."),
+        click.option("--cpu-jobs", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Extra CPU worker jobs for the CPU-side stages (--cluster; jobqueue.<system>-cpu config)."),
         click.option("--tls/--no-tls", default=True, show_default=True,
                      help="With --cluster and no certificates: TLS with temporary ones."),

@@ -11,6 +11,7 @@ naming a batch system (``--cluster slurm``) submits worker jobs through dask-job
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import ctypes.util
 import glob
@@ -18,6 +19,8 @@ import logging
 import os
 import signal
 import socket
+import sys
+import warnings
 from typing import Iterator
 
 import dask
@@ -26,7 +29,12 @@ from distributed.security import Security
 
 from nic_pipeline.errors import NicError
 from nic_pipeline.runtime.device import nvml_gpu_count
-from nic_pipeline.runtime.jobqueue import BatchSettings, batch_cluster
+from nic_pipeline.runtime.jobqueue import BatchSettings, batch_cluster, resolve
+from nic_pipeline.runtime.preflight import warn_unencrypted
+
+# Two runs that start at once may both find 8787 free; the second then gets another port from
+# distributed with a 3-line warning. The link `nic` prints names the port it got.
+warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
 
 
 def tcmalloc_path() -> str | None:
@@ -68,6 +76,60 @@ def sigint_ignored():
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _guarded(tree: ast.Module, line: int) -> bool:
+    """Whether ``line`` of a module lies inside ``if __name__ == "__main__":``."""
+    for node in tree.body:
+        if isinstance(node, ast.If) and node.lineno <= line <= (node.end_lineno or node.lineno):
+            test = node.test
+            names = {getattr(part, "id", getattr(part, "value", None)) for part in [test.left, *test.comparators]} \
+                if isinstance(test, ast.Compare) else set()
+            if {"__name__", "__main__"} <= names:
+                return True
+    return False
+
+
+def unguarded_main_script() -> str | None:
+    """The path of the main script when it starts the cluster from top-level code outside
+    ``if __name__ == "__main__":``, else None.
+
+    Worker processes started by spawn or forkserver (distributed's default) import the main
+    script again, as ``__mp_main__``; unguarded, that import starts the cluster again and
+    multiprocessing stops it ("...before the current process has finished its bootstrapping
+    phase"). Interactive sessions, notebooks and ``python -c`` have no script to import.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or not path.endswith(".py"):
+        return None
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_globals is vars(main) and frame.f_code.co_name == "<module>"):
+        frame = frame.f_back
+    if frame is None:  # not called from the script's top level (a thread, a callback)
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            tree = ast.parse(handle.read(), path)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return None if _guarded(tree, frame.f_lineno) else path
+
+
+@contextlib.contextmanager
+def start_method_for_script():
+    """Workers started by ``fork`` when the main script is unguarded (fork does not import it
+    again), so the docs' examples run as saved scripts; distributed's own method otherwise.
+    Without fork (Windows, macOS) such a script gets one line saying what to add."""
+    script = unguarded_main_script()
+    if script is None or dask.config.get("distributed.worker.multiprocessing-method") == "fork":
+        yield
+        return
+    if sys.platform != "linux":
+        raise NicError(f"{script}: put the code that starts the cluster under `if __name__ == \"__main__\":` "
+                       "(worker processes import the script again)")
+    with dask.config.set({"distributed.worker.multiprocessing-method": "fork"}):
+        yield
 
 
 def start_local_cluster(workers: int | None = None, threads_per_worker: int = 1, dashboard: bool = True):
@@ -143,17 +205,20 @@ def connect(
     if sum(bool(x) for x in (scheduler, scheduler_file, batch)) > 1:
         raise NicError("name one of --scheduler, --scheduler-file or --cluster")
     if scheduler or scheduler_file:
+        warn_unencrypted(scheduler, scheduler_file)
         with _client(scheduler, scheduler_file, security) as client:
             yield client
         return
     if batch is not None:
-        with batch_cluster(batch, security) as cluster, Client(cluster) as client:
+        batch = resolve(batch)  # GPUs per job, from the partition when not given
+        with batch_cluster(batch, security, dashboard_address(dashboard)) as cluster, Client(cluster) as client:
             wait_for_batch_workers(client, gpu=batch.gpus_per_job > 0)
             yield client
         return
-    cluster = start_local_cluster(workers, dashboard=dashboard)
-    with cluster, Client(cluster) as client:
-        yield client
+    with start_method_for_script():  # for the cluster's life: a nanny restarts its worker the same way
+        cluster = start_local_cluster(workers, dashboard=dashboard)
+        with cluster, Client(cluster) as client:
+            yield client
 
 
 @contextlib.contextmanager

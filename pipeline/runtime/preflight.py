@@ -4,12 +4,15 @@ clear line instead of hours later on a worker.
 * paths are made absolute on the client (a worker's working directory is not the user's);
 * the workers can see them (a shared file system mounted everywhere);
 * the client and every worker run the same versions of the packages that decide the numbers;
-* enough workers have joined (SLURM starts worker jobs when it pleases).
+* enough workers have joined (SLURM starts worker jobs when it pleases);
+* a plain-TCP scheduler is named as such (one warning line), before anything is sent to it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -97,3 +100,26 @@ def preflight(client, *, inputs: list[str] = (), outputs: list[str] = (), wait_w
     for folder in folders:  # made here, so that the workers' view of it can be checked
         folder.mkdir(parents=True, exist_ok=True)
     check_visible(client, [str(f) for f in folders], "the folder of output")
+
+
+def scheduler_address(scheduler: str | None, scheduler_file: str | None) -> str | None:
+    """The address a client will connect to: ``--scheduler``, or the one in ``--scheduler-file``
+    (None when the file cannot be read yet)."""
+    if scheduler:
+        return scheduler
+    try:
+        with open(os.path.expanduser(scheduler_file)) as handle:
+            return json.load(handle).get("address")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def warn_unencrypted(scheduler: str | None, scheduler_file: str | None = None) -> None:
+    """One line of warning when the scheduler is plain TCP: whoever reaches its port can run code as
+    its user, and slides and codes cross the network as they are."""
+    address = scheduler_address(scheduler, scheduler_file)
+    if not address or "://" in address and not address.startswith("tcp://"):
+        return  # tls://, ucx:// (a fabric, not a shared network), inproc://
+    warnings.warn(f"{address} is plain TCP: anyone who can reach it can run code as you, and data crosses the "
+                  "network unencrypted; use a tls:// scheduler and certificates (deploy/README.md, "
+                  "\"Security on shared clusters\")", stacklevel=2)
