@@ -10,6 +10,7 @@ import click
 
 from nic_pipeline.cli.cluster import _connect_options, cluster_options
 from nic_pipeline.cli.group import EXISTING_PATH, main
+from nic_pipeline.compress.grid import DEFAULT_BLOCK, DEFAULT_MIN_TISSUE
 
 
 @main.command()
@@ -34,12 +35,12 @@ from nic_pipeline.cli.group import EXISTING_PATH, main
 @click.option("--dihedral-mean", is_flag=True, help="Encode each patch as the mean code of its 8 rotations/flips.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where workers decode and encode: auto = the worker's GPU when it has one.")
-@click.option("--block", type=int, default=256, show_default=True,
+@click.option("--block", type=int, default=DEFAULT_BLOCK, show_default=True,
               help="Cells per block side: one task and one shard file each.")
 @click.option("--stride", type=int, default=None,
               help="Px between patches at the encoder's µm/px (default: the encoder's; 64 with 128 px patches: "
                    "overlapping patches, 4x the cells).")
-@click.option("--min-tissue", type=float, default=0.1, show_default=True,
+@click.option("--min-tissue", type=float, default=DEFAULT_MIN_TISSUE, show_default=True,
               help="Tissue fraction a cell's patch needs to be encoded.")
 @click.option("--stain-norm", type=click.Choice(["none", "macenko", "reinhard"]), default="none", show_default=True,
               help="Normalise each slide's stain onto --stain-target before encoding (docs/compress.md).")

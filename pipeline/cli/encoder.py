@@ -71,7 +71,9 @@ def train_encoder_cmd(config, out_dir, data_root, exclude_task, name, init, epoc
               help="Average the codes of CROPS x CROPS patches spread over each tile (1: centre patch).")
 @click.option("--path-column", default="path", show_default=True, help="Path column when TILES is a CSV.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-def embed(tiles, out_file, encoder, weights, random_init, seed, mpp, crops, path_column, batch_size):
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="As for `nic compress`: auto = fp16 on GPUs with tensor cores, bf16 on CPUs with native bf16.")
+def embed(tiles, out_file, encoder, weights, random_init, seed, mpp, crops, path_column, batch_size, precision):
     """Encode tiles (a folder, recursive, or a CSV with a path column) into FILE.npz (features, paths)."""
     import torch
 
@@ -81,7 +83,7 @@ def embed(tiles, out_file, encoder, weights, random_init, seed, mpp, crops, path
     root, paths = read_tile_list(tiles, path_column)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     enc = create_encoder(encoder, weights=weights, random_init=random_init, seed=seed, device=device)
-    features = embed_tiles(root, paths, enc, mpp=mpp, crops=crops, batch_size=batch_size)
+    features = embed_tiles(root, paths, enc, mpp=mpp, crops=crops, batch_size=batch_size, precision=precision)
     write_features(out_file, features, paths, encoder=enc.spec.name, encoder_sha256=enc.weights_sha256,
                    mpp=mpp if mpp else enc.spec.mpp, crops=crops)
     click.echo(f"wrote {features.shape[0]} x {features.shape[1]} features to {out_file}")

@@ -9,19 +9,20 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from nic_pipeline.compress.encode import EncoderSettings
 from nic_pipeline.compress.graph import CompressReport, RunOptions
 from nic_pipeline.compress.graph import compress as run_compress
+from nic_pipeline.compress.grid import DEFAULT_BLOCK, DEFAULT_MIN_TISSUE
 from nic_pipeline.compress.jobs import SlideJob, plan_jobs
+from nic_pipeline.compress.settings import EncoderSettings
 from nic_pipeline.runtime.cluster import client_or_embedded
 from nic_pipeline.runtime.preflight import absolute, preflight
 
 
 def compress(slides, store: str | os.PathLike, client=None, *, encoder: str = "nic", weights=None,
              mpp: float | None = None, mpp_csv=None, force_mpp: bool = False, precision: str = "auto",
-             device: str = "auto", block: int = 256, stride: int | None = None, min_tissue: float = 0.1,
-             verify: bool = False,
-             redo_changed: bool = False, wait_workers: int = 1, wait_timeout: float = 300.0,
+             device: str = "auto", block: int = DEFAULT_BLOCK, stride: int | None = None,
+             min_tissue: float = DEFAULT_MIN_TISSUE, verify: bool = False, redo_changed: bool = False,
+             wait_workers: int = 1, wait_timeout: float = 300.0,
              progress: bool = True, stain_norm: str = "none", stain_target=None,
              **encoder_options) -> CompressReport:
     """Compress slide files or folders (or a list of :class:`SlideJob`) into a Zarr ``store``.

@@ -1,5 +1,7 @@
-"""Codes from patches on a worker: the encoder built from the registry on the worker's device,
-run in batches at the precision the worker's hardware allows.
+"""Codes from patches: the encoder built from the registry on this process's device, run in
+batches at the precision its hardware allows. The one encoder runner: ``nic compress`` (on the
+workers) and ``nic embed`` (:func:`nic_pipeline.encoder.tiles.embed_tiles`) both encode through
+:func:`encode_patches`, at a precision from :func:`nic_pipeline.runtime.device.resolve_precision`.
 
 The only compression module that imports torch; the worker side loads it when a worker first
 needs an encoder (:meth:`nic_pipeline.compress.encode.NicWorker.encoder`), and the client never does.
@@ -7,15 +9,14 @@ needs an encoder (:meth:`nic_pipeline.compress.encode.NicWorker.encoder`), and t
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from nic_models.registry import create_encoder
-from nic_pipeline.compress.encode import EncoderSettings
-from nic_pipeline.runtime.device import resolve_device, resolve_precision
+from nic_pipeline.compress.settings import EncoderSettings
+from nic_pipeline.runtime.device import autocast, resolve_device, resolve_precision
 
 
 def default_batch_size(patch_size: int) -> int:
@@ -39,21 +40,16 @@ def build_encoder(settings: EncoderSettings, device: str):
     return encoder
 
 
-def _autocast(device: str, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device, dtype=dtype)
-
-
-def encode_patches(encoder, patches, precision: str = "fp32", batch_size: int = 256) -> np.ndarray:
-    """Codes (n, code_dim) float16 of uint8 NHWC patches (NumPy or CuPy), in batches.
+def encode_patches(encoder, patches, precision: str = "auto", batch_size: int = 256) -> np.ndarray:
+    """Codes (n, code_dim) float16 of uint8 NHWC patches (NumPy or CuPy), in batches, at
+    ``precision`` (``auto``: what this process's hardware allows).
 
     The encoder takes the arrays as they are (CuPy zero-copy on the GPU) and normalises inside.
     """
     device = next(encoder.parameters()).device
+    precision = resolve_precision(precision, device.type)
     codes = []
-    with torch.inference_mode(), _autocast(device.type, precision):
+    with torch.inference_mode(), autocast(device.type, precision):
         for start in range(0, len(patches), batch_size):
             codes.append(encoder(patches[start : start + batch_size]).float().cpu().numpy())
     if not codes:

@@ -15,13 +15,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
-import hashlib
 import os
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from importlib import import_module
 
 import numpy as np
@@ -29,30 +27,12 @@ from distributed import WorkerPlugin, get_worker
 from distributed.metrics import context_meter
 
 from nic_pipeline.compress.grid import Block, Grid
+from nic_pipeline.compress.settings import EncoderSettings
 from nic_pipeline.runtime.arrays import array_namespace
 from nic_pipeline.runtime.process import keep_freed_memory, serialise_ast_parsing
 from nic_pipeline.compress.stain import normaliser
 from nic_pipeline.compress.store import CompressionConfig, block_name, open_slide_group, write_block
 from nic_pipeline.io import open_slide
-
-
-@dataclass(frozen=True)
-class EncoderSettings:
-    """How to build the encoder on a worker; small and picklable, shipped to every worker."""
-
-    name: str = "nic"
-    weights: str | None = None
-    random_init: bool = False
-    seed: int = 0
-    precision: str = "auto"
-    dihedral_mean: bool = False
-    batch_size: int | None = None  # None: 256 patches of 128 px, fewer of larger patches
-    device: str = "auto"
-
-    @property
-    def key(self) -> str:
-        """The same on the client and every worker (``hash()`` is salted per process)."""
-        return hashlib.sha256(repr(self).encode()).hexdigest()[:12]
 
 
 BAND_PX = 512
@@ -224,9 +204,12 @@ def worker_state() -> NicWorker:
     return get_worker().plugins[NicWorker.name]
 
 
-def encode_block(store: str, slide_path: str, slide_id: str, mpp: float, grid: Grid, block: Block,
+def encode_block(store: str, slide_path: str, slide_id: str, grid: Grid, block: Block,
                  config: CompressionConfig, settings: EncoderSettings, state: NicWorker | None = None) -> dict:
-    """Read, filter, encode and write one block; return how many patches it encoded and how."""
+    """Read, filter, encode and write one block; return how many patches it encoded and how.
+
+    The slide is read at the µm/px that ``detect-tissue`` settled, which the grid carries
+    (``grid.slide_mpp``): one value, given one way."""
     state = state or worker_state()
     encoder = state.encoder(settings)
     group = open_slide_group(store, slide_id)
@@ -234,7 +217,7 @@ def encode_block(store: str, slide_path: str, slide_id: str, mpp: float, grid: G
     rows, cols = np.nonzero(tissue >= config.min_tissue)
     features = np.zeros((config.code_dim, *block.shape), np.float16)
     normalise = normaliser(config.stain_norm, config.stain_target, group.attrs.get("stain_source"))
-    with state.slide(slide_path, mpp, encoder.device) as slide:
+    with state.slide(slide_path, grid.slide_mpp, encoder.device) as slide:
         done = 0
         for patches in prefetched(map(normalise, iter_bands(slide, grid, block, rows, cols))):
             n = len(patches)

@@ -36,8 +36,9 @@ from distributed import as_completed, span
 from tqdm.auto import tqdm
 
 from nic_models.registry import get_spec, weights_sha256
-from nic_pipeline.compress.encode import EncoderSettings, NicWorker, encode_block, warm_encoder
-from nic_pipeline.compress.grid import Grid, cell_coverage
+from nic_pipeline.compress.encode import NicWorker, encode_block, warm_encoder
+from nic_pipeline.compress.grid import DEFAULT_BLOCK, DEFAULT_MIN_TISSUE, Grid, cell_coverage
+from nic_pipeline.compress.settings import EncoderSettings
 from nic_pipeline.compress.jobs import SlideJob, slide_mpp
 from nic_pipeline.compress.store import (
     COMPLETE,
@@ -61,7 +62,7 @@ from nic_pipeline.compress.store import (
     source_fingerprint,
 )
 from nic_pipeline.compress.stain_fit import source_stain_attrs, with_stain_target
-from nic_pipeline.compress.tissue import slide_tissue_mask
+from nic_pipeline.compress.tissue import DEFAULT_MASK_MPP, slide_tissue_mask
 from nic_pipeline.errors import NicError, SlideError
 from nic_pipeline.io import open_slide
 from nic_pipeline.runtime.cluster import gpu_resources
@@ -206,7 +207,7 @@ def detect_tissue(store: str, job: SlideJob, config: CompressionConfig, options:
     group = create_slide(store, job.slide_id, grid, dataclasses.replace(config, block=block), tissue, attrs)
     blocks = blocks_with_tissue(tissue, group.attrs["block"], config.min_tissue)  # a resumed slide keeps its own
     todo = [(blk, n) for blk, n in blocks if not block_done(group, blk)]
-    return {"grid": grid, "mpp": mpp, "todo": todo, "blocks_skipped": len(blocks) - len(todo),
+    return {"grid": grid, "todo": todo, "blocks_skipped": len(blocks) - len(todo),
             "tissue_cells": sum(n for _, n in blocks)}
 
 
@@ -260,8 +261,8 @@ class _Run:
         n = len(blocks)
         with dask.annotate(**self.annotations.pop(job.slide_id)):  # the same span as its detect-tissue
             futures = self.client.map(
-                encode_block_task, [self.store] * n, [job.path] * n, [job.slide_id] * n, [detected["mpp"]] * n,
-                [detected["grid"]] * n, blocks, [self.config] * n, [self.settings] * n,
+                encode_block_task, [self.store] * n, [job.path] * n, [job.slide_id] * n, [detected["grid"]] * n,
+                blocks, [self.config] * n, [self.settings] * n,
                 key=[self.key("encode-block", job.slide_id, *blk.index) for blk in blocks], resources=self.gpu,
                 pure=False,
             )
@@ -342,9 +343,9 @@ def compress(
     store,
     client,
     settings: EncoderSettings = EncoderSettings(),
-    block: int = 256,
-    min_tissue: float = 0.1,
-    mask_mpp: float = 8.0,
+    block: int = DEFAULT_BLOCK,
+    min_tissue: float = DEFAULT_MIN_TISSUE,
+    mask_mpp: float = DEFAULT_MASK_MPP,
     progress: bool = True,
     options: RunOptions = RunOptions(),
     window: int | None = None,

@@ -19,6 +19,14 @@ import numpy as np
 
 from nic_pipeline.runtime.arrays import array_namespace
 
+DEFAULT_BLOCK = 256
+"""Largest block side in cells (``--block``): one task and one shard file each; small slides get
+smaller blocks (:func:`nic_pipeline.compress.store.slide_block`)."""
+
+DEFAULT_MIN_TISSUE = 0.1
+"""Tissue fraction a cell's patch needs to be encoded (``--min-tissue``): a patch that is mostly
+background still carries the tissue at its edge."""
+
 
 @dataclass(frozen=True)
 class Grid:

@@ -28,6 +28,7 @@ import math
 import os
 import warnings
 from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,8 @@ from zarr.core.buffer import cpu as cpu_buffer
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from nic_pipeline import __version__
-from nic_pipeline.compress.grid import Block, Grid, iter_blocks
+from nic_pipeline.compress.grid import DEFAULT_BLOCK, DEFAULT_MIN_TISSUE, Block, Grid, iter_blocks
+from nic_pipeline.compress.tissue import DEFAULT_MASK_MPP
 from nic_pipeline.errors import NicError
 
 COMPLETE = "complete"
@@ -48,6 +49,11 @@ FAILED = "failed"
 CHUNK = 32
 """Cells per side of an inner chunk: what a training crop reads at the least."""
 _CODECS = [ZstdCodec(level=3), Crc32cCodec()]
+try:
+    NIC_VERSION = version("nic-pipeline")
+    """The installed distribution's version, recorded with every store and slide."""
+except PackageNotFoundError:  # pragma: no cover - a source tree without install
+    NIC_VERSION = "0.0.0+unknown"
 
 
 @dataclass(frozen=True)
@@ -64,9 +70,9 @@ class CompressionConfig:
     mpp: float
     patch_size: int
     stride: int
-    block: int = 256
-    min_tissue: float = 0.1
-    mask_mpp: float = 8.0
+    block: int = DEFAULT_BLOCK
+    min_tissue: float = DEFAULT_MIN_TISSUE
+    mask_mpp: float = DEFAULT_MASK_MPP
     precision: str = "auto"
     dihedral_mean: bool = False
     stain_norm: str = "none"  # none | macenko | reinhard (pipeline/compress/stain.py)
@@ -118,7 +124,7 @@ def open_store(path: str | os.PathLike, config: CompressionConfig) -> zarr.Group
     existing = root.attrs.get("compression")
     wanted = config.as_attrs()
     if existing is None:
-        root.attrs.update({"compression": wanted, "nic_version": __version__})
+        root.attrs.update({"compression": wanted, "nic_version": NIC_VERSION})
     elif existing != wanted:
         changed = sorted(k for k in {*wanted, *existing} if existing.get(k) != wanted.get(k))
         details = ", ".join(f"{k}: store has {existing.get(k)!r}, this run {wanted.get(k)!r}" for k in changed)
@@ -199,7 +205,7 @@ def create_slide(root, slide_id: str, grid: Grid, config: CompressionConfig,
         coord[...] = values
         coord.attrs["units"] = "µm"
     group.attrs.update({**config.as_attrs(), **attrs, "slide_mpp": grid.slide_mpp, "grid_shape": list(grid.shape),
-                        "nic_version": __version__, "status": IN_PROGRESS})
+                        "nic_version": NIC_VERSION, "status": IN_PROGRESS})
     return group
 
 

@@ -20,13 +20,13 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 import tifffile
-import torch
 from PIL import Image
 from skimage.color import hed2rgb, rgb2hed
 from skimage.filters import gaussian
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 from tqdm.auto import tqdm
 
+from nic_pipeline.compress.codes import encode_patches
 from nic_models.dihedral import dihedral
 from nic_pipeline.encoder.macenko import macenko_augment
 from nic_pipeline.errors import NicError
@@ -325,22 +325,22 @@ def tile_patches(image: np.ndarray, src_mpp: float, target_mpp: float, size: int
 
 
 def embed_tiles(root: str | Path, paths: Sequence[str], encoder, mpp: float | None = None,
-                crops: int = 1, batch_size: int = 64, progress: bool = True) -> np.ndarray:
+                crops: int = 1, batch_size: int = 64, progress: bool = True, precision: str = "auto") -> np.ndarray:
     """Codes ``(N, C)`` of tiles with ``encoder``: each tile resampled to the encoder's µm/px.
 
     ``mpp`` is the tiles' µm/px; ``None`` means they are already at the encoder's µm/px.
     With ``crops > 1`` the code is the mean over ``crops x crops`` patches spread over the tile
-    (tiles larger than one patch); with ``crops=1`` it is the centre patch.
+    (tiles larger than one patch); with ``crops=1`` it is the centre patch. Patches go through
+    the runner ``nic compress`` uses (:func:`nic_pipeline.compress.codes.encode_patches`), at
+    ``precision`` (``auto``: what the hardware allows), so a patch gets the code it has in a store.
     """
     root = Path(root)
     spec = encoder.spec
     src_mpp = float(mpp) if mpp else float(spec.mpp)
-    device = next(encoder.parameters()).device
     out, batch, owners = [], [], []
 
     def flush():
-        with torch.inference_mode():
-            codes = encoder(torch.from_numpy(np.stack(batch)).to(device)).float().cpu().numpy()
+        codes = encode_patches(encoder, np.stack(batch), precision, batch_size).astype(np.float32)
         owners_arr = np.asarray(owners)
         for tile in np.unique(owners_arr):  # a tile never spans two batches
             out.append(codes[owners_arr == tile].mean(axis=0))

@@ -11,6 +11,7 @@ node answer differently), so nothing here is decided once for a whole cluster:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -134,3 +135,14 @@ def resolve_precision(precision: str, device: str) -> str:
     if device == "cuda":
         return "fp16" if gpu_has_fp16_tensor_cores() else "fp32"
     return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def autocast(device: str, precision: str):
+    """The context that runs torch at ``precision`` (a resolved one: fp32, bf16 or fp16) on
+    ``device``: nothing for fp32, else ``torch.autocast`` with that dtype."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device, dtype=dtype)

@@ -50,3 +50,31 @@ def test_plugin_encodes_like_the_encoder_and_sizes_batches_by_patch_area():
     for seed in (1, 2):  # at most two encoders stay loaded
         state.encoder(EncoderSettings(random_init=True, seed=seed, precision="fp32", device="cpu"))
     assert len(state._encoders) == 2 and encoder not in state._encoders.values()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nic_embed_and_compress_give_a_patch_the_same_code(tmp_path, precision):
+    """One encoder runner: `nic embed` on a tile and a compression worker on the same patch give
+    the same code at the same precision (embed ran its own fp32 loop, compress autocast)."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from nic_pipeline.cli import main
+    from nic_pipeline.encoder.tiles import read_rgb
+
+    rng = np.random.default_rng(3)
+    patches = rng.integers(0, 256, (4, 128, 128, 3), dtype=np.uint8)
+    for i, patch in enumerate(patches):
+        Image.fromarray(patch).save(tmp_path / f"tile_{i}.png")
+    assert np.array_equal(read_rgb(tmp_path / "tile_0.png"), patches[0])  # lossless: the same pixels
+    result = CliRunner().invoke(main, ["embed", str(tmp_path), "--out", str(tmp_path / "codes.npz"),
+                                       "--precision", precision])
+    assert result.exit_code == 0, result.output
+    embedded = np.load(tmp_path / "codes.npz")["features"]
+    worker = NicWorker().encoder(EncoderSettings(precision=precision, device="cpu"))
+    assert worker.precision == precision
+    compressed = worker.encode(patches).astype(np.float32)
+    np.testing.assert_allclose(embedded, compressed, rtol=0, atol=2e-3 * np.abs(compressed).max())
+    if precision == "bf16":  # the tolerance tells the precisions apart
+        fp32 = NicWorker().encoder(EncoderSettings(precision="fp32", device="cpu")).encode(patches)
+        assert np.abs(embedded - fp32).max() > 2e-3 * np.abs(compressed).max()
