@@ -142,23 +142,48 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_weights(net: nn.Module, path: str | Path, name: str) -> None:
-    """Load a weights file into ``net``; every parameter must be present, extra keys are ignored.
+def _allowed(key: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether an unused key of a file is one the entry names as droppable (matched with or
+    without a wrapper's ``trunk.`` prefix)."""
+    return any(key.startswith(p) or key.removeprefix("trunk.").startswith(p) for p in prefixes)
 
-    Extra keys are allowed so that e.g. a full ResNet50 file (``layer4``, ``fc``) loads into
-    the truncated trunk; a missing or misshapen key is an error naming the file.
+
+def load_weights(net: nn.Module, path: str | Path, name: str, allowed_extra: tuple[str, ...] = ()) -> None:
+    """Load a weights file into ``net`` strictly.
+
+    Every parameter and persistent buffer of the network must be in the file, and every key of the
+    file must be used, except keys under the prefixes in ``allowed_extra`` (named per entry: a
+    classifier head dropped from a trunk, ``fc.``/``head.``/``_fc.``/``classifier.``, and for
+    ``resnet50-trunc`` the ``layer4.`` it cuts). Anything else refuses the file with the list of
+    keys: a key silently dropped (e.g. LayerScale's ``ls1.gamma`` when the network was built without
+    ``init_values``) would give codes that are silently wrong.
     """
     state = read_state_dict(path)
     try:
         result = net.load_state_dict(state, strict=False)
+    except NicError:
+        raise
     except RuntimeError as exc:  # shape mismatch
         raise NicError(f"{path}: weights do not fit encoder {name!r}: {exc}") from exc
-    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    if missing:
+    unused = sorted(k for k in result.unexpected_keys if not _allowed(k, allowed_extra))
+    missing = sorted(k for k in result.missing_keys if not k.endswith("num_batches_tracked"))
+    if unused or missing:
+        parts = []
+        if unused:
+            parts.append(f"{len(unused)} keys of the file that the network does not use: {_listing(unused)}")
+        if missing:
+            parts.append(f"{len(missing)} parameters the file lacks: {_listing(missing)}")
         raise NicError(
-            f"{path}: weights do not fit encoder {name!r}: {len(missing)} missing keys, "
-            f"e.g. {missing[:5]} (file has e.g. {list(state)[:5]})"
+            f"{path}: weights do not fit encoder {name!r} ({'; '.join(parts)}). Is it the right architecture "
+            "and keyword arguments (e.g. init_values for LayerScale, reg_tokens)? A preset of "
+            "`nic encoders` declares them"
         )
+
+
+def _listing(keys: list[str], limit: int = 12) -> str:
+    keys = [k.removeprefix("trunk.") for k in keys]
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
 
 
 # --------------------------------------------------------------------------- wrapper
@@ -194,6 +219,14 @@ class Encoder(nn.Module):
                 f"encoder {self.spec.name!r} takes (N, {p}, {p}, 3) uint8 pixels, got {tuple(patches.shape)}"
             )
         x = patches.to(device=self.scale.device).permute(0, 3, 1, 2).to(self.scale.dtype)
+        size = self.spec.input_size
+        if size and size != p:
+            if self.spec.input_crop:  # centre crop (e.g. GigaPath: 256 px -> 224 px)
+                top = (p - size) // 2
+                x = x[:, :, top:top + size, top:top + size]
+            else:  # torchvision's Resize on a tensor: antialiased, no corner alignment
+                x = torch.nn.functional.interpolate(x, size=(size, size), mode=self.spec.input_resize,
+                                                    align_corners=False, antialias=True)
         return x * self.scale - self.shift
 
     def forward(self, patches) -> torch.Tensor:
@@ -243,7 +276,7 @@ def assemble_encoder(factory: Callable[[], nn.Module], spec: EncoderSpec, weight
         torch.manual_seed(seed)
         net = factory()
     if weights is not None:
-        load_weights(net, weights, spec.name)
+        load_weights(net, weights, spec.name, spec.allowed_extra_keys)
     encoder: Encoder = Encoder(net, spec, weights_sha256)
     if dihedral_mean:
         encoder = DihedralMean(encoder)

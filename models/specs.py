@@ -71,3 +71,30 @@ class EncoderSpec:
     architecture: str = ""
     weights_hint: str = ""
     """Where to get the weights when they are missing (one line, shown in the error)."""
+    input_size: int | None = None
+    """Side of the network input when it differs from ``patch_size`` (the patch is resized, or
+    centre-cropped when ``input_crop``, to it inside the encoder); None: the patch as it is."""
+    input_resize: str = "bilinear"
+    """Interpolation of that resize (``bilinear``/``bicubic``, antialiased)."""
+    input_crop: bool = False
+    allowed_extra_keys: tuple[str, ...] = ()
+    """Key prefixes a weights file may hold that the network does not use (a classifier head
+    dropped from a trunk, e.g. ``("fc.", "head.")``); any other unused key refuses the file."""
+    hf_repo: str = ""
+    """Hugging Face repository id the weights are published under (looked up in the local cache)."""
+    weight_files: tuple[str, ...] = ()
+    """File names, in order of preference, of the weights inside a snapshot of ``hf_repo``."""
+    params: int | None = None
+    """Parameter count of the network (None: not recorded)."""
+    commercial: bool | None = None
+    """Whether the weights' licence allows commercial use (None: that of your own file)."""
+    gated: bool | None = None
+    """Whether the weights sit behind an access request on Hugging Face."""
+    feature: str = ""
+    """What the code is: ``cls`` (class token), ``cls+mean`` (class token concatenated with the mean
+    of the patch tokens, register tokens excluded), ``pooled`` (global average pool)."""
+
+    @property
+    def network_input(self) -> int:
+        """Side in pixels of what the network itself sees."""
+        return self.input_size or self.patch_size

@@ -183,7 +183,7 @@ def test_weights_override_loads_another_file():
 def test_weights_that_do_not_fit_are_rejected(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file({"foo.weight": torch.zeros(3)}, str(path))
-    with pytest.raises(NicError, match="missing keys"):
+    with pytest.raises(NicError, match="parameters the file lacks"):
         create_encoder("nic", weights=path)
     bad_shape = NicCNN(code_dim=64).state_dict()
     save_file(bad_shape, str(path))
