@@ -76,15 +76,27 @@ def predict_cmd(store, run_dir, out_csv):
 @click.option("--model", "run_dir", required=True, type=EXISTING_PATH, help="Run directory from `nic train`.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--slides", "slides_dir", type=EXISTING_PATH, default=None,
-              help="Directory of the slide files (thumbnails; <slide_id>_lesion.png masks for heatmap AUC).")
+              help="Directory of the slide files (thumbnails; <slide_id>_lesion.png masks for heatmap AUC); "
+                   "default: the source paths the store recorded.")
 @click.option("--masks", "masks_dir", type=EXISTING_PATH, default=None,
               help="Directory of <slide_id>_lesion.png masks (default: --slides).")
-def heatmap_cmd(store, run_dir, out_dir, slides_dir, masks_dir):
+@click.option("--out-of-fold", is_flag=True,
+              help="Explain each slide of the run's cross-validation by the fold model that held it out "
+                   "(default: the final model, in-sample on its training slides).")
+@click.option("--fine-store", type=EXISTING_PATH, default=None,
+              help="The same slides compressed at a smaller --stride (e.g. 64): score on STORE, draw the map "
+                   "from this finer grid (bag models).")
+@click.option("--geojson", is_flag=True, help="Also write qupath/<slide_id>.geojson: cells with their scores, for QuPath.")
+@click.option("--overlay", is_flag=True, help="Also write overlay/<slide_id>.tif: the heatmap as a pyramidal TIFF.")
+def heatmap_cmd(store, run_dir, out_dir, slides_dir, masks_dir, out_of_fold, fine_store, geojson, overlay):
     """Explanation heatmap PNG per slide (Grad-CAM / attention / linear contribution) beside PCA-RGB."""
-    from nic_pipeline.classify.explain import explain_cohort
+    from nic_pipeline.classify.explain import EVALUATION_TEXT, explain_cohort, lesion_auc_summary
 
-    frame = explain_cohort(store, run_dir, out_dir, slides_dir=slides_dir, masks_dir=masks_dir)
-    line = f"wrote {len(frame)} heatmaps to {out_dir}"
-    if "lesion_auc" in frame.columns and frame["lesion_auc"].notna().any():
-        line += f"; heatmap AUC vs lesion: median {frame['lesion_auc'].median():.3f}"
-    click.echo(line)
+    frame = explain_cohort(store, run_dir, out_dir, slides_dir=slides_dir, masks_dir=masks_dir,
+                           out_of_fold=out_of_fold, fine_store=fine_store, geojson=geojson, overlay=overlay)
+    kinds = frame["evaluation"].value_counts()
+    click.echo(f"wrote {len(frame)} heatmaps to {out_dir} ("
+               + ", ".join(f"{n} {kind}" for kind, n in kinds.items()) + ")")
+    for kind, auc in lesion_auc_summary(frame).items():
+        click.echo(f"{kind} heatmap AUC vs lesion: median {auc['median']:.3f}, min {auc['min']:.3f} "
+                   f"over {auc['n_slides']} slides ({EVALUATION_TEXT[kind]})")

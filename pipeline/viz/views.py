@@ -3,29 +3,23 @@
 The first three principal components of the codes, taken over tissue cells, become red, green and
 blue: regions the encoder sees alike get alike colours, so a glance tells whether the compression
 kept the tissue's structure (tumour, stroma, fat apart) and where it encoded. One PCA serves all
-the slides of a store, so the same code has the same colour on every slide.
+the slides of a store (the cohort), so the same code has the same colour on every slide. Drawn
+through :func:`nic_pipeline.viz.figure.slide_figure`, as heatmaps are: same size, mm axes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
-import numpy as np  # noqa: E402
+from nic_pipeline.compress.dataset import open_slide_tensor
+from nic_pipeline.compress.store import list_slides, open_cohort
+from nic_pipeline.viz import figure
+from nic_pipeline.viz.figure import check_folders_hold_slides, slide_files_by_id
+from nic_pipeline.viz.pca import PcaRgb, pca_rgb, sample_codes
 
-from nic_pipeline.compress.dataset import open_slide_tensor  # noqa: E402
-from nic_pipeline.compress.store import list_slides, open_cohort  # noqa: E402
-from nic_pipeline.errors import NicError  # noqa: E402
-from nic_pipeline.io import find_slides, open_slide  # noqa: E402
-from nic_pipeline.viz.pca import PcaRgb, pca_rgb, sample_codes  # noqa: E402
-
-
-def slide_files_by_id(folders) -> dict[str, Path]:
-    """Slide files under ``folders`` by slide id (file name without extension)."""
-    return {path.stem: path for path in find_slides(folders)} if folders else {}
+__all__ = ["cohort_pca", "save_compressed_view", "save_store_views", "slide_file", "slide_files_by_id"]
 
 
 def cohort_pca(store, slide_ids, cells_per_slide: int = 2000) -> PcaRgb:
@@ -38,45 +32,46 @@ def cohort_pca(store, slide_ids, cells_per_slide: int = 2000) -> PcaRgb:
     return PcaRgb.fit(np.concatenate(samples))
 
 
+def grid_extent_um(ds) -> tuple[float, float, float, float]:
+    """(left, right, bottom, top) µm of a slide's cells for imshow: each cell drawn as the square
+    of one step around its centre (the store's coordinates), so overlapping patches tile too."""
+    step = ds.attrs["stride"] * ds.attrs["mpp"]
+    x, y = ds["x"].values, ds["y"].values
+    return (x[0] - step / 2, x[-1] + step / 2, y[-1] + step / 2, y[0] - step / 2)
+
+
 def save_compressed_view(store, slide_id: str, out_png: Path, slide_path: Path | None = None,
                          pca: PcaRgb | None = None) -> Path:
     """Write one PNG: thumbnail (when the slide file is given) | PCA-RGB of the compressed slide
-    (through ``pca``, else a PCA of this slide alone)."""
+    (through ``pca``, the cohort's, else a PCA of this slide alone)."""
     ds = open_slide_tensor(store, slide_id)
     features, tissue = ds["features"].values, ds["tissue"].values
     on_tissue = tissue >= ds.attrs["min_tissue"]
     rgb = pca.apply(features, on_tissue) if pca is not None else pca_rgb(features, on_tissue)
-    cell = ds.attrs["stride"] * ds.attrs["mpp"]
-    extent = (0, tissue.shape[1] * cell, tissue.shape[0] * cell, 0)  # µm, image convention
-    panels = [("compressed: PCA of the codes to RGB" + (" (one PCA for the store)" if pca else ""), rgb, extent)]
-    if slide_path is not None:
-        with open_slide(slide_path, mpp=ds.attrs["slide_mpp"]) as slide:
-            width, height = slide.dimensions
-            thumb = slide.thumbnail(1024)
-        panels.insert(0, ("slide", thumb, (0, width * ds.attrs["slide_mpp"], height * ds.attrs["slide_mpp"], 0)))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), dpi=100, squeeze=False)
-    for ax, (title, image, ext) in zip(axes[0], panels):
-        ax.imshow(image, extent=ext, interpolation="nearest")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("µm")
     encoded = int(np.any(features != 0, axis=0).sum())
-    fig.suptitle(f"{slide_id}: {features.shape[0]} x {tissue.shape[0]} x {tissue.shape[1]} tensor, "
-                 f"{encoded} cells encoded by {ds.attrs['encoder']}", fontsize=10)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
-    plt.close(fig)
-    return out_png
+    fig, (ax_slide, ax_rgb) = figure.slide_figure(
+        f"{slide_id}: {features.shape[0]} x {tissue.shape[0]} x {tissue.shape[1]} tensor, "
+        f"{encoded} cells encoded by {ds.attrs['encoder']}")
+    extent = figure.mm(grid_extent_um(ds))
+    if slide_path is not None:
+        thumbnail, size_um = figure.slide_thumbnail(slide_path, ds.attrs.get("slide_mpp"))
+        figure.show_thumbnail(ax_slide, thumbnail, size_um)
+        ax_slide.set_title("slide", fontsize=11)
+    else:
+        ax_slide.imshow(on_tissue, cmap="Greys", vmin=0, vmax=4, extent=extent, interpolation="nearest")
+        ax_slide.set_title("tissue cells (slide file not found: give --slides)", fontsize=11)
+    ax_rgb.imshow(rgb, extent=extent, interpolation="nearest")
+    ax_rgb.set_title(figure.PCA_TITLE if pca is not None else "compressed codes, PCA to RGB (this slide alone)",
+                     fontsize=11)
+    ax_rgb.set_xlim(ax_slide.get_xlim())
+    ax_rgb.set_ylim(ax_slide.get_ylim())
+    return figure.save(fig, out_png)
 
 
 def slide_file(store, slide_id: str, files: dict[str, Path]) -> Path | None:
-    """The slide's file: from ``files`` (``--slides``), else the source path the store recorded,
-    when it still exists; None (no thumbnail) otherwise."""
-    if slide_id in files:
-        return files[slide_id]
-    recorded = open_cohort(store)[slide_id].attrs.get("source_path")
-    return Path(recorded) if recorded and Path(recorded).is_file() else None
+    """The slide's file: from ``files`` (``--slides``), else the source path the store recorded
+    (:func:`nic_pipeline.viz.figure.slide_file`, which `nic heatmap` uses too)."""
+    return figure.slide_file(slide_id, dict(open_cohort(store)[slide_id].attrs), files)
 
 
 def save_store_views(store, out_dir: Path, slides=None) -> list[Path]:
@@ -85,9 +80,7 @@ def save_store_views(store, out_dir: Path, slides=None) -> list[Path]:
     Folders given in ``slides`` that hold none of the store's slides are an error, not ignored."""
     files = slide_files_by_id(slides)
     slide_ids = list_slides(store)
-    if slides and not set(files) & set(slide_ids):
-        raise NicError(f"no slide of {store} is under {', '.join(map(str, slides))} (--slides); "
-                       "leave it out to use the paths the store recorded")
+    check_folders_hold_slides(files, slide_ids, slides)
     pca = cohort_pca(store, slide_ids) if slide_ids else None
     return [
         save_compressed_view(store, slide_id, Path(out_dir) / f"{slide_id}.png", slide_file(store, slide_id, files), pca)
