@@ -211,10 +211,11 @@ def read_bag(path: Path, patches_dir: Path | None = None) -> Bag:
     file when there is one."""
     try:
         with h5py.File(path, "r") as handle:
+            missing = [name for name in ("features", "coords") if name not in handle]
+            if missing:
+                raise NicError(f"{path}: not a CLAM/TRIDENT feature file (no {' or '.join(missing)} dataset)")
             features, coords = handle["features"][...], handle["coords"][...]
             attrs, feature_attrs = dict(handle["coords"].attrs), dict(handle["features"].attrs)
-    except KeyError as err:
-        raise NicError(f"{path}: not a CLAM/TRIDENT feature file (no {err.args[0]!s})") from err
     except OSError as err:
         raise NicError(f"{path}: not readable as HDF5 ({err})") from err
     features = features.reshape(-1, features.shape[-1]) if features.ndim > 1 else features.reshape(len(coords), -1)
