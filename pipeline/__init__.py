@@ -11,30 +11,39 @@ Names load on first use, so ``import nic_pipeline`` (and ``nic --help``) stays i
 """
 
 from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
 
 try:
-    from importlib.metadata import version as _version
-
-    __version__ = _version("nic-pipeline")
-except Exception:  # pragma: no cover - running from a source tree without install
+    __version__ = version("nic-pipeline")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
-
-__all__ = ["open_slide", "compress", "train", "predict", "explain", "create_encoder", "connect", "__version__"]
-
-# The subpackage nic_pipeline.compress shares its name with the front door's compress(): load the
-# package now and drop its binding, so the attribute resolves to the function (below) while
-# `from nic_pipeline.compress.graph import ...` keeps working through sys.modules.
-import_module("nic_pipeline.compress")
-del compress  # noqa: F821 - bound by the import above
-
 
 _HOMES = {"open_slide": "nic_pipeline.io", "compress": "nic_pipeline.compress.api", "train": "nic_pipeline.classify.api",
           "predict": "nic_pipeline.classify.api", "explain": "nic_pipeline.classify.api",
           "create_encoder": "nic_models.registry", "connect": "nic_pipeline.runtime.cluster"}
-"""Where each front-door name lives (``nic_pipeline.api`` gathers them): a name imports its stage only."""
+"""The front door, in one list: each name and the module it lives in (a name imports its stage only)."""
+
+__all__ = [*_HOMES, "__version__"]
+
+
+
+def _names_over_subpackages() -> None:
+    """A front-door name that is also a subpackage (``compress``) must resolve to the function.
+    Python binds a subpackage on its parent only when it first loads it: load such subpackages
+    now and drop that binding, so ``__getattr__`` answers the name, and later imports of their
+    modules (``nic_pipeline.compress.graph``) leave it alone."""
+    for name in _HOMES:
+        if find_spec(f"{__name__}.{name}") is not None:
+            import_module(f"{__name__}.{name}")
+            globals().pop(name, None)
+
+
+_names_over_subpackages()
 
 
 def __getattr__(name: str):
+    """A front-door name from its home, on first use."""
     if name in _HOMES:
         value = getattr(import_module(_HOMES[name]), name)
         globals()[name] = value

@@ -1,18 +1,12 @@
-"""The Python front door: a cohort from slides to an explained classifier in a few calls.
+"""The front door as a module (``from nic_pipeline.api import compress``): the names of
+``nic_pipeline``'s one list (``nic_pipeline._HOMES``), each imported from its stage on first use."""
 
-Every function that runs a graph takes a Dask ``client``; given none, it starts the embedded
-local cluster for the call (:func:`nic_pipeline.runtime.cluster.connect`). Paths are made absolute
-on the client, because a worker's working directory is not the user's. Each stage's front door
-lives in its package (:mod:`nic_pipeline.compress.api`, :mod:`nic_pipeline.classify.api`), so a stage
-imports only what it needs; this module gathers them.
-"""
+import nic_pipeline as _nic
 
-from __future__ import annotations
+__all__ = list(_nic._HOMES)
 
-from nic_models.registry import create_encoder
-from nic_pipeline.classify.api import explain, predict, train
-from nic_pipeline.compress.api import compress
-from nic_pipeline.io import open_slide
-from nic_pipeline.runtime.cluster import connect
 
-__all__ = ["open_slide", "compress", "train", "predict", "explain", "create_encoder", "connect"]
+def __getattr__(name: str):
+    if name in _nic._HOMES:
+        return getattr(_nic, name)
+    raise AttributeError(f"module 'nic_pipeline.api' has no attribute {name!r}")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from nic_models.slide_models.registry import DEFAULT_SLIDE_MODEL
 from nic_pipeline.classify import train_cohort
 from nic_pipeline.classify.explain import explain_cohort
 from nic_pipeline.compress.graph import compress
@@ -31,7 +32,7 @@ class DemoSpec:
     size: int = 4096
     lesion_fraction: float = 0.2
     seed: int = 0
-    model: str = "abmil"
+    model: str = DEFAULT_SLIDE_MODEL
     folds: int = 4
     workers: int | None = None
 

@@ -40,6 +40,10 @@ REQUIRED = {
 
 _REGISTRY: dict[str, "SlideModelSpec"] = {}
 
+DEFAULT_SLIDE_MODEL = "abmil"
+"""The slide model of ``nic train``, ``nic.train()`` and ``nic demo`` when none is named: it trains
+in minutes on a laptop CPU (``docs/classify.md``); nic-cnn needs a GPU to be quick."""
+
 
 class UnknownSlideModel(NicError, ValueError):
     """A slide-model name that is not registered."""

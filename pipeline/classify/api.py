@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 
+from nic_models.slide_models.registry import DEFAULT_SLIDE_MODEL
 from nic_pipeline.classify.explain import explain_cohort
 from nic_pipeline.classify.graph import predict_cohort, train_cohort
 from nic_pipeline.runtime.cluster import client_or_embedded
 from nic_pipeline.runtime.preflight import absolute, preflight
 
 
-def train(store, labels, out, client=None, *, model: str = "abmil", task: str = "binary", folds: int = 5,
+def train(store, labels, out, client=None, *, model: str = DEFAULT_SLIDE_MODEL, task: str = "binary", folds: int = 5,
           params: dict | None = None, seed: int = 0, wait_workers: int = 1, wait_timeout: float = 300.0) -> dict:
     """Cross-validate a slide model on a compressed ``store`` and train the final one into ``out``.
 

@@ -30,6 +30,7 @@ import torch
 from distributed import as_completed, get_worker
 from tqdm.auto import tqdm
 
+from nic_models.slide_models.registry import DEFAULT_SLIDE_MODEL
 from nic_models.slide_models import get_slide_model_spec
 from nic_pipeline.classify.bundle import SlideModel, check_store_matches, resolve_params
 from nic_pipeline.classify.fit import UNITS, fit, seconds_per_unit, training_units
@@ -152,7 +153,7 @@ def _cohort(store, labels, task) -> tuple[pd.DataFrame, dict]:
     return frame.reset_index(drop=True), left_out
 
 
-def train_cohort(store, labels, out, model="nic-cnn", task: str = "binary", folds: int = 5,
+def train_cohort(store, labels, out, model=DEFAULT_SLIDE_MODEL, task: str = "binary", folds: int = 5,
                  client=None, scheduler=None, scheduler_file=None, workers=None,
                  params: dict | None = None, seed: int = 0) -> dict:
     """Cross-validate ``model`` (a registered name, or a registry entry) on a compressed cohort

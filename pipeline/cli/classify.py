@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from nic_pipeline.cli.cluster import _connect_options, cluster_options
-from nic_pipeline.cli.group import EXISTING_PATH, main
+from nic_pipeline.cli.group import EXISTING_PATH, default_slide_model, main
 from nic_pipeline.errors import NicError
 
 
@@ -31,8 +31,8 @@ def _parse_params(pairs) -> dict:
 @click.option("--labels", required=True, type=EXISTING_PATH,
               help="CSV slide_id,label[,group] (survival: slide_id,time,event[,group]).")
 @click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
-@click.option("--model", default="nic-cnn", show_default=True,
-              help="A registered slide model: nic-cnn, abmil, mean, max, topk, dsmil, clam-sb, transmil, local-max "
+@click.option("--model", default=default_slide_model,
+              help="A registered slide model (default: the registry's DEFAULT_SLIDE_MODEL, abmil): nic-cnn, abmil, mean, max, topk, dsmil, clam-sb, transmil, local-max "
                    "(docs/classify.md).")
 @click.option("--task", type=click.Choice(["binary", "multiclass", "regression", "survival"]), default="binary",
               show_default=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from nic_pipeline.cli.group import main
+from nic_pipeline.cli.group import default_slide_model, main
 
 
 @main.command()
@@ -15,7 +15,7 @@ from nic_pipeline.cli.group import main
 @click.option("--size", type=int, default=4096, show_default=True, help="Side of each slide in px (0.5 µm/px).")
 @click.option("--lesion-fraction", type=float, default=0.2, show_default=True,
               help="Lesion share of the tissue on positive slides.")
-@click.option("--model", default="abmil", show_default=True, help="A registered slide model (see `nic train --help`).")
+@click.option("--model", default=default_slide_model, help="A registered slide model (see `nic train --help`).")
 @click.option("--folds", type=int, default=4, show_default=True)
 @click.option("--workers", type=int, default=None, help="Workers of the embedded cluster.")
 @click.option("--seed", type=int, default=0, show_default=True)

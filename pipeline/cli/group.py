@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import sys
 import warnings
+from importlib import import_module
 from pathlib import Path
 
 import click
@@ -12,6 +13,12 @@ import click
 from nic_pipeline.errors import NicError
 
 EXISTING_PATH = click.Path(exists=True, path_type=Path)
+
+
+def default_slide_model() -> str:
+    """``--model``'s default, read from the slide-model registry when a command runs (importing it
+    at start-up would import torch and slow every ``nic`` command)."""
+    return import_module("nic_models.slide_models.registry").DEFAULT_SLIDE_MODEL
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
