@@ -33,7 +33,6 @@ import dask
 import numpy as np
 import zarr
 from distributed import as_completed, span
-from tqdm.auto import tqdm
 
 from nic_models.registry import get_spec, weights_sha256
 from nic_pipeline.compress.encode import NicWorker, encode_block, warm_encoder
@@ -69,6 +68,7 @@ from nic_pipeline.runtime.cluster import gpu_resources
 from nic_pipeline.runtime.device import resolve_array_device
 from nic_pipeline.runtime.monitor import publish_progress
 from nic_pipeline.runtime.preflight import absolute, package_versions
+from nic_pipeline.runtime.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -237,8 +237,9 @@ class _Run:
         self.results: dict[str, SlideResult] = {}
         self.jobs: dict[str, SlideJob] = {}
         self.gpu = gpu_resources(client)
-        self.slides_bar = tqdm(total=0, desc="slides", unit="slide", disable=not progress, position=0)
-        self.patches_bar = tqdm(total=0, desc="patches", unit="patch", disable=not progress, position=1)
+        self.slides_bar = progress_bar(total=0, desc="slides", unit="slide", disable=not progress, position=0)
+        self.patches_bar = progress_bar(total=0, desc="patches", unit="patch", disable=not progress, position=1,
+                                        growing=True)  # known slide by slide, once tissue is found
         self.in_flight = 0
         self.published = 0.0
         self.annotations: dict[str, dict] = {}

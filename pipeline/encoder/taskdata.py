@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm.auto import tqdm
 
 from nic_pipeline.encoder import tiles as T
 from nic_pipeline.io.masks import read_mask
-
+from nic_pipeline.runtime.progress import progress_bar
 
 AUGMENT_KEYS = ("hed_sigma", "brightness", "contrast", "blur_p", "blur_sigma", "macenko_scale", "macenko_shift")
 
@@ -86,7 +85,7 @@ def read_task_table(task_cfg: dict, root: str) -> tuple[pd.DataFrame, list[dict]
 def load_tiles(table: pd.DataFrame, kind: str, target_mpp: float, desc: str, progress: bool):
     """``(images, masks, mpps)``: every tile (and mask) read and downsampled to ``target_mpp``."""
     images, masks, mpps = [], [], []
-    for row in tqdm(table.itertuples(), total=len(table), desc=desc, disable=not progress, leave=False):
+    for row in progress_bar(table.itertuples(), total=len(table), desc=desc, disable=not progress, leave=False):
         image = T.read_rgb(row.path)
         mask = read_mask(row.mask).astype(np.float32) if kind == "mask_fraction" else None
         image, mpp, mask = T.prepare_image(image, row.mpp, target_mpp, mask)

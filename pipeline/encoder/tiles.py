@@ -24,12 +24,12 @@ from PIL import Image
 from skimage.color import hed2rgb, rgb2hed
 from skimage.filters import gaussian
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
-from tqdm.auto import tqdm
 
-from nic_pipeline.compress.codes import encode_patches
 from nic_models.dihedral import dihedral
+from nic_pipeline.compress.codes import encode_patches
 from nic_pipeline.encoder.macenko import macenko_augment
 from nic_pipeline.errors import NicError
+from nic_pipeline.runtime.progress import progress_bar
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -348,7 +348,7 @@ def embed_tiles(root: str | Path, paths: Sequence[str], encoder, mpp: float | No
         owners.clear()
 
     encoder.eval()
-    for i, rel in enumerate(tqdm(paths, desc=f"embed {spec.name}", unit="tile", disable=not progress)):
+    for i, rel in enumerate(progress_bar(paths, desc=f"embed {spec.name}", unit="tile", disable=not progress)):
         path = Path(rel) if Path(rel).is_absolute() else root / rel
         if not path.is_file():
             raise NicError(f"{path}: tile not found")

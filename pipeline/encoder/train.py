@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from nic_models.encoders import file_sha256
 from nic_models.multitask import (NORMALISATION_NOTES, HeadSpec, MultiTaskNet, card_architecture, head_state, task_loss,
@@ -37,6 +36,7 @@ from nic_pipeline.encoder.metrics import SCORE_IS, primary_metric, task_metrics,
 from nic_pipeline.encoder.taskdata import TaskData, build_task, sample_batch
 from nic_pipeline.errors import NicError
 from nic_pipeline.runtime.device import torch_device
+from nic_pipeline.runtime.progress import progress_bar
 
 TRAINED_BY = "nic train-encoder (pipeline/encoder/train.py)"
 
@@ -111,7 +111,7 @@ def _train_epoch(model, tasks: list[TaskData], opt, rng, config: dict, device, d
     steps = int(tr["steps_per_epoch"])
     heads = model.head_specs
     losses = {t.name: 0.0 for t in tasks}
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(range(steps), desc=desc, disable=not progress, leave=False)
     for _ in bar:
         batches = [sample_batch(t, int(t.batch or tr["batch_per_task"]), rng, size, target_mpp, aug,
                                 bool(tr["balance_classes"])) for t in tasks]

@@ -13,7 +13,7 @@ not multiply the lines.
 
 A total that is still growing (``growing=True``: patches, known only once each slide's tissue is
 found) is never shown as a percentage, which would go backwards as the total grows: the line says
-``12,288 of 40,960 found so far``. ``NIC_PROGRESS=plain|bar|off`` overrides the choice.
+``12,288 of 40,960 found so far`` (and the last line, once the total is known, the share). ``NIC_PROGRESS=plain|bar|off`` overrides the choice.
 """
 
 from __future__ import annotations
@@ -127,8 +127,8 @@ class PlainProgress:
     def line(self, now: float | None = None, final: bool = False) -> str:
         elapsed = (time.monotonic() if now is None else now) - self.start
         count = _number(self.n)
-        if self.total and self.growing:
-            count += f" of {_number(self.total)} {self.unit} found so far"
+        if self.total and self.growing and not final:
+            count += f" of {_number(self.total)} found so far"
         elif self.total:
             count += f"/{_number(self.total)} {self.unit} ({100 * self.n / self.total:.0f} %)"
         else:

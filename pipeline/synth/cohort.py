@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from nic_pipeline.errors import NicError
 from nic_pipeline.io.masks import mask_path, read_mask, write_mask
+from nic_pipeline.runtime.progress import progress_bar
 from nic_pipeline.synth.fields import MASK_DOWNSAMPLE
 from nic_pipeline.synth.slide import SlideTruth, write_synthetic_slide
 
@@ -84,7 +84,7 @@ def write_cohort(out_dir, spec: CohortSpec, progress: bool = False):
     labels = cohort_assignment(spec.n_slides, spec.positive_fraction, spec.seed)
     rows, details = [], []
     digits = max(3, len(str(spec.n_slides - 1)))
-    for i in tqdm(range(spec.n_slides), unit="slide", disable=not progress):
+    for i in progress_bar(range(spec.n_slides), desc="slides", unit="slide", disable=not progress):
         slide_id = f"synth_{i:0{digits}d}"
         slide_seed = int(np.random.SeedSequence([spec.seed, i]).generate_state(1)[0])
         truth = write_synthetic_slide(

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from tqdm import tqdm
 
+from nic_pipeline.runtime.progress import progress_bar
 from nic_pipeline.synth.render import Renderer
 
 TILE = 256
@@ -97,7 +97,7 @@ def write_pyramid(path: Path, renderer: Renderer, quality: int, progress: bool, 
     dims = level_dimensions(width, height)
     downs = pyramid_downsamples(width, height)
     n_tiles = sum(-(-w // TILE) * -(-h // TILE) for w, h in dims)
-    with tqdm(total=n_tiles, unit="tile", desc=path.name, leave=False, disable=not progress) as bar, \
+    with progress_bar(total=n_tiles, unit="tile", desc=path.name, leave=False, disable=not progress) as bar, \
             tifffile.TiffWriter(path, bigtiff=width * height * 3 > 2**32 - 2**28) as tw:
         for level, ((lw, lh), d) in enumerate(zip(dims, downs)):
             res = 1e4 / (mpp * d)                       # px per cm

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -50,9 +53,11 @@ def test_a_growing_total_never_shows_a_percentage(monkeypatch):
         bar.update(found // 2)
     bar.close()
     text = log.getvalue()
-    assert "%" not in text
-    assert "patches: 150 of 300 patch found so far" in text
-    assert text.splitlines()[-1].startswith("patches: 1,000 of 2,000 patch found so far")
+    *running, last = text.splitlines()
+    assert "%" not in "".join(running)
+    assert running[0].startswith("patches: 150 of 300 found so far")
+    assert running[-1].startswith("patches: 1,000 of 2,000 found so far")
+    assert last.startswith("patches: 1,000/2,000 patch (50 %)") and "in all" in last
     term = Terminal()
     with progress_bar(total=10, desc="patches", unit="patch", growing=True, file=term) as bar:
         bar.update(3)
@@ -77,3 +82,25 @@ def test_transient_loops_write_only_on_the_interval_and_the_override_wins(monkey
     for _ in progress_bar(range(10), file=log):
         pass
     assert log.getvalue() == ""
+
+
+@pytest.mark.slow  # 25-60 s on a loaded 2-core machine
+def test_a_compression_logged_to_a_file_has_plain_lines_that_never_go_back(tmp_path):
+    """The real `nic synth` + `nic compress`, their output in a file as under SLURM or nohup."""
+    nic = [sys.executable, "-c", "from nic_pipeline.cli import main; main()"]
+    env = {k: v for k, v in os.environ.items() if k not in ("NIC_PROGRESS",)} | {"NIC_PROGRESS_INTERVAL": "0.01"}
+    log = tmp_path / "job.log"
+    with log.open("w") as out:
+        for args in (["synth", "c", "--slides", "2", "--width", "1024", "--height", "1024"],
+                     ["compress", "c", "--out", "c.zarr", "--workers", "1"]):
+            subprocess.run(nic + args, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env, check=True,
+                           timeout=300)
+    text = log.read_text()
+    assert "\r" not in text and "\x1b" not in text
+    patches = [line for line in text.splitlines() if line.startswith("patches: ")]
+    slides = [line for line in text.splitlines() if line.startswith("slides: ")]
+    assert patches and slides
+    assert all("%" not in line for line in patches if "in all" not in line)  # total still growing
+    done = [int(line.split()[1].split("/")[0].replace(",", "")) for line in patches]
+    assert done == sorted(done)
+    assert "2/2 slide (100 %)" in slides[-1]
