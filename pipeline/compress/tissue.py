@@ -28,6 +28,10 @@ DEFAULT_MASK_MPP = 8.0
 MIN_SATURATION = 0.05  # absolute floor: glass/background stays below it (near-white guard)
 MAX_SATURATION = 0.10  # absolute ceiling: pale tissue is above it even if Otsu splits tissue
 MIN_OD = 0.05  # mean optical density floor, -ln((I+1)/256): I > ~242 is background
+# Pale or low-saturation stain: optical density above the glass (I0 = the glass's own colour),
+# summed over the channels. Saturation alone misses faded slides and the lace of fat.
+MIN_STAIN_OD = 0.30  # summed OD above the glass: stain however unsaturated (glass noise < 0.08; 0.2 takes ink edges)
+GLASS_NOISE_K = 6.0  # ... and above the glass median + this many robust SDs of the glass's summed OD
 
 # Marker ink: H&E absorbs green most. Green/blue ink absorbs red more than green, red ink
 # absorbs blue about as much as green (eosin transmits blue). Ratios of optical density.
@@ -35,7 +39,8 @@ PEN_RED_OVER_GREEN = 1.0  # OD_R / OD_G above this: green or blue ink
 PEN_BLUE_OVER_GREEN = 0.75  # OD_B / OD_G above this: red ink, if it also absorbs little red
 PEN_RED_MAX_R = 0.3  # ... (OD_R / OD_G below this: no haematoxylin in it) or is dark:
 PEN_RED_DARK_OD = 0.9  # ... mean OD above this
-PEN_RED_EXTRA = 0.05  # OD_B / OD_G above PEN_BLUE_OVER_GREEN + this: red ink whatever else
+PEN_RED_EXTRA = 0.05  # OD_B / OD_G above PEN_BLUE_OVER_GREEN + this: red ink whatever else, on
+PEN_CONFIRM = 0.5  # ... an image with at least this many times as many pixels of ink by the other rules
 PEN_STRICT_RED_OVER_GREEN = 1.3  # the same rules on unsmoothed OD, for thin lines
 PEN_STRICT_BLUE_OVER_GREEN = 0.85
 PEN_STRICT_MIN_OD = 0.3  # ... on pixels this dark: ink lines are dense, pale membranes are not
@@ -125,12 +130,36 @@ def pen_mask(rgb, mpp: float = DEFAULT_MASK_MPP, od=None, sat=None):
     return pen
 
 
+def stain_od(rgb, od=None, sat=None, glass=None):
+    """Summed optical density above the glass, sum over channels of max(OD - OD_glass, 0),
+    float32 (h, w): how much light the stain takes, whatever its hue or saturation. ``glass``:
+    the glass OD (:func:`glass_od`), estimated here when not given."""
+    xp = array_namespace(rgb)
+    if od is None:
+        od = optical_density(rgb)
+    if glass is None:
+        glass = glass_od(rgb, od, sat)
+    excess = xp.maximum(od - glass, 0.0)
+    return excess[..., 0] + excess[..., 1] + excess[..., 2]
+
+
 def glass_od(rgb, od=None, sat=None):
     """OD (3,) of the glass: median over bright, unsaturated pixels (0 if too few of them).
 
     Subtracted before judging colours, so that pale tissue on tinted glass is judged by its
     stain and not by the tint of the glass. ``od`` and ``sat`` (unfiltered saturation) are
     computed here when not given.
+    """
+    return _glass(rgb, od, sat)[0]
+
+
+def _glass(rgb, od=None, sat=None):
+    """(glass OD (3,), threshold on the summed OD above the glass that glass stays under).
+
+    The glass (the slide's brightest mode: I0 of OD = -ln(I / I0)) is the bright, unsaturated
+    pixels; the threshold is MIN_STAIN_OD, raised to the glass's median + GLASS_NOISE_K robust
+    SDs (1.4826 MAD) of its summed OD on noisy glass. Without enough glass (tissue fills the
+    image) the glass is white (OD 0) and the threshold MIN_STAIN_OD.
     """
     xp = array_namespace(rgb)
     if od is None:
@@ -139,20 +168,37 @@ def glass_od(rgb, od=None, sat=None):
         sat = saturation(rgb)
     glass = (sat < MIN_SATURATION) & (channel_mean(od) < GLASS_MAX_OD)
     if int(glass.sum()) < max(16, glass.size // 100):
-        return xp.zeros(3, dtype=od.dtype)
-    return xp.median(od[glass], axis=0).astype(od.dtype)
+        return xp.zeros(3, dtype=od.dtype), MIN_STAIN_OD
+    pixels = od[glass]
+    g = xp.median(pixels, axis=0).astype(od.dtype)
+    excess = xp.maximum(pixels - g, 0.0)
+    excess = excess[:, 0] + excess[:, 1] + excess[:, 2]
+    spread = 1.4826 * float(xp.median(xp.abs(excess - xp.median(excess))))
+    return g, max(MIN_STAIN_OD, float(xp.median(excess)) + GLASS_NOISE_K * spread)
 
 
 def _ink(od, red_over_green: float, blue_over_green: float, min_od: float = PEN_MIN_OD):
-    """The per-pixel ink rule on an OD image (see :func:`pen_mask`)."""
+    """The per-pixel ink rules on an OD image (see :func:`pen_mask`), the ambiguous one only on an
+    image that has ink.
+
+    Red ink and eosin-rich tissue stained with a blue-absorbing eosin can have the same OD_B / OD_G
+    (0.8-0.95, e.g. the red ink of ``no-tissue-red-pen`` and whole synthetic slides): a pixel with
+    OD_B / OD_G above ``blue_over_green + PEN_RED_EXTRA`` but none of the other signs of ink (little
+    red absorbed, dark) is ink only where the image has, by the other rules, at least PEN_CONFIRM
+    times as much ink as it has such pixels (the blended and pale parts of strokes). Where it has
+    not, they are the slide's own stain.
+    """
     xp = array_namespace(od)
     r, g, b = od[..., 0], od[..., 1], od[..., 2]
     mean = channel_mean(od)
     g = xp.maximum(g, 1e-3)
+    judged = mean > min_od
     red_hue = (r < PEN_RED_MAX_R * g) | (mean > PEN_RED_DARK_OD)
-    red = ((b > blue_over_green * g) & red_hue) | (b > (blue_over_green + PEN_RED_EXTRA) * g)
-    ratio = (r > red_over_green * g) | red
-    return (mean > min_od) & (ratio | (mean > PEN_MAX_OD))
+    sure = judged & ((r > red_over_green * g) | ((b > blue_over_green * g) & red_hue) | (mean > PEN_MAX_OD))
+    maybe = judged & (b > (blue_over_green + PEN_RED_EXTRA) * g)
+    if int(sure.sum()) >= PEN_CONFIRM * int(maybe.sum()):
+        return sure | maybe
+    return sure
 
 
 def _saturation_threshold(sat, valid) -> float:
@@ -190,6 +236,8 @@ def tissue_mask(rgb, mpp: float = DEFAULT_MASK_MPP, *, remove_pen: bool = True):
     sat = ndimage(xp).median_filter(raw_sat, size=3)  # as CLAM: denoise before Otsu
     t = _saturation_threshold(sat, valid)
     mask = (sat > t) & (channel_mean(od) > MIN_OD)
+    glass, min_stain = _glass(rgb, od, raw_sat)
+    mask |= stain_od(rgb, od, glass=glass) > min_stain  # pale or unsaturated stain, fat's lace
     if valid is not None:
         mask &= valid
 
