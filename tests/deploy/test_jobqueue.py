@@ -9,7 +9,16 @@ import dask
 import pytest
 
 from nic_pipeline.errors import NicError
-from nic_pipeline.runtime.jobqueue import BatchSettings, cpu_pool, make_cluster
+from nic_pipeline.runtime.jobqueue import (
+    BatchSettings,
+    PartitionOffer,
+    cpu_pool,
+    gres_gpus,
+    job_sizes,
+    make_cluster,
+    parse_sinfo,
+    refusal_line,
+)
 from tests.deploy.conftest import job_environment, nic, slide_statuses
 
 JOB = {"cores": 4, "memory": "8GiB", "walltime": "01:00:00", "queue": "gpu"}
@@ -36,9 +45,43 @@ def test_gpu_worker_jobs_request_gpus_and_declare_the_resource(system, gpu_line,
 
 
 def test_missing_job_sizes_are_a_user_error(tmp_path):
-    with dask.config.set({"jobqueue.slurm.cores": None, "jobqueue.slurm.memory": None}):
+    """Without cores and memory in the config and no sinfo to tell (PBS; a partition sinfo does not
+    know), the line says where to set them."""
+    sizes = {"cores": None, "memory": None, "shared-temp-directory": str(tmp_path)}
+    with dask.config.set({**{f"jobqueue.pbs.{k}": v for k, v in sizes.items()},
+                          **{f"jobqueue.slurm.{k}": v for k, v in sizes.items()}, "jobqueue.slurm.queue": "nowhere"}):
         with pytest.raises(NicError, match="jobqueue.yaml"):
-            make_cluster(BatchSettings("slurm"))
+            make_cluster(BatchSettings("pbs"))
+        with pytest.raises(NicError, match="sinfo could not tell"):
+            make_cluster(BatchSettings("slurm", gpus_per_job=0))
+
+
+@pytest.mark.parametrize("gres, gpus", [("(null)", 0), ("gpu:4", 4), ("gpu:a100:4(S:0-1)", 4),
+                                        ("gpu:a100:2,gpu:v100:2,mps:400", 4), ("mps:100", 0)])
+def test_gpus_per_node_from_the_gres_field(gres, gpus):
+    assert gres_gpus(gres) == gpus
+
+
+def test_partition_offer_from_sinfo_rows():
+    rows = "cpu*|64|256000|(null)\ngpu|32|512000|gpu:a100:4(S:0-1)\ngpu|48|768000|gpu:h100:8\ngpu|16|64000|(null)\n"
+    assert parse_sinfo(rows) == PartitionOffer("cpu", 64, 256000, 0)  # the default partition
+    assert parse_sinfo(rows, "gpu") == PartitionOffer("gpu", 32, 512000, 4)  # GPU nodes, the smallest
+    assert parse_sinfo(rows, "nowhere") is None
+    # a GPU job takes its GPUs' share of a node; a CPU job the node; set keys stay the config's
+    offer = PartitionOffer("gpu", 32, 512000, 4)
+    assert job_sizes({}, 1, offer) == {"cores": 8, "memory": "128000MiB", "job_mem": "128000M"}
+    assert job_sizes({"cores": 4}, 0, offer) == {"memory": "512000MiB", "job_mem": "512000M"}
+    assert job_sizes({"cores": 4, "memory": "8GiB"}, 1, offer) == {}
+
+
+def test_refusal_line_quotes_sbatch_and_names_the_fix():
+    error = ("Command exited with non-zero exit code.\nExit code: 1\nCommand:\nsbatch /tmp/tmpx.sh\nstdout:\n\n"
+             "stderr:\nsbatch: error: Memory specification can not be satisfied\n"
+             "sbatch: error: Batch job submission failed: Requested node configuration is not available\n")
+    line = refusal_line("slurm", error, BatchSettings("slurm", gpus_per_job=0), PartitionOffer("ci", 2, 1000, 0))
+    assert line == ('sbatch refused the worker job: "Memory specification can not be satisfied; Batch job submission '
+                    'failed: Requested node configuration is not available"; lower cores or memory in jobqueue.slurm '
+                    'in ~/.config/dask/jobqueue.yaml (partition ci: 2 CPUs, 1.0 GiB, no GPUs per node)')
 
 
 @pytest.mark.slow
