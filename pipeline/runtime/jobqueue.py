@@ -17,7 +17,7 @@ walltime, account, ...) come from Dask's config, ``jobqueue.slurm`` / ``jobqueue
   quoting it and naming the setting that fixes it, instead of tracebacks and a wait for workers
   that never come;
 * TLS by default: temporary certificates (``Security.temporary()``) handed to the worker jobs
-  through files in ``shared-temp-directory`` (default ``~/.nic-tls``), unless certificates are given.
+  through files in ``shared-temp-directory`` (default ``~/.nic/jobqueue``), unless certificates are given.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from nic_pipeline.errors import NicError  # noqa: E402
 CLUSTERS = {"slurm": SLURMCluster, "pbs": PBSCluster}
 GPU_DIRECTIVE = {"slurm": "--gres=gpu:{n}", "pbs": "-l ngpus={n}"}
 SUBMIT_COMMAND = {"slurm": "sbatch", "pbs": "qsub"}
-DEFAULT_TLS_DIR = "~/.nic-tls"
+DEFAULT_TLS_DIR = "~/.nic/jobqueue"
 DEFAULT_DASHBOARD = "127.0.0.1:8787"
 SUBMIT_TIMEOUT = 50.0
 """Seconds to wait for the batch system to accept or refuse the first worker job."""
