@@ -101,8 +101,9 @@ def unguarded_main_script() -> str | None:
     """
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
-    if main is None or path is None or not path.endswith(".py"):
-        return None
+    spec_name = getattr(getattr(main, "__spec__", None), "name", "")
+    if path is None or not path.endswith(".py") or spec_name.endswith("__main__"):
+        return None  # no script, or `python -m package` (its __main__ is not imported again)
     frame = sys._getframe(1)
     while frame is not None and not (frame.f_globals is vars(main) and frame.f_code.co_name == "<module>"):
         frame = frame.f_back
