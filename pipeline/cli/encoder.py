@@ -12,19 +12,28 @@ from nic_pipeline.cli.group import EXISTING_PATH, main
 
 @main.command()
 def encoders():
-    """List the registry's encoders: patch size, stride, µm/px, code size, licence."""
+    """List the registry's encoders: patch, µm/px, code size, parameters, licence, commercial use,
+    gated, and whether the weights are on this machine."""
     from nic_models.registry import (
         DEFAULT_ALIAS,
         DEFAULT_ENCODER,
         get_spec,
         list_encoders,
+        weights_found,
     )
 
-    click.echo(f"{'name':<24} {'patch':>5} {'stride':>6} {'µm/px':>6} {'code':>5}  licence")
+    def yes_no(value) -> str:
+        return "-" if value is None else ("yes" if value else "no")
+
+    click.echo(f"{'name':<26} {'patch':>5} {'µm/px':>6} {'code':>5} {'params':>7} {'comm.':>5} {'gated':>5} "
+               f"{'found':>5}  licence")
     for name in list_encoders(include_aliases=False):
         spec = get_spec(name)
         marker = f"  (= {DEFAULT_ALIAS})" if name == DEFAULT_ENCODER else ""
-        click.echo(f"{name:<24} {spec.patch_size:>5} {spec.stride:>6} {spec.mpp:>6g} {spec.code_dim:>5}  "
+        params = "-" if not spec.params else f"{spec.params / 1e6:.0f}M"
+        found = "n/a" if spec.architecture == "unavailable" else yes_no(weights_found(name) is not None)
+        click.echo(f"{name:<26} {spec.patch_size:>5} {spec.mpp:>6g} {spec.code_dim:>5} {params:>7} "
+                   f"{yes_no(spec.commercial):>5} {yes_no(spec.gated):>5} {found:>5}  "
                    f"{(spec.licence or 'weights from your own file').split(';')[0]}{marker}")
 
 
