@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 import torch
 
-from nic_pipeline.compress.grid import Grid
+from nic_pipeline.compress.grid import DEFAULT_BLOCK, Grid
 from nic_pipeline.compress.store import (
     COMPLETE,
     CompressionConfig,
@@ -340,7 +340,7 @@ def slides_by_id(paths) -> dict[str, dict]:
 
 def import_h5(paths, store: str | os.PathLike, encoder: str | None = None, mpp: float | None = None,
               patch_size: int | None = None, patches_dir=None, slides=None, snap: bool = False,
-              block: int = 256) -> ImportReport:
+              block: int = DEFAULT_BLOCK) -> ImportReport:
     """Place the bags of CLAM/TRIDENT ``.h5`` files (or folders of them) on a grid store, one group
     per file. Cells with a patch get its code and tissue 1; the rest stay empty. A file that does
     not fit is refused with its reason and the others are imported."""
