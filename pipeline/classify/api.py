@@ -13,18 +13,20 @@ from nic_pipeline.runtime.preflight import absolute, preflight
 
 
 def train(store, labels, out, client=None, *, model: str = DEFAULT_SLIDE_MODEL, task: str = "binary", folds: int = 5,
-          params: dict | None = None, seed: int = 0, wait_workers: int = 1, wait_timeout: float = 300.0) -> dict:
+          params: dict | None = None, seed: int = 0, wait_workers: int = 1, wait_timeout: float = 300.0,
+          splits=None) -> dict:
     """Cross-validate a slide model on a compressed ``store`` and train the final one into ``out``.
 
-    ``labels``: a CSV path (``slide_id,label``) or a DataFrame. Returns the metrics (also in
-    ``out/metrics.json``).
+    ``labels``: a CSV path (``slide_id,label``) or a DataFrame; ``splits``: fixed splits (a CLAM
+    ``splits_K.csv`` or a folder of them) instead of ``folds``. Returns the metrics (also in
+    ``out/metrics.json``): out-of-fold, each block labelled so, with the spread over folds.
     """
     store, out = absolute(store), absolute(out)
     labels = absolute(labels) if isinstance(labels, (str, os.PathLike)) else labels
     with client_or_embedded(client) as active:
         preflight(active, inputs=[store], outputs=[out], wait_workers=wait_workers, timeout=wait_timeout)
         return train_cohort(store, labels, out, model=model, task=task, folds=folds, client=active,
-                            params=params, seed=seed)
+                            params=params, seed=seed, splits=absolute(splits))
 
 
 def predict(store, model_dir, out=None, slide_ids=None):

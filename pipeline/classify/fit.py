@@ -43,7 +43,8 @@ def fit(model, task: str, source: SlideSource, slide_ids: list[str], targets: di
     module = entry.create(in_channels, n_out, **params).to(device)
     config = dict(model=entry.name, task=task, params=params, in_channels=in_channels, code_dim=len(mean),
                   n_outputs=n_out, norm_mean=mean, norm_std=std, target=spec,
-                  trained_on=len(slide_ids), store=store_info or {})
+                  trained_on=len(slide_ids), store=store_info or {},
+                  training_slides=list(slide_ids), training_store=str(source.store))  # scores of these are in-sample
     bundle = SlideModel(config, module, entry)
     tensors = {k: torch.as_tensor(v) for k, v in targets.items()}
     LOOPS[entry.input](bundle, source, slide_ids, tensors, params, rng, n_classes, progress or _no_progress)

@@ -1,9 +1,11 @@
 """Labels, targets and cross-validation folds: the labels CSV in, model targets and a fold per
-slide out."""
+slide out; fixed train/val/test splits in CLAM's ``splits_K.csv`` format, read and written."""
 
 from __future__ import annotations
 
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -161,3 +163,66 @@ def _most_folds(strata, groups, n: int) -> int:
     if strata is None:
         return int(units.nunique())
     return int(units.groupby(pd.Series(strata)).nunique().min())
+
+
+SPLIT_COLUMNS = ("train", "val", "test")
+
+
+def read_splits(path) -> list[dict[str, list[str]]]:
+    """Fixed splits in CLAM's format: a ``splits_K.csv`` file (one split) or a folder of them (one
+    split per K, in order of K). Each file has an index column and the columns train, val, test,
+    each listing slide ids (shorter columns padded with empty cells), as CLAM's
+    ``create_splits_seq.py`` writes them. Returns ``[{"train": [...], "val": [...], "test": [...]}]``;
+    NicError naming the file when one is malformed or lists a slide twice."""
+    path = Path(path)
+    if path.is_dir():
+        numbered = {}
+        for file in path.glob("splits_*.csv"):
+            match = re.fullmatch(r"splits_(\d+)\.csv", file.name)  # not CLAM's _bool / _descriptor files
+            if match:
+                numbered[int(match.group(1))] = file
+        if not numbered:
+            raise NicError(f"{path}: no splits_K.csv files (CLAM's format: columns train,val,test of slide ids)")
+        files = [numbered[k] for k in sorted(numbered)]
+    else:
+        files = [path]
+    return [_read_split(file) for file in files]
+
+
+def _read_split(file: Path) -> dict[str, list[str]]:
+    try:
+        frame = pd.read_csv(file, dtype=str, index_col=0)  # ids stay text: zero-padding survives
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise NicError(f"{file}: cannot read splits CSV ({err})") from err
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = [c for c in ("train", "test") if c not in frame.columns]
+    if missing:
+        raise NicError(f"{file}: splits CSV lacks column(s) {', '.join(missing)} (CLAM's format: an index column, "
+                       f"then train,val,test of slide ids; it has {', '.join(frame.columns) or 'none'})")
+    split = {c: [s.strip() for s in frame[c].dropna() if s.strip()] if c in frame.columns else []
+             for c in SPLIT_COLUMNS}
+    seen: dict[str, str] = {}
+    for column, ids in split.items():
+        for sid in ids:
+            if sid in seen:
+                raise NicError(f"{file}: slide {sid} is listed in {seen[sid]} and {column}" if seen[sid] != column
+                               else f"{file}: slide {sid} is listed twice in {column}")
+            seen[sid] = column
+    if not split["train"]:
+        raise NicError(f"{file}: no slides to train on (column train is empty)")
+    return split
+
+
+def write_splits(directory, splits: list[dict[str, list[str]]]) -> list[Path]:
+    """Write ``directory/splits_K.csv`` per split in CLAM's format (an unnamed index column, then
+    train, val, test, the shorter columns padded with empty cells): CLAM's ``main.py --split_dir``
+    and ``nic train --splits`` both read them back."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, split in enumerate(splits):
+        frame = pd.concat([pd.Series(list(split.get(c, [])), dtype=object, name=c) for c in SPLIT_COLUMNS], axis=1)
+        file = directory / f"splits_{k}.csv"
+        frame.to_csv(file)
+        written.append(file)
+    return written

@@ -107,16 +107,32 @@ def task_metrics(task: str, frame, classes=None) -> dict:
     return out
 
 
+OUT_OF_FOLD = ("out-of-fold: each slide scored by the fold model that did not train on it; "
+               "scores of the final model on its own training slides would be in-sample")
+
+
 def summarize_folds(fold_metrics: list[dict]) -> dict:
-    """Mean and standard deviation over folds of each numeric metric (NaNs ignored)."""
+    """Mean, standard deviation (population, over folds), minimum, maximum and number of folds of
+    each numeric metric (NaNs ignored: a fold with a single class has no AUC)."""
     keys = sorted({k for m in fold_metrics for k, v in m.items() if isinstance(v, float)})
     summary = {}
     for key in keys:
         values = np.array([m.get(key, math.nan) for m in fold_metrics], dtype=float)
         values = values[~np.isnan(values)]
-        summary[key] = {"mean": float(values.mean()) if len(values) else math.nan,
-                        "std": float(values.std()) if len(values) else math.nan}
+        some = len(values) > 0
+        summary[key] = {"mean": float(values.mean()) if some else math.nan,
+                        "std": float(values.std()) if some else math.nan,
+                        "min": float(values.min()) if some else math.nan,
+                        "max": float(values.max()) if some else math.nan, "n_folds": int(len(values))}
     return summary
+
+
+def format_spread(summary: dict) -> str:
+    """One metric's spread over folds as text: ``0.912 ± 0.041, 0.860-0.970 over 5``."""
+    if not summary.get("n_folds") or summary.get("mean") is None or math.isnan(summary["mean"]):
+        return "no fold defined it"
+    return (f"{summary['mean']:.3f} ± {summary['std']:.3f}, {summary['min']:.3f}-{summary['max']:.3f} "
+            f"over {summary['n_folds']}")
 
 
 def json_safe(obj):

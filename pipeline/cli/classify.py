@@ -37,14 +37,21 @@ def _parse_params(pairs) -> dict:
 @click.option("--task", type=click.Choice(["binary", "multiclass", "regression", "survival"]), default="binary",
               show_default=True)
 @click.option("--folds", type=int, default=5, show_default=True, help="Cross-validation folds (<2: final model only).")
+@click.option("--splits", type=EXISTING_PATH, default=None,
+              help="Fixed splits instead of --folds: a CLAM splits_K.csv (columns train,val,test of slide ids) or a "
+                   "folder of them; fold K trains on train, is scored on test (val reported apart).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--param", "params", multiple=True, help="Override a hyper-parameter, KEY=VALUE (e.g. steps=500); repeatable.")
 @click.option("--scheduler", default=None, help="Address of a running Dask scheduler.")
 @click.option("--scheduler-file", type=click.Path(path_type=Path), default=None, help="Dask scheduler file.")
 @click.option("--workers", type=int, default=None, help="Workers of the local cluster (no scheduler named).")
 @cluster_options
-def train_cmd(store, labels, run_dir, model, task, folds, seed, params, scheduler, scheduler_file, workers, **cluster):
-    """Cross-validate a slide-level model on compressed STORE, then train the final model."""
+def train_cmd(store, labels, run_dir, model, task, folds, splits, seed, params, scheduler, scheduler_file, workers,
+              **cluster):
+    """Cross-validate a slide-level model on compressed STORE, then train the final model.
+
+    The metrics printed and written are out-of-fold (each slide scored by a model that did not
+    train on it), with their spread over folds."""
     from nic_pipeline.classify import metrics_summary
     from nic_pipeline.classify.api import train
     from nic_pipeline.runtime.cluster import connect
@@ -53,10 +60,11 @@ def train_cmd(store, labels, run_dir, model, task, folds, seed, params, schedule
     with connect(scheduler, scheduler_file, workers, **_connect_options(**cluster)) as client:
         click.echo(f"dashboard: {client.dashboard_link}")
         metrics = train(store, labels, run_dir, client, model=model, task=task, folds=folds, seed=seed,
-                        params=_parse_params(params),
+                        params=_parse_params(params), splits=splits,
                         wait_workers=1 if (scheduler or scheduler_file or cluster["batch_system"]) else 0)
     click.echo(metrics_summary(metrics))
-    click.echo(f"wrote {run_dir}/metrics.json, oof_predictions.csv and the final model")
+    click.echo(f"wrote {run_dir}/metrics.json (out-of-fold metrics), oof_predictions.csv (out-of-fold scores), "
+               f"splits/ (each fold's slides, CLAM's splits_K.csv) and the final model")
 
 
 @main.command("predict")
@@ -64,11 +72,22 @@ def train_cmd(store, labels, run_dir, model, task, folds, seed, params, schedule
 @click.option("--model", "run_dir", required=True, type=EXISTING_PATH, help="Run directory from `nic train`.")
 @click.option("--out", "out_csv", required=True, type=click.Path(path_type=Path), help="Predictions CSV.")
 def predict_cmd(store, run_dir, out_csv):
-    """Score the complete slides of STORE with the final model of a run."""
-    from nic_pipeline.classify import predict_cohort
+    """Score the complete slides of STORE with the final model of a run.
 
-    frame = predict_cohort(store, run_dir, out_csv)
-    click.echo(f"scored {len(frame)} slides -> {out_csv}")
+    Slides the model trained on are marked (column in_training_set): their scores are in-sample."""
+    import warnings
+
+    from nic_pipeline.classify import predict_cohort
+    from nic_pipeline.classify.graph import InSampleWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InSampleWarning)  # said below, in the command's one line
+        frame = predict_cohort(store, run_dir, out_csv)
+    seen = int(frame["in_training_set"].sum())
+    click.echo(f"scored {len(frame)} slides -> {out_csv}" + (
+        f"; {seen} of them were in the model's training set: their scores are in-sample and overstate accuracy "
+        f"(column in_training_set; out-of-fold scores in {run_dir}/oof_predictions.csv)" if seen
+        else "; none was in the model's training set"))
 
 
 @main.command("heatmap")

@@ -4,6 +4,7 @@ cluster."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -15,7 +16,9 @@ from nic_models.slide_models import get_slide_model_spec
 from nic_pipeline.classify import predict_cohort, resolve_params, train_cohort
 from nic_pipeline.classify.graph import _warn_if_long
 from nic_pipeline.classify.explain import explain_cohort
+from nic_pipeline.classify.labels import write_splits
 from nic_pipeline.classify.metrics import auc
+from nic_pipeline.errors import NicError
 from nic_pipeline.cli import main
 from tests.classify.cohort import N_SLIDES, make_cohort
 
@@ -100,10 +103,34 @@ def test_cli_train_predict_heatmap(client, tmp_path):
     result = runner.invoke(main, ["train", str(store), "--labels", str(labels), "--out", str(run), "--model", "max",
                                   "--folds", "3", "--scheduler", address, "--param", "epochs=200"])
     assert result.exit_code == 0, result.output
-    assert "auc=" in result.output and (run / "metrics.json").exists()
+    assert "out-of-fold, pooled over held-out slides: auc=" in result.output and (run / "metrics.json").exists()
+    assert re.search(r"auc=[01]\.\d{3} \(folds [01]\.\d{3} ± \d\.\d{3}, [01]\.\d{3}-[01]\.\d{3} over 3\)",
+                     result.output), result.output
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["evaluation"].startswith("out-of-fold") and saved["pooled"]["evaluation"].startswith("out-of-fold")
+    assert all(m["evaluation"].startswith("out-of-fold") for m in saved["per_fold"])
+    assert {"mean", "std", "min", "max", "n_folds"} <= set(saved["mean_over_folds"]["auc"])
     result = runner.invoke(main, ["predict", str(store), "--model", str(run), "--out", str(tmp_path / "p.csv")])
     assert result.exit_code == 0, result.output
-    assert len(pd.read_csv(tmp_path / "p.csv")) == 12
+    scored = pd.read_csv(tmp_path / "p.csv")
+    assert len(scored) == 12 and scored["in_training_set"].all()  # the training store: all in-sample
+    said = [line for line in result.output.splitlines() if "training set" in line]
+    assert len(said) == 1 and "12 of them were in the model's training set: their scores are in-sample" in said[0]
+
+    # each fold's split in CLAM's format; the same splits given back reproduce the folds
+    oof = pd.read_csv(run / "oof_predictions.csv", dtype={"slide_id": str})
+    for k in range(3):
+        split = pd.read_csv(run / "splits" / f"splits_{k}.csv", dtype=str, index_col=0)
+        assert list(split.columns) == ["train", "val", "test"] and split["val"].isna().all()
+        assert sorted(split["test"].dropna()) == sorted(oof.loc[oof["fold"] == k, "slide_id"])
+        assert set(split["train"].dropna()) | set(split["test"].dropna()) == set(oof["slide_id"])
+    again = tmp_path / "again"
+    result = runner.invoke(main, ["train", str(store), "--labels", str(labels), "--out", str(again), "--model", "max",
+                                  "--splits", str(run / "splits"), "--scheduler", address, "--param", "epochs=20"])
+    assert result.exit_code == 0, result.output
+    redone = pd.read_csv(again / "oof_predictions.csv", dtype={"slide_id": str})
+    assert redone[["slide_id", "fold"]].equals(oof[["slide_id", "fold"]])
+    assert json.loads((again / "metrics.json").read_text())["splits"] == str(run / "splits")
     result = runner.invoke(main, ["heatmap", str(store), "--model", str(run), "--out", str(tmp_path / "h"),
                                   "--masks", str(masks)])
     assert result.exit_code == 0, result.output
@@ -130,6 +157,33 @@ def test_slides_without_a_label_are_counted_in_metrics(cohort, client, tmp_path)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["slides_without_label"] == 2 and saved["slides_without_label_ids"] == ["slide-000", "slide-005"]
     assert saved["unlabelled_slides_in_store"] == 0 and metrics["n_slides"] == N_SLIDES - 2
+
+    # the two unlabelled slides are new to the final model; the others were in its training set
+    with pytest.warns(UserWarning, match=f"{N_SLIDES - 2} of {N_SLIDES} scored slides were in the model's training"):
+        scored = predict_cohort(store, tmp_path / "run", tmp_path / "scores.csv")
+    written = pd.read_csv(tmp_path / "scores.csv", dtype={"slide_id": str}).set_index("slide_id")
+    assert not written.loc["slide-000", "in_training_set"] and not written.loc["slide-005", "in_training_set"]
+    assert written["in_training_set"].sum() == N_SLIDES - 2 and list(scored.columns[:2]) == ["slide_id", "in_training_set"]
+
+
+def test_fixed_splits_train_on_train_and_score_test_and_val_apart(cohort, client, tmp_path):
+    store, labels, _ = cohort
+    ids = [f"slide-{i:03d}" for i in range(N_SLIDES)]
+    split = tmp_path / "splits_0.csv"
+    write_splits(tmp_path, [{"train": ids[:16], "val": ids[16:20], "test": ids[20:]}])
+    metrics = train_cohort(store, labels, tmp_path / "run", model="mean", client=client, splits=split)
+    oof = pd.read_csv(tmp_path / "run" / "oof_predictions.csv", dtype={"slide_id": str})
+    assert sorted(oof.loc[oof["split"] == "test", "slide_id"]) == ids[20:]
+    assert sorted(oof.loc[oof["split"] == "val", "slide_id"]) == ids[16:20]
+    assert metrics["folds"] == 1 and metrics["n_slides"] == len(ids[20:]) == metrics["pooled"]["n"]
+    assert metrics["val_per_fold"][0]["n"] == 4
+    config = json.loads((tmp_path / "run" / "folds" / "fold-0" / "config.json").read_text())
+    assert config["training_slides"] == ids[:16]  # val and test never trained on
+    assert (tmp_path / "run" / "splits" / "splits_0.csv").read_text() == split.read_text()
+    bad = tmp_path / "bad"
+    write_splits(bad, [{"train": ids[:10] + ["slide-999"], "val": [], "test": ids[10:]}])
+    with pytest.raises(NicError, match="slide-999"):
+        train_cohort(store, labels, tmp_path / "x", model="mean", client=client, splits=bad)
 
 
 def test_progress_inside_folds_reaches_the_client(cohort, client, tmp_path, capfd):

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from nic_pipeline.classify import assign_folds, encode_targets, load_labels, target_spec
+from nic_pipeline.classify.labels import read_splits, write_splits
 from nic_pipeline.errors import NicError
 
 
@@ -74,3 +75,28 @@ def test_too_many_folds_says_how_many_can_be_made():
     grouped = labels.assign(group=[f"p{i // 4}" for i in range(8)])  # 2 patients, both classes each
     with pytest.raises(NicError, match="at most 2"):
         assign_folds(grouped, "binary", 3)
+
+
+def test_splits_in_clams_format_round_trip_and_errors_name_the_file(tmp_path):
+    # as CLAM's create_splits_seq.py writes them: an index column, columns of unequal length
+    (tmp_path / "splits_0.csv").write_text(",train,val,test\n0,007,010,012\n1,008,,013\n2,009,,\n")
+    (tmp_path / "splits_1.csv").write_text(",train,val,test\n0,012,007,008\n1,013,,\n")
+    (tmp_path / "splits_0_bool.csv").write_text(",train,val,test\n007,True,False,False\n")  # CLAM's other file
+    splits = read_splits(tmp_path)
+    assert splits == [{"train": ["007", "008", "009"], "val": ["010"], "test": ["012", "013"]},
+                      {"train": ["012", "013"], "val": ["007"], "test": ["008"]}]  # zero padding kept
+    assert read_splits(tmp_path / "splits_1.csv") == splits[1:]
+    out = tmp_path / "out"
+    write_splits(out, splits)
+    assert (out / "splits_0.csv").read_text() == (tmp_path / "splits_0.csv").read_text()
+    assert read_splits(out) == splits
+
+    (tmp_path / "twice.csv").write_text(",train,val,test\n0,a,,a\n")
+    with pytest.raises(NicError, match="twice.csv: slide a is listed in train and test"):
+        read_splits(tmp_path / "twice.csv")
+    (tmp_path / "cols.csv").write_text(",training,testing\n0,a,b\n")
+    with pytest.raises(NicError, match="cols.csv: splits CSV lacks column"):
+        read_splits(tmp_path / "cols.csv")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NicError, match="no splits_K.csv"):
+        read_splits(tmp_path / "empty")

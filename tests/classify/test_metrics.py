@@ -16,6 +16,7 @@ from nic_pipeline.classify.metrics import (
     json_safe,
     multiclass_auc,
     spearman,
+    format_spread,
     summarize_folds,
     task_metrics,
 )
@@ -72,6 +73,9 @@ def test_task_metrics_per_task():
 
 def test_fold_summary_and_strict_json():
     summary = summarize_folds([{"auc": 0.8, "n": 3}, {"auc": 1.0, "n": 3}, {"auc": math.nan, "n": 2}])
-    assert summary == {"auc": {"mean": pytest.approx(0.9), "std": pytest.approx(0.1)}}
+    assert summary == {"auc": {"mean": pytest.approx(0.9), "std": pytest.approx(0.1), "min": 0.8, "max": 1.0,
+                               "n_folds": 2}}
+    assert format_spread(summary["auc"]) == "0.900 ± 0.100, 0.800-1.000 over 2"
+    assert format_spread(summarize_folds([{"auc": math.nan}])["auc"]) == "no fold defined it"
     text = json.dumps(json_safe({"a": math.nan, "b": [np.float32(1.5), math.inf]}), allow_nan=False)
     assert json.loads(text) == {"a": None, "b": [1.5, None]}
