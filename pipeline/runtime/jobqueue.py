@@ -15,7 +15,7 @@ walltime, account, ...) come from Dask's config, ``jobqueue.slurm`` / ``jobqueue
   ``jobqueue.slurm-cpu`` / ``jobqueue.pbs-cpu`` (keys there override ``jobqueue.slurm``);
 * a refusal by the batch system (``sbatch: error: ...``) ends the command at once with one line
   quoting it and naming the setting that fixes it, instead of tracebacks and a wait for workers
-  that never come;
+  that never come; so do worker jobs that SLURM will never start, or that end before a worker joins;
 * TLS by default: temporary certificates (``Security.temporary()``) handed to the worker jobs
   through files in ``shared-temp-directory`` (default ``~/.nic/jobqueue``), unless certificates are given.
 """
@@ -56,6 +56,10 @@ DEFAULT_DASHBOARD = "127.0.0.1:8787"
 SUBMIT_TIMEOUT = 50.0
 """Seconds to wait for the batch system to accept or refuse the first worker job."""
 SINFO_TIMEOUT = 20.0
+POOL_NAME = "nic-cpu-"
+HOPELESS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidAccount",
+            "InvalidQOS", "AccountNotAllowed", "DependencyNeverSatisfied"}
+"""SLURM's reasons for a pending job that will never start as it is."""
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,7 @@ class Submissions:
     def __init__(self, system: str, settings: BatchSettings, offer: PartitionOffer | None):
         self.system, self.settings, self.offer = system, settings, offer
         self.accepted: list[str] = []
+        self.pool: set[str] = set()  # the accepted jobs of the CPU pool
         self.refused: list[str] = []  # one line each
         self.started = False  # the first jobs are answered: later refusals are warnings
 
@@ -250,6 +255,8 @@ def _answering(job_cls: type, submissions: Submissions) -> type:
                 self.status = Status.running
             else:
                 submissions.accepted.append(self.job_id)
+                if str(self.name).startswith(POOL_NAME):
+                    submissions.pool.add(self.job_id)
 
     AnsweredJob.__name__ = AnsweredJob.__qualname__ = job_cls.__name__
     AnsweredJob.submissions = submissions
@@ -268,6 +275,59 @@ def wait_for_answer(submissions: Submissions, jobs: int, timeout: float = SUBMIT
     if submissions.refused:
         raise NicError(submissions.refused[0])
     submissions.started = True
+
+
+def slurm_job_states(job_ids) -> dict[str, tuple[str, str]] | None:
+    """Job id -> (state, reason) for the jobs ``squeue`` still lists (None when it does not answer)."""
+    try:
+        done = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T|%r"], capture_output=True,
+                              text=True, timeout=SINFO_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0 and "Invalid job id" not in done.stderr:
+        return None
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.count("|") == 2]
+    return {job: (state, reason) for job, state, reason in rows}
+
+
+def _hopeless(submissions: Submissions, states: dict | None, log: str) -> str | None:
+    """A line when no worker job of the cluster (the CPU pool aside) can ever bring a worker: each
+    is pending for good, or has ended before its worker joined."""
+    main = [job for job in submissions.accepted if job not in submissions.pool]
+    if not main or states is None:
+        return None
+    why = []
+    for job in main:
+        state, reason = states.get(job, ("ENDED", ""))
+        if state == "PENDING" and reason in HOPELESS:
+            why.append(f"job {job} is pending for good ({reason})")
+        elif state in ("ENDED", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
+                       "BOOT_FAIL", "DEADLINE", "PREEMPTED"):
+            how = "" if state == "ENDED" else f" ({state.lower()})"
+            why.append(f"job {job} ended{how} before its worker joined; its output: {log.format(job=job)}")
+        else:
+            return None  # this one may still start
+    fix = ("lower cores, memory or walltime in jobqueue.slurm (sinfo -o '%P %c %m %G %l' lists what partitions "
+           "offer)" if any("pending" in w for w in why) else "fix what the job's output says (environment, paths)")
+    return f"no worker job can start: {'; '.join(why[:3])}; {fix}"
+
+
+def wait_for_worker(cluster, submissions: Submissions, gpu: bool, poll: float = 3.0) -> None:
+    """Block until a worker (one declaring a GPU when ``gpu``) has joined; on SLURM, a
+    :class:`NicError` of one line once every worker job is pending for good or has ended without
+    one (the command waited forever)."""
+    config = _config(submissions.system)
+    log = (f"{config['log-directory']}/{config.get('name') or 'dask-worker'}-{{job}}.err"
+           if config.get("log-directory") else "slurm-{job}.out")
+    while True:
+        workers = cluster.scheduler_info.get("workers", {}).values()
+        if any(w.get("resources", {}).get("GPU") for w in workers) if gpu else workers:
+            return
+        if submissions.system == "slurm" and submissions.accepted:
+            line = _hopeless(submissions, slurm_job_states(submissions.accepted), log)
+            if line:
+                raise NicError(line)
+        time.sleep(poll)
 
 
 # ---------------------------------------------------------------- the cluster
@@ -319,7 +379,7 @@ def cpu_pool(cluster, settings: BatchSettings) -> list:
     with dask.config.set({f"jobqueue.{section}": merged}):
         return [
             cluster.job_cls(
-                scheduler=cluster.scheduler_address, name=f"nic-cpu-{i}", config_name=section,
+                scheduler=cluster.scheduler_address, name=f"{POOL_NAME}{i}", config_name=section,
                 security=job_kwargs["security"], interface=job_kwargs["interface"], protocol=job_kwargs["protocol"],
             )
             for i in range(settings.cpu_jobs)
@@ -344,6 +404,7 @@ def batch_cluster(settings: BatchSettings, security: Security | None = None,
             for job in pool:
                 cluster.sync(job.start)
             wait_for_answer(submissions, (1 if settings.adapt else settings.jobs) + len(pool))
+            wait_for_worker(cluster, submissions, gpu=settings.gpus_per_job > 0)
             yield cluster
         finally:
             for job in pool:

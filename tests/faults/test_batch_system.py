@@ -121,3 +121,20 @@ def test_dashboard_port_in_use_costs_no_warning(good_slides, tmp_path):
     link = re.search(r"^dashboard: http://127\.0\.0\.1:(\d+)/status$", done.stdout, re.M)
     assert link and link.group(1) != "8787", done.stdout
     assert "already in use" not in done.stdout + done.stderr and "Hosting the HTTP server" not in done.stderr
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({"cores": 64, "memory": "2GiB"}, r"no worker job can start: job \d+ is pending for good \(PartitionConfig\); "
+                                      r"lower cores, memory or walltime in jobqueue.slurm"),
+    ({"cores": 1, "memory": "2GiB", "job-script-prologue": ["exit 3"]},
+     r"no worker job can start: job (\d+) ended \(failed\) before its worker joined; its output: .*/logs/dask-worker-\1\.err; "
+     r"fix what the job's output says"),
+], ids=["never-starts", "ends-at-once"])
+def test_worker_jobs_that_never_bring_a_worker_end_in_one_line(slurm, good_slides, tmp_path, settings, expected):
+    """sbatch accepts the job, but it can never start (more CPUs than any node has), or its script
+    ends before the worker joins: the command waited forever."""
+    done, seconds = timed("compress", good_slides[0], "--out", tmp_path / "s.zarr", "--cluster", "slurm",
+                          "--gpus-per-job", "0", env=jobqueue_config(tmp_path, **settings), timeout=180)
+    assert done.returncode == 2 and seconds < 90, (seconds, done.stderr)
+    line = one_error_line(done)
+    assert re.search(expected, line), line
