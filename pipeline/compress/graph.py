@@ -286,7 +286,7 @@ class _Run:
         now = time.monotonic()
         if force or now - self.published >= 1.0:
             self.published = now
-            publish_progress(self.client, self.token, self.slides_bar.n, self.slides_bar.total,
+            publish_progress(self.client, self.store, self.slides_bar.n, self.slides_bar.total,
                              sum(r.patches for r in self.results.values()))
 
     def handle(self, future) -> None:

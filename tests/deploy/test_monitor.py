@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nic_pipeline.runtime.cluster import connect
-from nic_pipeline.runtime.monitor import publish_progress
+from nic_pipeline.runtime.monitor import PATCH_RATE, TOPIC, ProgressMetrics, publish_progress, run_label
 
 
 def _metrics(url: str, run: str) -> dict[str, float]:
@@ -34,3 +35,29 @@ def test_published_progress_is_on_the_scheduler_metrics_page():
     assert metrics["nic_run_progress"] == 0.75
     assert metrics["nic_patches_encoded_total"] == 400
     assert 100 < metrics["nic_patches_per_second"] <= 300  # 300 patches in a little over one second
+
+
+def test_the_run_is_labelled_by_its_store_and_a_finishing_slide_keeps_the_patch_rate(tmp_path):
+    """As the compression client reports: blocks add patches, then the slide's finish adds none."""
+    store = tmp_path / "cohort-b.zarr"
+    with connect(workers=1, dashboard=False) as client:
+        url = client.dashboard_link.replace("/status", "/metrics")
+        publish_progress(client, store, slides_done=0, slides_total=2, patches_done=0)
+        time.sleep(1.0)
+        publish_progress(client, store, slides_done=0, slides_total=2, patches_done=500)  # a block
+        publish_progress(client, store, slides_done=1, slides_total=2, patches_done=500)  # its slide finishes
+        deadline = time.monotonic() + 20
+        metrics = _metrics(url, "cohort-b.zarr")
+        while metrics.get("nic_slides_done") != 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            metrics = _metrics(url, "cohort-b.zarr")
+    assert metrics["nic_slides_done"] == 1 and metrics["nic_patches_encoded_total"] == 500
+    assert 200 < metrics["nic_patches_per_second"] <= 500  # not 0.0: 500 patches in a little over a second
+
+
+def test_the_rate_covers_a_window_of_reports():
+    plugin, run = ProgressMetrics(), "window-run"
+    for t, patches in ((0.0, 0), (10.0, 1000), (10.5, 1000), (40.0, 4000), (45.0, 4000)):
+        plugin.log_event(TOPIC, {"run": run, "slides_done": 0, "slides_total": 1, "patches": patches, "time": t})
+    assert PATCH_RATE.labels(run)._value.get() == pytest.approx((4000 - 1000) / (45.0 - 10.5))
+    assert run_label("/data/x/cohort.zarr/") == "cohort.zarr" and run_label("run-a") == "run-a"
