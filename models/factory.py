@@ -42,7 +42,7 @@ def resolve_weights(spec: EncoderSpec, sibling_weights, weights, random_init: bo
             raise NicError(f"encoder {spec.name!r}: give either weights= or random_init=True, not both")
         return None, f"random-init-seed{seed}"
     if spec.architecture == "unavailable":
-        raise _missing(spec)
+        raise NicError(f"encoder {spec.name!r} cannot be built by this package: {spec.weights_hint}")
     path = locate_weights(spec.name, weights, shipped=sibling_weights or spec.weights, hf_repo=spec.hf_repo,
                           weight_files=spec.weight_files)
     if path is None:

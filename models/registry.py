@@ -208,7 +208,7 @@ def preset_entry(preset: Preset) -> tuple[EncoderSpec, Callable[[], nn.Module]]:
         name=p.name, patch_size=p.patch_size, stride=p.patch_size, mpp=p.mpp, code_dim=p.code_dim,
         normalisation=p.normalisation, licence=p.licence,
         source=f"huggingface.co/{p.hf_repo}" if p.hf_repo else p.note, citation=p.citation,
-        architecture=arch, weights_hint="" if p.hf_repo else p.note,
+        architecture=arch, weights_hint=p.note if p.architecture == "unavailable" or not p.hf_repo else "",
         input_size=p.input_size if p.input_size != p.patch_size else None, input_resize=p.input_resize,
         input_crop=p.input_crop, allowed_extra_keys=p.allowed_extra_keys, hf_repo=p.hf_repo,
         weight_files=p.weight_files, params=p.params, commercial=p.commercial, gated=p.gated,
