@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
+
 import numpy as np
 
 from nic_pipeline.runtime.arrays import array_namespace, is_cupy, ndimage, skimage, to_numpy
@@ -50,6 +52,12 @@ PEN_MAX_OD = 2.0  # darker than this (< 14 % of light through) is thick ink, not
 PEN_MIN_UM2 = 2_000.0  # thin-line ink components smaller than this are stain noise, not ink
 PEN_SMOOTH_UM = 16.0  # Gaussian sigma on OD before the ratios: judges regions, not pixel noise
 PEN_MARGIN_UM = 16.0  # pen masks are grown by this much to take the blended ink edges
+
+# Second opinion on a slide's mask: the share of the image whose summed OD above the glass passes
+# this plain threshold. A mask far below it (pale stain or a stain taken for ink) is warned about.
+SECOND_OPINION_OD = 0.3
+SECOND_OPINION_RATIO = 0.5  # warn when the mask holds less than this share of what the threshold sees
+SECOND_OPINION_MIN = 0.02  # ... and the threshold sees at least this share of the image
 
 # Morphology, in µm so it means the same at any resolution.
 CLOSING_UM = 16.0  # radius of the closing disk: joins tissue split by a pixel or two of gap
@@ -326,14 +334,33 @@ def slide_tissue_mask(
     """
     image = slide_image_at_mpp(slide, mask_mpp, max_strip_pixels=max_strip_pixels)
     mask = to_numpy(tissue_mask(image, mpp=mask_mpp))
+    found, seen = float(mask.mean()), second_opinion(image)
     if require_tissue and not mask.any():
         xp = array_namespace(image)
         grey = bool(xp.all(image[..., 0] == image[..., 1]) and xp.all(image[..., 1] == image[..., 2]))
         grayscale = grey and bool(image.min() < 200)  # an image, not just a white (or glass-only) slide
         why = ("the slide is grayscale, and tissue is found by its stain colour (H&E)" if grayscale
+               else f"a plain optical-density threshold sees {seen:.0%} of it stained (marker ink? a stain "
+                    "unlike H&E?)" if seen >= SECOND_OPINION_MIN
                else "the slide looks blank (background only or marker ink)")
         raise SlideError(slide.path, f"no tissue found at {mask_mpp:g} µm/px: {why}")
+    if seen >= SECOND_OPINION_MIN and found < SECOND_OPINION_RATIO * seen:
+        warnings.warn(f"{slide.path}: tissue detection kept {found:.1%} of the slide, a plain optical-density "
+                      f"threshold sees {seen:.1%} stained: check the mask (pale stain taken for glass, stain "
+                      "taken for ink?)", TissueWarning, stacklevel=2)
     return mask, float(mask_mpp)
+
+
+class TissueWarning(UserWarning):
+    """A slide's tissue mask disagrees with the second opinion (:func:`second_opinion`)."""
+
+
+def second_opinion(rgb) -> float:
+    """Share of an RGB(A) image that a plain threshold calls stained: summed OD above the glass
+    (:func:`stain_od`) above SECOND_OPINION_OD, no colour rules, no morphology. Cheap, and blind to
+    what the mask's rules might get wrong (a stain taken for ink, pale stain taken for glass)."""
+    rgb = rgb[..., :3]
+    return float((stain_od(rgb) > SECOND_OPINION_OD).mean())
 
 
 def slide_image_at_mpp(slide, target_mpp: float, *, max_strip_pixels: int = 16 * 1024 * 1024):
