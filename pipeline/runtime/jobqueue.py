@@ -52,7 +52,8 @@ CLUSTERS = {"slurm": SLURMCluster, "pbs": PBSCluster}
 GPU_DIRECTIVE = {"slurm": "--gres=gpu:{n}", "pbs": "-l ngpus={n}"}
 SUBMIT_COMMAND = {"slurm": "sbatch", "pbs": "qsub"}
 DEFAULT_TLS_DIR = "~/.nic/jobqueue"
-DEFAULT_DASHBOARD = "127.0.0.1:8787"
+DEFAULT_DASHBOARD = "127.0.0.1:0"
+"""Localhost, any free port; ``cluster.connect`` asks for 8787 when it is free."""
 SUBMIT_TIMEOUT = 50.0
 """Seconds to wait for the batch system to accept or refuse the first worker job."""
 SINFO_TIMEOUT = 20.0
