@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from nic_pipeline.compress.store import block_name, check_slide, list_slides, open_cohort
+from nic_pipeline.compress.store import block_name, check_slide, list_slides, open_cohort, slide_damage
 from nic_pipeline.errors import NicError
 
 
@@ -69,6 +69,9 @@ class SlideSource:
         its compression recorded is missing or of another size (Zarr would read it as zeros)."""
         if slide_id not in self._meta:
             group = self.group(slide_id)
+            damage = slide_damage(self.store, slide_id)  # its own files, not the consolidated copy
+            if damage:
+                raise NicError(f"{self.store}: slide {slide_id!r} is damaged ({damage}); rerun nic compress on it to mend it")
             if "blocks" in group.attrs:
                 damaged = check_slide(group)
                 if damaged:

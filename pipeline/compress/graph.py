@@ -58,6 +58,7 @@ from nic_pipeline.compress.store import (
     remove_slide,
     source_changed,
     slide_block,
+    slide_damage,
     source_fingerprint,
 )
 from nic_pipeline.compress.stain_fit import source_stain_attrs, with_stain_target
@@ -159,7 +160,8 @@ def _finished_slide(store: str, group: zarr.Group, job: SlideJob, options: RunOp
     """
     attrs = group.attrs
     asked = job.mpp if job.mpp is not None and (job.force_mpp or attrs.get("mpp_source") != "metadata") else None
-    changed = ("the slide file changed" if source_changed(attrs, job.path)
+    full = options.verify or options.redo_changed  # hash the whole file whatever its mtime says
+    changed = ("the slide file changed" if source_changed(attrs, job.path, full=full)
                else f"its µm/px changed ({attrs.get('slide_mpp')} -> {asked})" if asked not in (None, attrs.get("slide_mpp"))
                else None)
     if changed:
@@ -186,6 +188,8 @@ def detect_tissue(store: str, job: SlideJob, config: CompressionConfig, options:
     On a GPU worker the low-resolution level is read with cuCIM into GPU memory and the mask runs
     on CuPy, through the same functions as on the CPU.
     """
+    if slide_damage(store, job.slide_id):  # a zarr.json or the tissue chunk damaged: make the slide again
+        remove_slide(store, job.slide_id)
     group = find_slide_group(store, job.slide_id)
     if group is not None and group.attrs.get("status") == COMPLETE:
         finished = _finished_slide(store, group, job, options)

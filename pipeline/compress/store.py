@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
@@ -91,28 +92,74 @@ class CompressionConfig:
         return attrs
 
 
-def source_fingerprint(path: str | os.PathLike, sample_bytes: int = 1 << 20) -> dict:
-    """Size, mtime and a sha256 over the size and the first and last MiB: cheap for 5 GB slides,
-    yet any re-scan, truncation or replacement of the file changes it."""
+SAMPLE_BYTES = 1 << 20
+"""Bytes hashed at each end of the file by the fingerprint of stores made before the whole-file one."""
+READ_BYTES = 8 << 20
+
+
+def file_crc32c(path: str | os.PathLike) -> str:
+    """crc32c of the whole file, in 8 MiB reads (hardware crc32c: about the speed of reading the file,
+    docs/reliability.md "Source files changed in place")."""
+    crc = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(READ_BYTES):
+            crc = google_crc32c.extend(crc, chunk)
+    return f"{crc:08x}"
+
+
+def _head_tail_sha256(path: Path, size: int) -> str:
+    """The fingerprint of stores made before the whole-file one: sha256 of the size and the first
+    and last MiB (kept to read those stores)."""
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(SAMPLE_BYTES))
+        if size > SAMPLE_BYTES:
+            handle.seek(max(size - SAMPLE_BYTES, SAMPLE_BYTES))
+            digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def source_fingerprint(path: str | os.PathLike) -> dict:
+    """Size, mtime and ``crc32c:<hex>`` of the whole file: any change to its bytes (a re-scan,
+    a truncation, a replacement, 64 bytes rewritten in place) changes it, except with probability
+    2**-32 for changes that are not one burst of at most 32 bits."""
     path = Path(path)
     stat = path.stat()
-    digest = hashlib.sha256(str(stat.st_size).encode())
-    with open(path, "rb") as handle:
-        digest.update(handle.read(sample_bytes))
-        if stat.st_size > sample_bytes:
-            handle.seek(max(stat.st_size - sample_bytes, sample_bytes))
-            digest.update(handle.read())
     return {"source_path": str(path.resolve()), "source_size": stat.st_size,
-            "source_mtime_ns": stat.st_mtime_ns, "source_fingerprint": digest.hexdigest()}
+            "source_mtime_ns": stat.st_mtime_ns, "source_fingerprint": f"crc32c:{file_crc32c(path)}"}
 
 
-def source_changed(attrs: dict, path: str | os.PathLike) -> bool:
-    """Whether the file at ``path`` differs from the one a slide was made from (hash only when
-    size or mtime changed)."""
-    stat = Path(path).stat()
-    if stat.st_size == attrs.get("source_size") and stat.st_mtime_ns == attrs.get("source_mtime_ns"):
+def _fingerprint_like(recorded: str | None, path: Path, size: int) -> str:
+    """The file's fingerprint made the way ``recorded`` was (whole-file crc32c, or the head-and-tail
+    sha256 of older stores)."""
+    if recorded and not recorded.startswith("crc32c:"):
+        return _head_tail_sha256(path, size)
+    return f"crc32c:{file_crc32c(path)}"
+
+
+def source_changed(attrs: dict, path: str | os.PathLike, full: bool = False) -> bool:
+    """Whether the file at ``path`` differs from the one a slide was made from.
+
+    Cheap by default: an unchanged size and mtime mean unchanged, and only a file whose size or
+    mtime changed is hashed. ``full`` (``--verify``, ``--redo-changed``) hashes the whole file
+    whatever its mtime says, to catch a change written with the old mtime restored."""
+    path = Path(path)
+    stat = path.stat()
+    if stat.st_size != attrs.get("source_size"):
+        return True
+    if stat.st_mtime_ns == attrs.get("source_mtime_ns") and not full:
         return False
-    return source_fingerprint(path)["source_fingerprint"] != attrs.get("source_fingerprint")
+    recorded = attrs.get("source_fingerprint")
+    return _fingerprint_like(recorded, path, stat.st_size) != recorded
+
+
+def same_source(recorded: str | None, fingerprint: dict) -> bool:
+    """Whether a slide group's recorded fingerprint names the file ``fingerprint`` describes."""
+    if recorded == fingerprint["source_fingerprint"]:
+        return True
+    if not recorded or recorded.startswith("crc32c:") or not Path(fingerprint["source_path"]).is_file():
+        return False
+    return _head_tail_sha256(Path(fingerprint["source_path"]), fingerprint["source_size"]) == recorded
 
 
 def open_store(path: str | os.PathLike, config: CompressionConfig) -> zarr.Group:
@@ -179,7 +226,7 @@ def create_slide(root, slide_id: str, grid: Grid, config: CompressionConfig,
         store, path = str(root), slide_id
     group = find_slide_group(store, path)
     if group is not None and "status" in group.attrs:
-        if group.attrs.get("source_fingerprint") == attrs["source_fingerprint"] and tuple(
+        if same_source(group.attrs.get("source_fingerprint"), attrs) and tuple(
             group.attrs.get("grid_shape", ())
         ) == grid.shape:
             return group
@@ -323,6 +370,54 @@ def check_slide(group: zarr.Group, verify: bool = False) -> list[tuple[Block, st
     return problems
 
 
+SLIDE_ARRAYS = ("features", "tissue", "y", "x")
+MEND = "rerun nic compress to make the slide again"
+
+
+def _damage_text(err: Exception) -> str:
+    if isinstance(err, json.JSONDecodeError):
+        return "is not valid JSON (truncated?)"
+    if isinstance(err, ValueError) and "checksum" in str(err).lower():
+        return "fails its checksum"
+    return f"cannot be read ({type(err).__name__}: {err})"
+
+
+def slide_damage(store, slide_id: str) -> str | None:
+    """What is damaged in a slide's own metadata and small arrays, read from its files (never a
+    consolidated copy), or None: a ``zarr.json`` that does not parse (the slide's or an array's),
+    an array missing from a finished slide, a ``tissue``, ``y`` or ``x`` chunk whose checksum
+    fails. Shards are :func:`check_slide`'s. A few small reads: cheap enough for every rerun and
+    every ``nic inspect``/``nic train``.
+
+    ``store``: a path or a Zarr store. A group without ``status`` (being made) is not damaged: its
+    arrays may not exist yet, and its creation is redone anyway.
+    """
+    store = str(store) if isinstance(store, (str, os.PathLike)) else store
+    try:
+        group = open_slide_group(store, slide_id, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    except Exception as err:  # noqa: BLE001 - zarr and json raise several types for a damaged file
+        return f"its zarr.json {_damage_text(err)}"
+    if "status" not in group.attrs:
+        return None
+    for name in SLIDE_ARRAYS:
+        try:
+            array = zarr.open_array(store, path=f"{slide_id}/{name}", mode="r", zarr_format=3)
+        except FileNotFoundError:
+            return f"its {name} array is missing"
+        except Exception as err:  # noqa: BLE001
+            if isinstance(err, (zarr.errors.ArrayNotFoundError, zarr.errors.NodeTypeValidationError)):
+                return f"its {name} array is missing"
+            return f"its {name}/zarr.json {_damage_text(err)}"
+        if name != "features":
+            try:
+                array[...]
+            except Exception as err:  # noqa: BLE001 - checksum and decode errors come in several types
+                return f"its {name} chunk {_damage_text(err)}"
+    return None
+
+
 def delete_block(group: zarr.Group, block: Block) -> None:
     sync(group.store.delete(_shard_key(group, block)))
 
@@ -360,14 +455,25 @@ def _groups(root: zarr.Group) -> list[str]:
     by :func:`lost_groups` instead)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Object at .* is not recognized")
-        return sorted(name for name, _ in root.groups())
+        try:
+            return sorted(name for name, _ in root.groups())
+        except Exception:  # noqa: BLE001 - a slide's zarr.json that does not parse (no consolidated copy)
+            for name in _children(root):
+                damage = slide_damage(root.store, _child_path(root, name))
+                if damage:
+                    raise NicError(f"slide {name!r} is damaged ({damage}); {MEND}") from None
+            raise
 
 
 def lost_groups(root: zarr.Group) -> list[str]:
     """Folders of the store that look like slides but lost their zarr.json (a damaged store)."""
-    children = {name for name in sync(_list(root.store.list_dir(root.path))) if "." not in name and
-                not name.startswith("_")}
-    return sorted(children - set(_groups(root)))
+    return sorted(name for name in _children(root) if "." not in name and not name.startswith("_")
+                  and not sync(root.store.exists(f"{_child_path(root, name)}/zarr.json")))
+
+
+def _children(root: zarr.Group) -> list[str]:
+    """Every entry of the store's folder but its own zarr.json, read from the files."""
+    return sorted(name for name in sync(_list(root.store.list_dir(root.path))) if name != "zarr.json")
 
 
 async def _list(iterator) -> list[str]:
@@ -389,14 +495,26 @@ def describe_store(store: str | os.PathLike) -> list[dict]:
         raise NicError(f"{store}: not a compressed-slide store ({err})") from err
     failed = dict(root.attrs.get("failed", {}))
     rows = []
-    for slide_id in _groups(root):
-        attrs = root[slide_id].attrs
+    for slide_id in _children(root):
+        path = _child_path(root, slide_id)
+        if not sync(root.store.exists(f"{path}/zarr.json")):
+            continue  # a lost zarr.json: listed below
+        damage = slide_damage(root.store, path)
+        if damage:
+            failed.pop(slide_id, None)
+            rows.append(_failed_row(slide_id, f"damaged: {damage}; {MEND}"))
+            continue
+        try:
+            group = open_slide_group(root.store, path, mode="r")
+        except (zarr.errors.ContainsArrayError, zarr.errors.NodeTypeValidationError, ValueError):
+            continue  # an array, not a slide
+        attrs = group.attrs
         status = attrs.get("status", IN_PROGRESS)
         if status != COMPLETE and slide_id in failed:
             status = FAILED
         rows.append({
             "slide_id": slide_id, "status": status, "grid_shape": list(attrs.get("grid_shape", [])),
-            "tissue_cells": _tissue_cells(root[slide_id]) if "status" in attrs else 0,
+            "tissue_cells": _tissue_cells(group) if "status" in attrs else 0,
             "encoder": attrs.get("encoder"), "encoder_sha256": attrs.get("encoder_sha256"), "mpp": attrs.get("mpp"),
             "patch_size": attrs.get("patch_size"), "stride": attrs.get("stride"),
             "slide_mpp": attrs.get("slide_mpp"), "mpp_source": attrs.get("mpp_source"),
@@ -404,13 +522,15 @@ def describe_store(store: str | os.PathLike) -> list[dict]:
             "decoders": sorted({b.get("decoder") for b in attrs.get("blocks", {}).values()} - {None}),
             "source_path": attrs.get("source_path"), "error": failed.pop(slide_id, None),
         })
-    lost = "its zarr.json is lost: rerun nic compress to make the slide again"
-    failed.update({slide_id: lost for slide_id in lost_groups(root) if slide_id not in failed})
-    for slide_id, reason in sorted(failed.items()):
-        rows.append({"slide_id": slide_id, "status": FAILED, "grid_shape": [], "tissue_cells": 0, "encoder": None,
-                     "encoder_sha256": None, "mpp": None, "patch_size": None, "stride": None, "slide_mpp": None, "mpp_source": None, "precisions": [], "decoders": [],
-                     "source_path": None, "error": reason})
+    failed.update({slide_id: f"its zarr.json is lost: {MEND}" for slide_id in lost_groups(root) if slide_id not in failed})
+    rows += [_failed_row(slide_id, reason) for slide_id, reason in sorted(failed.items())]
     return rows
+
+
+def _failed_row(slide_id: str, reason: str) -> dict:
+    return {"slide_id": slide_id, "status": FAILED, "grid_shape": [], "tissue_cells": 0, "encoder": None,
+            "encoder_sha256": None, "mpp": None, "patch_size": None, "stride": None, "slide_mpp": None,
+            "mpp_source": None, "precisions": [], "decoders": [], "source_path": None, "error": reason}
 
 
 def _tissue_cells(group: zarr.Group) -> int:
