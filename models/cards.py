@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 
 from nic_models.architectures import resolve_architecture
 from nic_models.errors import NicError
+from nic_models.licences import card_licence_text
 from nic_models.specs import EncoderSpec, file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -23,11 +24,9 @@ REQUIRED = ("name", "architecture", "patch_size", "mpp", "code_dim", "normalisat
 
 
 def card_licence(licence) -> str:
-    """The one-line licence of a card: a string, or ``{"spdx", "copyright", "file"}``."""
-    if isinstance(licence, dict):
-        extra = "; ".join(str(licence[k]) for k in ("copyright", "file") if k in licence)
-        return f"{licence.get('spdx', '')} ({extra})" if extra else str(licence.get("spdx", ""))
-    return str(licence or "")
+    """The licence of a card, whole: a string, or ``{"spdx", "weights", "copyright", "file", "data"}``
+    (:func:`nic_models.licences.card_licence_text`)."""
+    return card_licence_text(licence)
 
 
 def read_card(path: str | Path) -> tuple[EncoderSpec, Callable[[], nn.Module], list[str]]:

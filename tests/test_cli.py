@@ -2,7 +2,7 @@
 
 from click.testing import CliRunner
 
-from nic_models.registry import DEFAULT_ENCODER, get_spec, list_encoders
+from nic_models.registry import DEFAULT_ENCODER, list_encoders
 from nic_pipeline.cli import main
 
 
@@ -21,8 +21,13 @@ def test_encoders_lists_the_registry_and_marks_the_default():
         assert name in result.output
     default_line = next(line for line in result.output.splitlines() if line.startswith(DEFAULT_ENCODER + " "))
     assert default_line.endswith("(= nic)")
-    licence = get_spec(DEFAULT_ENCODER).licence.split(";")[0]
-    assert licence in default_line and "NC-SA" in licence  # the whole licence, not cut mid-word
+    assert "MIT AND CC-BY-NC-SA-4.0 · non-commercial use only · commercial use: no" in default_line
+    assert default_line.count("(") == default_line.count(")")  # nothing cut mid-bracket
+    for clean in ("nic-mtl-v2-no-monuseg", "nic-mtl4-tellez2020", "efficientnet-lite0-imagenet"):
+        line = next(line for line in result.output.splitlines() if line.startswith(clean + " "))
+        assert "commercial use: yes" in line and "non-commercial" not in line, line
+    own = next(line for line in result.output.splitlines() if line.startswith("resnet50-trunc "))
+    assert "licence of your weights file" in own
 
 
 def test_usage_errors_exit_2_and_a_missing_store_is_one_line():

@@ -53,6 +53,7 @@ def compress(paths, store, workers, scheduler, scheduler_file, wait_workers, wai
              random_init, seed, mpp, mpp_csv, force_mpp, precision, dihedral_mean, device, block, stride,
              min_tissue, stain_norm, stain_target, verify, redo_changed, **cluster):
     """Compress slides (files or folders) into a Zarr store of per-slide code grids."""
+    from nic_models.licences import licence_line
     from nic_models.registry import get_spec
     from nic_pipeline.compress.api import compress as run_compress
     from nic_pipeline.compress.jobs import plan_jobs
@@ -62,7 +63,7 @@ def compress(paths, store, workers, scheduler, scheduler_file, wait_workers, wai
     if not jobs:
         raise click.UsageError("no slides found under the given paths")
     spec = get_spec(encoder)
-    click.echo(f"encoder: {spec.name} ({(spec.licence or 'your own weights').split(';')[0]})")
+    click.echo(f"encoder: {spec.name} (licence: {licence_line(spec.licence, spec.commercial)})")
     with connect(scheduler, scheduler_file, workers, **_connect_options(**cluster)) as client:
         click.echo(f"dashboard: {client.dashboard_link}")
         report = run_compress(jobs, store, client, encoder=encoder, weights=weights, random_init=random_init, seed=seed,

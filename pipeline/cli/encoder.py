@@ -22,19 +22,21 @@ def encoders():
         weights_found,
     )
 
+    from nic_models.licences import licence_line, licence_terms
+
     def yes_no(value) -> str:
         return "-" if value is None else ("yes" if value else "no")
 
-    click.echo(f"{'name':<26} {'patch':>5} {'µm/px':>6} {'code':>5} {'params':>7} {'comm.':>5} {'gated':>5} "
+    click.echo(f"{'name':<28} {'patch':>5} {'µm/px':>6} {'code':>5} {'params':>7} {'comm.':>5} {'gated':>5} "
                f"{'found':>5}  licence")
     for name in list_encoders(include_aliases=False):
         spec = get_spec(name)
         marker = f"  (= {DEFAULT_ALIAS})" if name == DEFAULT_ENCODER else ""
         params = "-" if not spec.params else f"{spec.params / 1e6:.0f}M"
         found = "n/a" if spec.architecture == "unavailable" else yes_no(weights_found(name) is not None)
-        click.echo(f"{name:<26} {spec.patch_size:>5} {spec.mpp:>6g} {spec.code_dim:>5} {params:>7} "
-                   f"{yes_no(spec.commercial):>5} {yes_no(spec.gated):>5} {found:>5}  "
-                   f"{(spec.licence or 'weights from your own file').split(';')[0]}{marker}")
+        click.echo(f"{name:<28} {spec.patch_size:>5} {spec.mpp:>6g} {spec.code_dim:>5} {params:>7} "
+                   f"{yes_no(licence_terms(spec.licence, spec.commercial)['commercial']):>5} {yes_no(spec.gated):>5} "
+                   f"{found:>5}  {licence_line(spec.licence, spec.commercial)}{marker}")
 
 
 @main.command("train-encoder")
