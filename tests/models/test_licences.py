@@ -44,3 +44,17 @@ def test_terms_from_spdx_ids_and_declared_facts():
         "other (Owkin non-commercial licence) · non-commercial use only · commercial use: no")
     assert licence_line("that of the weights file you supply") == (
         "licence of your weights file · commercial use: as your weights file's licence says")
+
+
+def test_the_docs_name_the_real_default_and_the_clean_encoders():
+    from pathlib import Path
+
+    from nic_models.registry import DEFAULT_ENCODER
+
+    root = Path(__file__).resolve().parents[2]
+    models_doc = (root / "docs" / "models.md").read_text()
+    assert f"EncoderSpec(name='{DEFAULT_ENCODER}'" in models_doc
+    licence = (root / "README.md").read_text().split("## Licence", 1)[1]
+    assert "nic-mtl-v2-no-monuseg" in licence and "efficientnet-lite0-imagenet" in licence
+    assert "MIT AND CC-BY-NC-SA-4.0" in licence and 'license = "MIT AND CC-BY-NC-SA-4.0"' in (
+        root / "pyproject.toml").read_text()
