@@ -25,6 +25,8 @@ import logging
 import os
 import re
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,11 @@ GPU_DECODING_ENV = "ENABLE_CUSLIDE2"
 NVIMGCODEC_DISTRIBUTIONS = ("nvidia-nvimgcodec-cu12", "nvidia-nvimgcodec-cu13")
 BROKEN_NVIMGCODEC = {"0.9": "nvImageCodec 0.9 fails at GPU JPEG region decoding (NVIDIA/nvImageCodec#55); use 0.8"}
 log = logging.getLogger(__name__)
+SLOW_PATH_WARNING = re.compile(rb"\[Warning\] Loading image\('[^\n]*'\) with a slow-path\.[^\n]*\n?")
+"""What cuCIM's C++ prints to the process's stderr at the first read of a TIFF it decodes through
+libtiff's RGBA path (16-bit samples, strips instead of tiles, planar or palette images): the
+pixels are right (cut to RGB by :func:`copy_rgb`), the line is noise to a user."""
+_STDERR_SWAP = threading.RLock()  # one swap of the process's fd 1/2 at a time, or one restores another's
 
 
 class CucimReader(SlideBackend):
@@ -66,16 +73,21 @@ class CucimReader(SlideBackend):
         self.decoder = decoder_name(loaded_plugins(), device)
 
     def _probe(self):
-        """Decode one pixel: cuCIM opens some TIFFs (zstd, packbits) it then cannot decode."""
-        np.asarray(self._image.read_region((0, 0), (1, 1), len(self.level_dimensions) - 1))
+        """Decode one pixel: cuCIM opens some TIFFs (zstd, packbits) it then cannot decode. cuCIM
+        prints its slow-path warning at the first read of each opened image, so this one read
+        is the only one that needs it caught."""
+        with without_slow_path_warning() as slow_path:
+            np.asarray(self._image.read_region((0, 0), (1, 1), len(self.level_dimensions) - 1))
+        self.slow_path = bool(slow_path)
 
     def metadata_mpp(self) -> float | None:
         return cucim_mpp(self._metadata)
 
     def read_many(self, locations, size, level, device):
         xp = device_namespace(device)
-        if len(locations) == 1:
-            return copy_rgb(self._image.read_region(locations[0], size, level, device=device), xp)
+        if len(locations) == 1 or self.slow_path:  # cuCIM's batched read fails on stripped slow-path TIFFs
+            return xp.concatenate([copy_rgb(self._image.read_region(location, size, level, device=device), xp)
+                                   for location in locations])
         batches = self._image.read_region(
             locations,
             size,
@@ -104,19 +116,49 @@ def quiet_cufile():
     if cupy_gpu():
         yield
         return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 1)
-        os.dup2(null, 2)
-        yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, null):
-            os.close(fd)
+    with _STDERR_SWAP:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = [os.dup(1), os.dup(2)]
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in (*saved, null):
+                os.close(fd)
+
+
+@contextlib.contextmanager
+def without_slow_path_warning():
+    """Keep cuCIM's ``[Warning] Loading image(...) with a slow-path`` line off the terminal.
+
+    cuCIM prints it from C++ straight to file descriptor 2, so neither Python's ``warnings``
+    filters nor ``sys.stderr`` see it: the descriptor is pointed at a temporary file for the
+    call, and whatever else reached it meanwhile (another thread's log line) is written back.
+    Yields a list that holds the caught line once the call is done (empty when cuCIM read the
+    image by its fast path).
+    """
+    found: list[bytes] = []
+    with _STDERR_SWAP, tempfile.TemporaryFile() as caught:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield found
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            written = caught.read()
+            found.extend(SLOW_PATH_WARNING.findall(written))
+            rest = SLOW_PATH_WARNING.sub(b"", written)
+            if rest:
+                os.write(2, rest)
 
 
 def prepare_gpu_decoding() -> str | None:
