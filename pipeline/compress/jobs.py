@@ -13,7 +13,7 @@ from pathlib import Path
 
 from nic_pipeline.errors import SlideError
 from nic_pipeline.io import discover_slides, read_mpp_csv, read_slide_list
-from nic_pipeline.io.metadata import MPP_FIX
+from nic_pipeline.io.metadata import MPP_FIX, missing_mpp
 
 
 @dataclass(frozen=True)
@@ -55,5 +55,5 @@ def slide_mpp(metadata_mpp: float | None, job: SlideJob) -> tuple[float, str]:
     if job.mpp is not None and (job.force_mpp or metadata_mpp is None):
         return job.mpp, "forced" if job.force_mpp and metadata_mpp is not None else "given"
     if metadata_mpp is None:
-        raise SlideError(job.path, f"no µm/px in its metadata; {MPP_FIX}")
+        raise SlideError(job.path, f"{missing_mpp(job.path)}; {MPP_FIX}")
     return metadata_mpp, "metadata"

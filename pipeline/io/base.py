@@ -18,7 +18,7 @@ import numpy as np
 
 from nic_pipeline.errors import SlideError
 from nic_pipeline.io.files import slide_id_of
-from nic_pipeline.io.metadata import MPP_FIX, valid_mpp
+from nic_pipeline.io.metadata import MPP_FIX, missing_mpp, valid_mpp
 from nic_pipeline.io.tiff import JpegTiles
 from nic_pipeline.runtime.arrays import array_namespace, skimage
 
@@ -108,7 +108,7 @@ class Slide:
     def require_mpp(self) -> float:
         """The slide's µm/px, or a SlideError saying how to supply it."""
         if self.mpp is None:
-            raise SlideError(self.path, f"µm/px unknown (not in the slide's metadata): {MPP_FIX}")
+            raise SlideError(self.path, f"µm/px unknown ({missing_mpp(self.path)}): {MPP_FIX}")
         return self.mpp
 
     def read_region(self, location, size, level: int = 0):

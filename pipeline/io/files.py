@@ -7,6 +7,7 @@ a ``(path, reason)`` problem when a cohort is discovered."""
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import warnings
 from pathlib import Path
@@ -169,8 +170,15 @@ def slide_id_problem(slide_id: str) -> str | None:
 
 def file_problem(path: Path) -> str | None:
     """Why ``path`` cannot be a slide file, judged from the file system alone; None when it can."""
-    if path.is_symlink() and not path.exists():
-        return f"broken symbolic link (to {os.readlink(path)}, which does not exist)"
+    if path.is_symlink():
+        try:
+            path.stat()
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                return f"symbolic link loop ({path.name} -> {os.readlink(path)} -> ... never reaches a file)"
+            if err.errno == errno.ENOENT:
+                return f"broken symbolic link (to {os.readlink(path)}, which does not exist)"
+            return f"cannot follow the symbolic link to {os.readlink(path)} ({err.strerror})"
     if not path.exists():
         return "no such file or directory"
     if path.is_dir():

@@ -62,6 +62,29 @@ def tiff_resolution_mpp(x_resolution, unit) -> float | None:
     return plausible_mpp(um_per_unit / float(x_resolution))
 
 
+TIFF_UNITS = {2: ("inch", 25400.0), 3: ("centimeter", 1e4)}  # ResolutionUnit tag values
+
+
+def missing_mpp(path: str | os.PathLike) -> str:
+    """Why a slide has no µm/px, for its FAILED line: "no µm/px in its metadata", or, for a TIFF
+    whose resolution tags give one no microscope scans at (1 px/cm: 10,000 µm/px), what they say."""
+    import tifffile  # only on this error path
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages[0].tags
+            unit, resolution = tags.get("ResolutionUnit"), tags.get("XResolution")
+            unit = TIFF_UNITS.get(int(unit.value)) if unit is not None else None
+            px_per_unit = resolution.value[0] / resolution.value[1] if resolution is not None and resolution.value[1] else 0
+    except Exception:  # noqa: BLE001 - not a TIFF, or no tags: nothing more to say
+        unit, px_per_unit = None, 0
+    if unit is None or px_per_unit <= 0:
+        return "no µm/px in its metadata"
+    name, um_per_unit = unit
+    return (f"its TIFF resolution tags say {px_per_unit:g} px per {name} ({um_per_unit / px_per_unit:g} µm/px), "
+            f"not a microscope's ({PLAUSIBLE_MPP[0]:g} to {PLAUSIBLE_MPP[1]:g} µm/px), so no µm/px is known")
+
+
 def plausible_mpp(value) -> float | None:
     """A metadata µm/px as float, or None when absent or not a microscope's value."""
     try:

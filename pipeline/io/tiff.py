@@ -55,6 +55,7 @@ class TiffImage:
     planes: int  # separately stored sample planes (1 unless PlanarConfiguration is 2)
     photometric: int  # PhotometricInterpretation: how the JPEG tiles code colour
     samples: int
+    bits: int = 8  # BitsPerSample
 
     @property
     def tile_grid(self) -> tuple[int, int]:
@@ -105,6 +106,7 @@ def _image(index: int, page) -> TiffImage:
         planes=int(page.samplesperpixel) if int(page.planarconfig) == 2 else 1,
         photometric=int(page.photometric),
         samples=int(page.samplesperpixel),
+        bits=int(page.bitspersample),
     )
 
 
@@ -127,6 +129,40 @@ def check_tiff(path: Path):
             raise SlideError(path, f"truncated: image {image.index} needs {image.data_end} bytes but the file has {size}")
         _check_tile_count(path, image)
     _check_compression_ratio(path, max(images, key=lambda image: image.width * image.height), size)
+    if any(image.bits == 16 for image in images):
+        _check_sample_range(path)
+
+
+RANGE_CHECK_PIXELS = 4096 * 4096
+"""The largest image read whole to find a 16-bit slide's range (its smallest pyramid level)."""
+
+
+def _check_sample_range(path: Path):
+    """SlideError for 16-bit samples that hold 12-bit (or narrower) data: the readers keep the top
+    8 bits of each sample, which are then at most 15 of 255, an all but black slide that tissue
+    detection would call blank."""
+    stat = path.stat()
+    largest = _largest_sample(str(path), stat.st_mtime_ns, stat.st_size)
+    if largest is not None and 0 < largest < 1 << 12:
+        raise SlideError(path, f"16-bit samples holding {largest.bit_length()}-bit data (largest value {largest} "
+                               "of 65535): read at 8 bits (the top 8 of 16) the slide is all but black; "
+                               "scale it to the full 16-bit range, or to 8 bits, first")
+
+
+@functools.lru_cache(maxsize=8)
+def _largest_sample(path: str, mtime_ns: int, size: int) -> int | None:
+    """The largest sample value of the smallest 16-bit image of a TIFF (its SMaxSampleValue tag
+    when that image is too large to read here), or None when neither tells."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = [page for page in tif.pages if int(page.bitspersample) == 16]
+            page = min(pages, key=lambda page: int(page.imagewidth) * int(page.imagelength))
+            if int(page.imagewidth) * int(page.imagelength) <= RANGE_CHECK_PIXELS:
+                return int(page.asarray().max())
+            tag = page.tags.get("SMaxSampleValue")
+            return int(np.max(tag.value)) if tag is not None else None
+    except Exception:  # noqa: BLE001 - a page that does not decode is the readers' to report
+        return None
 
 
 def _check_tile_count(path: Path, image: TiffImage):
