@@ -27,6 +27,7 @@ from nic_pipeline.runtime.cluster import connect
 from nic_pipeline.synth import CohortSpec, write_cohort
 from nic_pipeline.viz.views import save_store_views
 
+
 @dataclass(frozen=True)
 class DemoSpec:
     """Cohort and model of the demo; the defaults finish in a few minutes on 2 CPU cores."""

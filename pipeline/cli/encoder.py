@@ -14,6 +14,7 @@ from nic_pipeline.cli.group import EXISTING_PATH, main
 def encoders():
     """List the registry's encoders: patch, µm/px, code size, parameters, licence, commercial use,
     gated, and whether the weights are on this machine."""
+    from nic_models.licences import licence_line, licence_terms
     from nic_models.registry import (
         DEFAULT_ALIAS,
         DEFAULT_ENCODER,
@@ -21,8 +22,6 @@ def encoders():
         list_encoders,
         weights_found,
     )
-
-    from nic_models.licences import licence_line, licence_terms
 
     def yes_no(value) -> str:
         return "-" if value is None else ("yes" if value else "no")

@@ -14,14 +14,13 @@ from click.testing import CliRunner
 
 from nic_models.slide_models import get_slide_model_spec
 from nic_pipeline.classify import predict_cohort, resolve_params, train_cohort
-from nic_pipeline.classify.graph import _warn_if_long
 from nic_pipeline.classify.explain import explain_cohort
+from nic_pipeline.classify.graph import _warn_if_long
 from nic_pipeline.classify.labels import write_splits
 from nic_pipeline.classify.metrics import auc
-from nic_pipeline.errors import NicError
 from nic_pipeline.cli import main
+from nic_pipeline.errors import NicError
 from tests.classify.cohort import N_SLIDES, make_cohort
-
 
 FAST = {
     "nic-cnn": dict(crop=32, steps=150, batch_size=16, lr=3e-3, lr_final_ratio=0.1, width=64, dropout=0.1),
