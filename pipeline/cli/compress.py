@@ -10,23 +10,24 @@ import click
 
 from nic_pipeline.cli.cluster import _connect_options, cluster_options
 from nic_pipeline.cli.group import EXISTING_PATH, main
+from nic_pipeline.cli.types import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, SEED
 from nic_pipeline.compress.grid import DEFAULT_BLOCK, DEFAULT_MIN_TISSUE
 
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "store", required=True, type=click.Path(path_type=Path), help="Output Zarr store (one per cohort).")
-@click.option("--workers", type=int, default=None, help="Workers of the embedded local cluster (default: one per core, or per GPU).")
+@click.option("--workers", type=COUNT, default=None, help="Workers of the embedded local cluster (default: one per core, or per GPU).")
 @click.option("--scheduler", default=None, help="Address of an existing Dask scheduler, e.g. tcp://node1:8786.")
 @click.option("--scheduler-file", type=click.Path(exists=True), default=None, help="Scheduler file of an existing cluster.")
-@click.option("--wait-workers", type=int, default=1, show_default=True,
+@click.option("--wait-workers", type=click.IntRange(min=0), default=1, show_default=True,
               help="Wait until this many workers have joined before submitting.")
-@click.option("--wait-timeout", type=float, default=300, show_default=True, help="Seconds to wait for them.")
+@click.option("--wait-timeout", type=NON_NEGATIVE, default=300, show_default=True, help="Seconds to wait for them.")
 @click.option("--encoder", default="nic", show_default=True, help="Encoder name from the registry (see `nic encoders`).")
 @click.option("--weights", type=click.Path(exists=True), default=None, help="Local weights file for the encoder.")
 @click.option("--random-init", is_flag=True, help="Seeded random weights instead of trained ones.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-init.")
-@click.option("--mpp", type=float, default=None, help="µm/px for slides whose metadata has none.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of --random-init.")
+@click.option("--mpp", type=POSITIVE, default=None, help="µm/px for slides whose metadata has none.")
 @click.option("--mpp-csv", type=click.Path(exists=True), default=None,
               help="CSV slide_id,mpp: µm/px per slide, for slides whose metadata has none.")
 @click.option("--force-mpp", is_flag=True, help="Use --mpp / --mpp-csv even where the metadata has a µm/px.")
@@ -35,12 +36,12 @@ from nic_pipeline.compress.grid import DEFAULT_BLOCK, DEFAULT_MIN_TISSUE
 @click.option("--dihedral-mean", is_flag=True, help="Encode each patch as the mean code of its 8 rotations/flips.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where workers decode and encode: auto = the worker's GPU when it has one.")
-@click.option("--block", type=int, default=DEFAULT_BLOCK, show_default=True,
+@click.option("--block", type=COUNT, default=DEFAULT_BLOCK, show_default=True,
               help="Cells per block side: one task and one shard file each.")
-@click.option("--stride", type=int, default=None,
+@click.option("--stride", type=COUNT, default=None,
               help="Px between patches at the encoder's µm/px (default: the encoder's; 64 with 128 px patches: "
                    "overlapping patches, 4x the cells).")
-@click.option("--min-tissue", type=float, default=DEFAULT_MIN_TISSUE, show_default=True,
+@click.option("--min-tissue", type=FRACTION, default=DEFAULT_MIN_TISSUE, show_default=True,
               help="Tissue fraction a cell's patch needs to be encoded.")
 @click.option("--stain-norm", type=click.Choice(["none", "macenko", "reinhard"]), default="none", show_default=True,
               help="Normalise each slide's stain onto --stain-target before encoding (docs/compress.md).")

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from nic_pipeline.cli.group import EXISTING_PATH, main
+from nic_pipeline.cli.types import COUNT, POSITIVE, SEED
 
 
 @main.command()
@@ -47,9 +48,9 @@ def encoders():
 @click.option("--exclude-task", multiple=True, help="Leave a task out (leave-one-task-out runs); repeatable.")
 @click.option("--name", default=None, help="Override the model name in the config.")
 @click.option("--init", default=None, help="Override init: 'scratch' or an encoder name/card to fine-tune.")
-@click.option("--epochs", type=int, default=None, help="Override training.epochs.")
-@click.option("--lr", type=float, default=None, help="Override training.lr.")
-@click.option("--seed", type=int, default=None, help="Override the seed.")
+@click.option("--epochs", type=COUNT, default=None, help="Override training.epochs.")
+@click.option("--lr", type=POSITIVE, default=None, help="Override training.lr.")
+@click.option("--seed", type=SEED, default=None, help="Override the seed.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Override any config value by dotted key (YAML value), e.g. augment.hed_sigma=0; repeatable.")
 def train_encoder_cmd(config, out_dir, data_root, exclude_task, name, init, epochs, lr, seed, settings):
@@ -75,12 +76,12 @@ def train_encoder_cmd(config, out_dir, data_root, exclude_task, name, init, epoc
 @click.option("--encoder", default="nic", show_default=True, help="Registry name, alias or model card / checkpoint path.")
 @click.option("--weights", type=click.Path(exists=True, path_type=Path), default=None, help="Local weights file.")
 @click.option("--random-init", is_flag=True, help="Seeded random weights (baseline).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--mpp", type=float, default=None, help="µm/px of the tiles (default: the encoder's).")
-@click.option("--crops", type=int, default=1, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--mpp", type=POSITIVE, default=None, help="µm/px of the tiles (default: the encoder's).")
+@click.option("--crops", type=COUNT, default=1, show_default=True,
               help="Average the codes of CROPS x CROPS patches spread over each tile (1: centre patch).")
 @click.option("--path-column", default="path", show_default=True, help="Path column when TILES is a CSV.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=COUNT, default=64, show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="As for `nic compress`: auto = fp16 on GPUs with tensor cores, bf16 on CPUs with native bf16.")
 def embed(tiles, out_file, encoder, weights, random_init, seed, mpp, crops, path_column, batch_size, precision):
@@ -106,8 +107,8 @@ def embed(tiles, out_file, encoder, weights, random_init, seed, mpp, crops, path
 @click.option("--group-column", default="group", show_default=True,
               help="Group column for group-aware CV (missing column: every tile its own group).")
 @click.option("--kind", type=click.Choice(["auto", "classification", "regression"]), default="auto", show_default=True)
-@click.option("--folds", type=int, default=5, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--json", "out_json", type=click.Path(path_type=Path), default=None, help="Also write the result here.")
 @click.option("--split-column", default=None,
               help="Fit on the --train-split rows and score the --test-split rows of this column (no CV).")

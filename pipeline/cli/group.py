@@ -36,6 +36,9 @@ class NicGroup(click.Group):
         except NicError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+        except click.UsageError as err:  # a bad option value: one line, not click's usage block
+            click.echo(f"error: {err.format_message()}", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: run the same command again to go on where it stopped", err=True)
             sys.exit(130)

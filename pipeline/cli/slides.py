@@ -8,12 +8,13 @@ from pathlib import Path
 import click
 
 from nic_pipeline.cli.group import main
+from nic_pipeline.cli.types import COUNT, FRACTION, FiniteFloat, POSITIVE, SEED
 
 
 @main.command()
 @click.argument("slide", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@click.option("--mpp", type=float, default=None, help="Override the slide's µm/px.")
+@click.option("--mpp", type=POSITIVE, default=None, help="Override the slide's µm/px.")
 def info(slide, as_json, mpp):
     """Describe SLIDE: format, reader, dimensions, pyramid levels, µm/px, vendor."""
     from nic_pipeline.io import open_slide
@@ -37,19 +38,19 @@ def info(slide, as_json, mpp):
 
 @main.command()
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--slides", "n_slides", type=int, default=4, show_default=True, help="Slides in the cohort.")
-@click.option("--width", type=int, default=8192, show_default=True, help="Level-0 width in px.")
-@click.option("--height", type=int, default=8192, show_default=True, help="Level-0 height in px.")
-@click.option("--mpp", type=float, default=0.5, show_default=True, help="µm/px of level 0.")
+@click.option("--slides", "n_slides", type=COUNT, default=4, show_default=True, help="Slides in the cohort.")
+@click.option("--width", type=COUNT, default=8192, show_default=True, help="Level-0 width in px.")
+@click.option("--height", type=COUNT, default=8192, show_default=True, help="Level-0 height in px.")
+@click.option("--mpp", type=POSITIVE, default=0.5, show_default=True, help="µm/px of level 0.")
 @click.option(
     "--lesion-fraction",
-    type=float,
+    type=FRACTION,
     default=0.05,
     show_default=True,
     help="Lesion area as a fraction of the tissue, on positive slides.",
 )
-@click.option("--positive-fraction", type=float, default=0.5, show_default=True, help="Share of positive slides.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--positive-fraction", type=FRACTION, default=0.5, show_default=True, help="Share of positive slides.")
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option(
     "--texture",
     default="synthetic",
@@ -63,9 +64,9 @@ def info(slide, as_json, mpp):
 @click.option("--pen-marks/--no-pen-marks", default=False, show_default=True, help="Draw pen-mark artifacts.")
 @click.option("--artifacts/--no-artifacts", default=False, show_default=True,
               help="Draw tissue folds (darker double-thickness bands).")
-@click.option("--tile-mpp", type=float, default=None,
+@click.option("--tile-mpp", type=POSITIVE, default=None,
               help="µm/px of the --texture tiles (default: known datasets, else 0.5).")
-@click.option("--stain-jitter", type=float, default=0.0, show_default=True,
+@click.option("--stain-jitter", type=FiniteFloat(min=0, max=1, max_open=True), default=0.0, show_default=True,
               help="Per-slide stain variation: scale the H and E vectors by U(1-s, 1+s) from the seed (0: off).")
 def synth(out_dir, n_slides, width, height, mpp, lesion_fraction, positive_fraction, seed, texture,
           tile_labels, lesion_classes, pen_marks, artifacts, tile_mpp, stain_jitter):
