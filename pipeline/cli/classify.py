@@ -9,6 +9,7 @@ import click
 
 from nic_pipeline.cli.cluster import _connect_options, cluster_options
 from nic_pipeline.cli.group import EXISTING_PATH, default_slide_model, main
+from nic_pipeline.cli.types import COUNT, SEED
 from nic_pipeline.errors import NicError
 
 
@@ -36,15 +37,15 @@ def _parse_params(pairs) -> dict:
                    "(docs/classify.md).")
 @click.option("--task", type=click.Choice(["binary", "multiclass", "regression", "survival"]), default="binary",
               show_default=True)
-@click.option("--folds", type=int, default=5, show_default=True, help="Cross-validation folds (<2: final model only).")
+@click.option("--folds", type=click.IntRange(min=0), default=5, show_default=True, help="Cross-validation folds (<2: final model only).")
 @click.option("--splits", type=EXISTING_PATH, default=None,
               help="Fixed splits instead of --folds: a CLAM splits_K.csv (columns train,val,test of slide ids) or a "
                    "folder of them; fold K trains on train, is scored on test (val reported apart).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--param", "params", multiple=True, help="Override a hyper-parameter, KEY=VALUE (e.g. steps=500); repeatable.")
 @click.option("--scheduler", default=None, help="Address of a running Dask scheduler.")
 @click.option("--scheduler-file", type=click.Path(path_type=Path), default=None, help="Dask scheduler file.")
-@click.option("--workers", type=int, default=None, help="Workers of the local cluster (no scheduler named).")
+@click.option("--workers", type=COUNT, default=None, help="Workers of the local cluster (no scheduler named).")
 @cluster_options
 def train_cmd(store, labels, run_dir, model, task, folds, splits, seed, params, scheduler, scheduler_file, workers,
               **cluster):
