@@ -136,7 +136,7 @@ class _Models:
             return self.final, "final model", evaluation
         if fold not in self._folds:
             self._folds[fold] = SlideModel.load(self.run_dir / "folds" / f"fold-{fold}")
-        return self._folds[fold], f"fold {fold} model", OUT_OF_FOLD
+        return self._folds[fold], f"out of fold (fold {fold})", OUT_OF_FOLD
 
 
 def _true_labels(run_dir, labels, task: str) -> dict[str, str]:
@@ -257,7 +257,8 @@ def explain_cohort(store, run_dir, out_dir, slides_dir=None, masks_dir=None, sli
             row["n_lesion_cells"] = int(((lesion >= 0.5) & np.isfinite(heat)).sum())
             row["lesion_auc"] = heatmap_auc(heat, lesion)
         rows.append(row)
-        titles[sid] = (f"{sid} — {bundle.name}, {which}, {evaluation}: {score_text(bundle, prediction)}"
+        said = which if evaluation == OUT_OF_FOLD else f"{which}, {evaluation}"  # "out of fold (fold 2)"
+        titles[sid] = (f"{sid} — {bundle.name}, {said}: {score_text(bundle, prediction)}"
                        f"   ·   true label: {truth.get(sid, 'not given')}")
         for s in {source, grid}:
             s.clear()  # one slide at a time

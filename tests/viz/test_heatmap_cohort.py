@@ -45,6 +45,7 @@ def test_every_printed_and_drawn_number_says_in_sample(heatmaps, run):
     assert summary["lesion_auc"]["in-sample"]["median"] > 0.9  # the mean model finds the lesion
 
 
+@pytest.mark.slow  # two heatmap runs
 def test_out_of_fold_and_held_out_slides_are_told_apart(run, tmp_path):
     frame = explain_cohort(run["store"], run["run"], tmp_path / "oof", masks_dir=run["masks"], out_of_fold=True)
     assert (frame["evaluation"] == "out-of-fold").all()
@@ -129,6 +130,7 @@ def test_overlay_is_a_tiled_pyramid_at_the_slides_scale(heatmaps, run, tmp_path)
         np.testing.assert_array_equal(levels[3].asarray(), rgba)  # 64 µm per px: one px per cell
 
 
+@pytest.mark.slow  # two heatmap runs
 def test_a_finer_store_draws_a_finer_map(run, tmp_path):
     dense = dense_copy(run["store"], tmp_path / "s64.zarr", run["ids"])
     frame = explain_cohort(run["store"], run["run"], tmp_path / "fine", masks_dir=run["masks"], fine_store=dense)
