@@ -202,14 +202,15 @@ def speed(detectors, size, cohort_dir):
     rows = [np.concatenate([thumbs[(i * 7 + j) % len(thumbs)] for j in range(-(-size // tw))], axis=1)
             for i in range(-(-size // th))]
     image = np.ascontiguousarray(np.concatenate(rows, axis=0)[:size, :size])
-    for name, module in detectors.items():
-        times = []
-        for _ in range(3):
+    times = {name: [] for name in detectors}
+    for _ in range(3):  # interleaved, so that a change in the machine's load hits both alike
+        for name, module in detectors.items():
             start = time.perf_counter()
-            mask = module.tissue_mask(image, mpp=8.0)
-            times.append(time.perf_counter() - start)
-        print(f"speed {name}: {size}² px mask in {min(times):.2f} s (best of 3), tissue {mask.mean():.3f}")
-
+            module.tissue_mask(image, mpp=8.0)
+            times[name].append(time.perf_counter() - start)
+    for name, module in detectors.items():
+        print(f"speed {name}: {size}² px mask in {min(times[name]):.2f} s (best of 3), "
+              f"tissue {module.tissue_mask(image, mpp=8.0).mean():.3f}")
 
 if __name__ == "__main__":
     main()

@@ -110,7 +110,7 @@ def channel_mean(image):
     return (image[..., 0] + image[..., 1] + image[..., 2]) / image.dtype.type(3)
 
 
-def pen_mask(rgb, mpp: float = DEFAULT_MASK_MPP, od=None, sat=None):
+def pen_mask(rgb, mpp: float = DEFAULT_MASK_MPP, od=None, sat=None, glass=None):
     """Pixels whose colour H&E cannot make: red, green, blue or black marker ink (bool (h, w)).
 
     H&E absorbs green light most (haematoxylin purple, eosin pink). Green and blue inks absorb
@@ -127,7 +127,7 @@ def pen_mask(rgb, mpp: float = DEFAULT_MASK_MPP, od=None, sat=None):
     xp = array_namespace(rgb)
     if od is None:
         od = optical_density(rgb)
-    od = xp.maximum(od - glass_od(rgb, od, sat), 0.0)
+    od = xp.maximum(od - (glass_od(rgb, od, sat) if glass is None else glass), 0.0)
     pen = _ink(od, PEN_RED_OVER_GREEN, PEN_BLUE_OVER_GREEN)
     sigma = PEN_SMOOTH_UM / mpp
     if sigma >= 0.5:
@@ -251,7 +251,7 @@ def tissue_mask(rgb, mpp: float = DEFAULT_MASK_MPP, *, remove_pen: bool = True):
 
     pen = None
     if remove_pen:
-        pen = pen_mask(rgb, mpp, od, raw_sat) & mask
+        pen = pen_mask(rgb, mpp, od, raw_sat, glass) & mask
         pen = _dilate(pen, PEN_MARGIN_UM / mpp)
         mask &= ~pen
 
