@@ -1,7 +1,9 @@
 """nic-cnn: the CNN of Tellez et al. (TPAMI 2019) on crops of the compressed grid.
 
 Reads grid crops; scores are averaged over the 8 rotations/flips and over a tiling of crops;
-explains itself by Grad-CAM (:meth:`NicCNN.relevance`).
+explains itself by Grad-CAM (:meth:`NicCNN.relevance`). Codes wider than ``reduce`` channels
+(foundation encoders: 1,024-3,072) are first mapped to ``reduce`` channels by a 1x1 convolution,
+so the network after it is the paper's whatever the encoder.
 """
 
 from __future__ import annotations
@@ -33,19 +35,27 @@ class NicCNN(nn.Module):
 
     ``depth`` depthwise-separable 3x3 blocks of ``width`` filters, stride 2 on the first
     ``n_strided``; global ``pooling`` ("max" or "mean"); dense layer of ``hidden``; output.
+    When the codes have more than ``reduce`` channels (``in_channels`` - 1, the tissue fraction
+    being the last), a 1x1 convolution + BatchNorm + LeakyReLU first maps the codes to ``reduce``
+    channels and the tissue fraction passes beside them (``reduce=0``: never).
     L2 weight decay is applied by the optimiser (see nic_pipeline.classify). Grad-CAM of
     :meth:`relevance` is taken at block ``cam_layer`` (HiResCAM when ``cam_hires``).
     """
 
     def __init__(self, in_channels: int, n_outputs: int, width: int = 128, depth: int = 8,
                  n_strided: int = 6, dropout: float = 0.2, pooling: str = "max", hidden: int = 128,
-                 slope: float = 0.2, cam_layer: int = 1, cam_hires: bool = False):
+                 slope: float = 0.2, cam_layer: int = 1, cam_hires: bool = False, reduce: int = 128):
         super().__init__()
         if pooling not in ("max", "mean"):
             raise ValueError(f"pooling must be 'max' or 'mean', not {pooling!r}")
         self.pooling = pooling
         self.cam_layer, self.cam_hires = cam_layer, cam_hires
-        chans = [in_channels] + [width] * depth
+        self.reduce = None
+        if reduce and in_channels - 1 > reduce:
+            self.reduce = nn.Sequential(nn.Conv2d(in_channels - 1, reduce, 1, bias=False), nn.BatchNorm2d(reduce),
+                                        nn.LeakyReLU(slope))
+        self.in_channels, self.slope = in_channels, slope
+        chans = [reduce + 1 if self.reduce is not None else in_channels] + [width] * depth
         self.blocks = nn.ModuleList(
             SeparableBlock(chans[i], chans[i + 1], 2 if i < n_strided else 1, dropout, slope)
             for i in range(depth)
@@ -56,11 +66,23 @@ class NicCNN(nn.Module):
     def trunk(self, x: torch.Tensor, keep: int | None = None):
         """Run the conv blocks; also return the activation after block ``keep`` (for Grad-CAM)."""
         kept = None
+        if self.reduce is not None:
+            x = torch.cat([self.reduce(x[:, :-1]), x[:, -1:]], dim=1)
         for i, block in enumerate(self.blocks):
             x = block(x)
             if keep is not None and i == keep % len(self.blocks):
                 kept = x
         return x, kept
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also loads a model saved before channel reduction existed (no ``reduce.*`` keys): its
+        first block then reads the codes directly, as it was trained."""
+        if self.reduce is not None and not any(k.startswith("reduce.") for k in state_dict):
+            first = self.blocks[0]
+            self.reduce = None
+            self.blocks[0] = SeparableBlock(self.in_channels, first.pointwise.out_channels, first.depthwise.stride[0],
+                                            first.drop.p, self.slope)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def head_from_maps(self, maps: torch.Tensor) -> torch.Tensor:
         pooled = maps.amax(dim=(-2, -1)) if self.pooling == "max" else maps.mean(dim=(-2, -1))
@@ -95,11 +117,11 @@ def grad_cam(model: NicCNN, crop: torch.Tensor, layer: int, output_index: int = 
     "nic-cnn", input="grid",
     defaults=dict(crop=128, steps=2000, batch_size=16, lr=1e-3, lr_final_ratio=0.01, weight_decay=1e-5,
                   dropout=0.2, width=128, depth=8, n_strided=6, pooling="max", hidden=128, cam_layer=1,
-                  cam_hires=False),
+                  cam_hires=False, reduce=128),
     scores="mean over a tiling of crops of the mean over 8 rotations/flips",
     explanation="grad-cam",
     description="the CNN of Tellez et al. 2019 on crops of the compressed grid")
 def build_nic_cnn(in_channels: int, n_outputs: int, width=128, depth=8, n_strided=6, dropout=0.2,
-                  pooling="max", hidden=128, cam_layer=1, cam_hires=False, **_) -> NicCNN:
+                  pooling="max", hidden=128, cam_layer=1, cam_hires=False, reduce=128, **_) -> NicCNN:
     return NicCNN(in_channels, n_outputs, width=width, depth=depth, n_strided=n_strided, dropout=dropout,
-                  pooling=pooling, hidden=hidden, cam_layer=cam_layer, cam_hires=cam_hires)
+                  pooling=pooling, hidden=hidden, cam_layer=cam_layer, cam_hires=cam_hires, reduce=reduce)
