@@ -12,6 +12,7 @@ naming a batch system (``--cluster slurm``) submits worker jobs through dask-job
 from __future__ import annotations
 
 import ast
+import atexit
 import contextlib
 import ctypes.util
 import glob
@@ -20,11 +21,17 @@ import os
 import signal
 import socket
 import sys
+import tempfile
+import threading
+import uuid
 import warnings
+import weakref
 from typing import Iterator
 
 import dask
 from distributed import Client, LocalCluster
+from distributed.core import Status
+from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.security import Security
 
 from nic_pipeline.errors import NicError
@@ -76,6 +83,46 @@ def sigint_ignored():
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+class DeferredInterrupt:
+    """Ctrl-C while the embedded cluster closes: remembered, and raised once the close is done.
+
+    A KeyboardInterrupt thrown into distributed's close leaves it half done (a worker process alive
+    to log its heartbeat traceback after ``interrupted:``, or an exit that waits on a stopped event
+    loop). A second Ctrl-C stops waiting for the close."""
+
+    def __init__(self):
+        self.caught = False
+        self._previous = None
+
+    def start(self) -> None:
+        if threading.current_thread() is threading.main_thread() and self._previous is None:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def stop(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.caught:
+            self.stop()
+            raise KeyboardInterrupt
+        self.caught = True
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[DeferredInterrupt]:
+    """A :class:`DeferredInterrupt` to start where the close begins; its Ctrl-C raised at the end
+    (unless an exception, e.g. the first Ctrl-C, is already on its way out)."""
+    deferred = DeferredInterrupt()
+    try:
+        yield deferred
+    finally:
+        deferred.stop()
+    if deferred.caught:
+        raise KeyboardInterrupt
 
 
 def _guarded(tree: ast.Module, line: int) -> bool:
@@ -133,9 +180,117 @@ def start_method_for_script():
         yield
 
 
-def start_local_cluster(workers: int | None = None, threads_per_worker: int = 1, dashboard: bool = True):
-    """Start the embedded cluster: dask-cuda workers on GPUs, else ``workers`` CPU processes."""
+STARTUP_LOGGERS = ("distributed.nanny", "distributed.core", "distributed.process", "distributed.deploy.spec")
+"""Where distributed logs a worker that dies while it starts (``Nanny failed to start``, ``Worker
+failed to connect``, each with its traceback, about 60 lines): :func:`start_workers` says it in one line."""
+
+
+@contextlib.contextmanager
+def quiet_loggers(names, level: int = logging.CRITICAL + 1):
+    """The named loggers silent for the duration (their own levels restored after)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, previous in zip(loggers, levels):
+            logger.setLevel(previous)
+
+
+def _first_line(err: BaseException | None) -> str:
+    """The innermost message of a chained start-up error (``Nanny failed to start worker process``)."""
+    while err is not None and err.__cause__ is not None:
+        err = err.__cause__
+    return str(err).strip().splitlines()[0] if err is not None and str(err).strip() else "no reason given"
+
+
+def start_workers(cluster, n: int) -> int:
+    """Start ``n`` workers on ``cluster`` (made with none) and keep those that start: a worker killed
+    or crashed during start-up costs one warning line, not the run (distributed closes the whole
+    cluster and raises). None started: NicError, one line. Returns how many run."""
+    for _ in range(n):
+        cluster.worker_spec.update(cluster.new_worker_spec())
+    problem = None
+    with quiet_loggers(STARTUP_LOGGERS):
+        try:
+            cluster.sync(cluster._correct_state)
+        except Exception as err:  # noqa: BLE001 - a Nanny that failed to start (any type); the others are up
+            problem = err
+    failed = [name for name, worker in cluster.workers.items() if worker.status != Status.running]
+    failed += [name for name in cluster.worker_spec if name not in cluster.workers]
+    if problem is None and not failed:
+        return n
+    for name in failed:
+        cluster.worker_spec.pop(name, None)
+        cluster.workers.pop(name, None)
+    started = len(cluster.workers)
+    if not started:
+        with quiet_loggers(STARTUP_LOGGERS):
+            cluster.close()
+        raise NicError(f"no Dask worker started: {n} of {n} died while starting ({_first_line(problem)}); "
+                       "is the machine out of memory, or did something kill them?")
+    warnings.warn(f"{n - started} of {n} Dask workers died while starting ({_first_line(problem)}); "
+                  f"going on with {started}", RuntimeWarning, stacklevel=2)
+    return started
+
+
+HEARTBEAT_FAILED = "Failed to communicate with scheduler during heartbeat"
+"""What a worker logs, with a ~25-line traceback, when a heartbeat it sent is cut by the close of
+its own comms or of the scheduler's: a race of distributed's close (the heartbeat callback is
+stopped, but one already in flight is not awaited), about 1 close in 20."""
+
+
+class HeartbeatAtClose(logging.Filter):
+    """Drops :data:`HEARTBEAT_FAILED` while the worker closes or once the client said the cluster
+    is closing (the ``flag`` file exists); the same failure mid-run still shows."""
+
+    def __init__(self, worker, flag: str):
+        super().__init__()
+        self._worker = weakref.ref(worker)
+        self._flag = flag
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(HEARTBEAT_FAILED):
+            return True
+        worker = self._worker()
+        closing = worker is None or worker.status not in (Status.running, Status.paused)
+        return not (closing or os.path.exists(self._flag))
+
+
+class QuietClose(WorkerPlugin):
+    """Installs :class:`HeartbeatAtClose` in each worker of the embedded cluster."""
+
+    name = "nic-quiet-close"
+
+    def __init__(self, flag: str):
+        self.flag = flag
+
+    def setup(self, worker):
+        logging.getLogger("distributed.worker").addFilter(HeartbeatAtClose(worker, self.flag))
+
+
+def closing_flag() -> str:
+    """A path, not yet created, that :func:`orderly_close` creates when the client starts closing
+    the embedded cluster; removed when this process exits (after its worker processes)."""
+    flag = os.path.join(tempfile.gettempdir(), f"nic-closing-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    atexit.register(_remove_quietly, flag)
+    return flag
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def start_local_cluster(workers: int | None = None, threads_per_worker: int = 1, dashboard: bool = True,
+                        flag: str | None = None):
+    """Start the embedded cluster: dask-cuda workers on GPUs, else ``workers`` CPU processes; a
+    worker that dies while starting is left out (:func:`start_workers`). ``flag``: the file whose
+    existence tells the workers that the close is orderly (:class:`HeartbeatAtClose`)."""
     address = dashboard_address(dashboard)
+    plugins = {"plugins": {QuietClose(flag)}} if flag else {}
     gpus = nvml_gpu_count()
     with sigint_ignored():
         if gpus:
@@ -144,19 +299,31 @@ def start_local_cluster(workers: int | None = None, threads_per_worker: int = 1,
             except ImportError:
                 LocalCUDACluster = None
             if LocalCUDACluster is not None:
-                return LocalCUDACluster(
-                    n_workers=workers or gpus, threads_per_worker=threads_per_worker,
-                    resources={"GPU": 1}, dashboard_address=address, silence_logs=logging.ERROR,
-                )
+                try:
+                    with quiet_loggers(STARTUP_LOGGERS):
+                        return LocalCUDACluster(
+                            n_workers=workers or gpus, threads_per_worker=threads_per_worker,
+                            resources={"GPU": 1}, dashboard_address=address, silence_logs=logging.ERROR,
+                            **plugins,
+                        )
+                except Exception as err:  # dask-cuda needs a worker per GPU at once: no partial start
+                    raise NicError(f"the GPU workers did not start: {_first_line(err)}") from err
         environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **_worker_environment()}
         with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-            return LocalCluster(
-                n_workers=workers or os.cpu_count() or 1,
+            cluster = LocalCluster(
+                n_workers=0,
                 threads_per_worker=threads_per_worker,
                 processes=True,
                 dashboard_address=address,
                 silence_logs=logging.ERROR,
+                **plugins,
             )
+            try:
+                start_workers(cluster, workers or os.cpu_count() or 1)
+            except BaseException:
+                cluster.close()
+                raise
+            return cluster
 
 
 def tls_security(ca_file: str | None = None, cert: str | None = None, key: str | None = None) -> Security | None:
@@ -216,10 +383,17 @@ def connect(
             wait_for_batch_workers(client, gpu=batch.gpus_per_job > 0)
             yield client
         return
-    with start_method_for_script():  # for the cluster's life: a nanny restarts its worker the same way
-        cluster = start_local_cluster(workers, dashboard=dashboard)
+    flag = closing_flag()
+    # start method: for the cluster's life, as a nanny restarts its worker the same way
+    with start_method_for_script(), interrupts_deferred() as deferred:
+        cluster = start_local_cluster(workers, dashboard=dashboard, flag=flag)
         with cluster, Client(cluster) as client:
-            yield client
+            try:
+                yield client
+            finally:  # Ctrl-C or not, the close from here on is ours: not a failure, not to interrupt
+                deferred.start()
+                with contextlib.suppress(OSError):
+                    open(flag, "x").close()
 
 
 @contextlib.contextmanager
