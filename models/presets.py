@@ -103,13 +103,14 @@ PRESETS: tuple[Preset, ...] = (
     _vit("h-optimus-1", "vit_giant_patch14_reg4_dinov2", 1536, 1_134_774_272, 40, 1536,
          kwargs={"img_size": 224, "init_values": 1e-5, "global_pool": "token", "dynamic_img_size": True},
          layerscale=True, reg_tokens=4, normalisation=HOPTIMUS, input_resize="bicubic",
-         licence="other (Bioptimus H-optimus-1 licence: non-commercial)", commercial=False, gated=True,
+         licence="CC-BY-NC-ND-4.0", commercial=False, gated=True,
          hf_repo="bioptimus/H-optimus-1",
          citation="Bioptimus, H-optimus-1, 2025 (huggingface.co/bioptimus/H-optimus-1)"),
     _vit("h0-mini", "vit_base_patch14_reg4_dinov2", 1536, 85_739_520, 12, 768, feature="cls+mean",
          kwargs={"img_size": 224, "init_values": 1e-5, "mlp_ratio": 2.66667 * 2, "dynamic_img_size": True,
                  **SWIGLU},
-         note="mlp_ratio inferred from the card's 86M parameters (SwiGLU), not read from its config.json",
+         note="SwiGLU as TRIDENT/eva/LazySlide pass it to timm; mlp_ratio 5.33 is what gives LazySlide's 85.7M "
+              "count of the hub model (4 would give 71.6M), not read from its config.json",
          layerscale=True, reg_tokens=4, normalisation=HOPTIMUS, input_resize="bicubic",
          licence=MAHMOOD_NC, commercial=False, gated=True,
          hf_repo="bioptimus/H0-mini",
@@ -119,7 +120,7 @@ PRESETS: tuple[Preset, ...] = (
          kwargs={"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40,
                  "num_heads": 24, "init_values": 1e-5, "mlp_ratio": 5.33334, "dynamic_img_size": True},
          layerscale=True, patch_size=256, input_size=224, input_crop=True,
-         licence="Apache-2.0 (model card: research use)", commercial=False, gated=True,
+         licence="Apache-2.0 (README: research use only)", commercial=False, gated=True,
          hf_repo="prov-gigapath/prov-gigapath",
          citation="H. Xu et al., A whole-slide foundation model for digital pathology from real-world data, "
                   "Nature 630:181-188, 2024"),
@@ -135,22 +136,29 @@ PRESETS: tuple[Preset, ...] = (
          licence="other (Owkin non-commercial licence)", commercial=False, gated=False, hf_repo="owkin/phikon-v2",
          citation="A. Filiot et al., Phikon-v2, A large and public feature extractor for biomarker prediction, "
                   "arXiv:2409.09173, 2024"),
-    _vit("hibou-b", "vit_base_patch14_reg4_dinov2", 768, 85_727_232, 12, 768, key_format="hf-dinov2",
-         kwargs={"img_size": 224, "init_values": 1e-5}, layerscale=True, reg_tokens=4,
+    _vit("hibou-b", "vit_base_patch14_reg4_dinov2", 768, 85_739_520, 12, 768, key_format="hf-dinov2",
+         kwargs={"img_size": 224, "init_values": 1e-5, "mlp_ratio": 2.66667 * 2, **SWIGLU},
+         layerscale=True, reg_tokens=4,
          normalisation=HIBOU, input_resize="bicubic", allowed_extra_keys=("pooler.",),
-         licence="Apache-2.0", commercial=True, gated=False, hf_repo="histai/hibou-b",
+         note="SwiGLU as in DINOv2's SwiGLUFFNFused (hidden 2048, packed fc1 768 -> 4096): HistAI/hibou's "
+              "build_model defaults (ffn_layer='swiglufused', mlp_ratio 4, 4 registers, LayerScale 1e-5)",
+         licence="Apache-2.0", commercial=True, gated=True, hf_repo="histai/hibou-b",
          citation="D. Nechaev, A. Pchelnikov, E. Ivanova, Hibou: A Family of Foundational Vision Transformers "
                   "for Pathology, arXiv:2406.05074, 2024"),
-    _vit("hibou-l", "vit_large_patch14_reg4_dinov2", 1024, 303_230_976, 24, 1024, key_format="hf-dinov2",
-         kwargs={"img_size": 224, "init_values": 1e-5}, layerscale=True, reg_tokens=4,
+    _vit("hibou-l", "vit_large_patch14_reg4_dinov2", 1024, 303_657_216, 24, 1024, key_format="hf-dinov2",
+         kwargs={"img_size": 224, "init_values": 1e-5, "mlp_ratio": 2736 * 2 / 1024, **SWIGLU},
+         layerscale=True, reg_tokens=4,
          normalisation=HIBOU, input_resize="bicubic", allowed_extra_keys=("pooler.",),
-         licence="Apache-2.0", commercial=True, gated=False, hf_repo="histai/hibou-L",
+         note="SwiGLU as in DINOv2's SwiGLUFFNFused: hidden (int(4096 * 2 / 3) + 7) // 8 * 8 = 2736, packed "
+              "fc1 1024 -> 5472 (mlp_ratio 5.34375); inferred from Hibou-B's build_model defaults and LazySlide's "
+              "303.7M count (a GELU MLP gives 303.2M), not read from hibou-L's config.json",
+         licence="Apache-2.0", commercial=True, gated=True, hf_repo="histai/hibou-L",
          citation="D. Nechaev et al., Hibou, arXiv:2406.05074, 2024"),
     *(
         _vit(f"kaiko-{v}", arch, dim, params, depth, dim,
              kwargs={"img_size": img, "dynamic_img_size": True, **({"init_values": 1e-5} if ls else {})},
              layerscale=ls, reg_tokens=4 if ls else 0, normalisation=KAIKO,
-             licence="Apache-2.0 (kaiko-ai/towards_large_pathology_fms)", commercial=True, gated=False,
+             licence="other (Kaiko Non-Commercial Public License, v1 May 2024)", commercial=False, gated=False,
              hf_repo=f"1aurent/{arch}.kaiko_ai_towards_large_pathology_fms",
              citation="kaiko.ai, N. Aben et al., Towards Large-Scale Training of Pathology Foundation Models, "
                       "arXiv:2404.15217, 2024")
@@ -167,6 +175,9 @@ PRESETS: tuple[Preset, ...] = (
          kwargs={"img_size": 224, "init_values": 1e-5}, layerscale=True, normalisation=KAIKO,
          allowed_extra_keys=("pooler.",), licence="MIT", commercial=True, gated=False,
          hf_repo="kaiko-ai/midnight",
+         note="timm's ViT-g/14 DINOv2 (SwiGLU, no registers) as the card's base_model facebook/dinov2-giant; the "
+              "MLP type is inferred from that, not read from Midnight's config.json. Trained at 224 px (card); "
+              "a 518-px position embedding in the file is resampled to 224",
          citation="M. Karasikov et al., Training state-of-the-art pathology foundation models with orders of "
                   "magnitude less data, MICCAI 2025 (arXiv:2504.05186)"),
     _vit("lunit-vits8", "vit_small_patch8_224", 384, 21_670_272, 12, 384,
@@ -178,11 +189,13 @@ PRESETS: tuple[Preset, ...] = (
     Preset("conch-v1.5", "unavailable", 768, 0, MAHMOOD_NC, commercial=False, gated=True,
            hf_repo="MahmoodLab/conchv1_5", weight_files=("pytorch_model_vision.bin",),
            patch_size=512, input_size=448,
-           note="CONCH v1.5's vision tower is an iBOT ViT-L/16 at 448 px with an attentional pooler and a "
-                "projection (TITAN's tile encoder): not a timm architecture; use TRIDENT's conch_v15",
+           note="CONCH v1.5's vision tower is a ViT-L/16 (LayerScale init 1.0) at 448 px whose tokens go through "
+                "an attentional pooler (one 768-d query, 8 heads) and a LayerNorm (TITAN's tile encoder): not a "
+                "timm architecture; use TRIDENT's conch_v15",
            citation="T. Ding et al., Multimodal whole slide foundation model for pathology (TITAN), "
                     "arXiv:2411.19666, 2024"),
-    Preset("ctranspath", "unavailable", 768, 0, "GPL-3.0", commercial=True, gated=False,
+    Preset("ctranspath", "unavailable", 768, 0, "GPL-3.0 (README: non-commercial academic use)", commercial=False,
+           gated=False,
            hf_repo="", weight_files=("ctranspath.pth",), mpp=1.0,
            note="CTransPath is a Swin-T with a convolutional stem in a patched timm 0.5.4 (timm_ctp), whose "
                 "key layout differs from current timm's Swin: not expressed here; use TRIDENT's ctranspath",
