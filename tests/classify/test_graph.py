@@ -36,7 +36,8 @@ def test_cross_validation_in_parallel_finds_lesion_slides(cohort, client, tmp_pa
     assert metrics["pooled"]["auc"] >= 0.9, metrics["pooled"]
 
     oof = pd.read_csv(run / "oof_predictions.csv")
-    assert list(oof.columns[:3]) == ["slide_id", "fold", "label"] and "score" in oof.columns
+    assert list(oof.columns[:4]) == ["slide_id", "fold", "split", "label"] and "score" in oof.columns
+    assert (oof["split"] == "test").all()
     assert len(oof) == N_SLIDES and set(oof["fold"]) == {0, 1, 2}
     for _, patient in oof.assign(group=oof["slide_id"].str[-3:].astype(int) // 2).groupby("group"):
         assert patient["fold"].nunique() == 1  # grouped by patient
