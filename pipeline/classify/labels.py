@@ -80,6 +80,7 @@ def target_spec(labels: pd.DataFrame, task: str) -> dict:
     spec: dict = {"task": task}
     if task in ("binary", "multiclass"):
         classes = sorted(labels["label"].astype(str).unique(), key=_natural_key)
+        _refuse_case_variants(classes)
         if task == "binary" and len(classes) != 2:
             raise NicError(f"task binary needs exactly 2 label values, found {len(classes)}: {classes[:10]}")
         if task == "multiclass" and len(classes) < 2:
@@ -92,6 +93,18 @@ def target_spec(labels: pd.DataFrame, task: str) -> dict:
         _finite(labels, "time", "task survival needs finite numeric times")
         _finite(labels, "event", "task survival needs events of 0 or 1")
     return spec
+
+
+def _refuse_case_variants(classes: list[str]) -> None:
+    """Class names that differ only in case (``tumor``, ``Tumor``) are one class written two ways:
+    refuse, naming them, rather than train them as separate classes."""
+    spellings: dict[str, list[str]] = {}
+    for name in classes:
+        spellings.setdefault(name.casefold(), []).append(name)
+    clashes = [names for names in spellings.values() if len(names) > 1]
+    if clashes:
+        shown = "; ".join(", ".join(names) for names in clashes[:5])
+        raise NicError(f"label values that differ only in case: {shown} (write each class one way)")
 
 
 def _finite(labels: pd.DataFrame, column: str, need: str) -> pd.Series:

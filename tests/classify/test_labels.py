@@ -100,3 +100,10 @@ def test_splits_in_clams_format_round_trip_and_errors_name_the_file(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(NicError, match="no splits_K.csv"):
         read_splits(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass"])
+def test_classes_that_differ_only_in_case_are_refused_naming_them(task):
+    labels = pd.DataFrame({"slide_id": list("abcdef"), "label": ["tumor", "Tumor", "TUMOR", "normal", "normal", "other"]})
+    with pytest.raises(NicError, match="differ only in case: TUMOR, Tumor, tumor"):
+        target_spec(labels, task)
