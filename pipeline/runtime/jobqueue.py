@@ -5,9 +5,10 @@ scales (``--jobs``) or adapts to the load (``--adapt``). Job settings (partition
 walltime, account, ...) come from Dask's config, ``jobqueue.slurm`` / ``jobqueue.pbs`` in
 ``~/.config/dask/jobqueue.yaml``, as dask-jobqueue users expect. On top of them NIC adds:
 
-* job sizes the config leaves out, from what the SLURM partition offers (``sinfo``): cores and
-  memory of a node (a GPU job takes its share of them), and GPUs (``--gpus-per-job`` unset: 1 where
-  the partition's nodes have GPUs, else CPU worker jobs), so that no job asks for what cannot exist;
+* job sizes the config leaves out, from what the SLURM partition offers (``sinfo``, read by
+  :mod:`nic_pipeline.runtime.slurm`): cores and memory of a node (a GPU job takes its share of
+  them), and GPUs (``--gpus-per-job`` unset: 1 where the partition's nodes have GPUs, else CPU
+  worker jobs), so that no job asks for what cannot exist;
 * GPU worker jobs (``gpus_per_job`` > 0): the GPU request (``--gres=gpu:N`` on SLURM,
   ``-l ngpus=N`` on PBS), ``dask cuda worker`` as the worker command (one process per GPU) and a
   ``GPU=1`` resource per worker, so encode and training tasks run one per GPU;
@@ -27,7 +28,6 @@ import dataclasses
 import os
 import re
 import signal
-import subprocess
 import threading
 import time
 import warnings
@@ -47,6 +47,13 @@ if threading.current_thread() is threading.main_thread():
     signal.signal(signal.SIGINT, _sigint)
 
 from nic_pipeline.errors import NicError  # noqa: E402
+from nic_pipeline.runtime.slurm import (  # noqa: E402
+    HOPELESS,
+    PartitionOffer,
+    job_sizes,
+    partition_offer,
+    slurm_job_states,
+)
 
 CLUSTERS = {"slurm": SLURMCluster, "pbs": PBSCluster}
 GPU_DIRECTIVE = {"slurm": "--gres=gpu:{n}", "pbs": "-l ngpus={n}"}
@@ -56,11 +63,8 @@ DEFAULT_DASHBOARD = "127.0.0.1:0"
 """Localhost, any free port; ``cluster.connect`` asks for 8787 when it is free."""
 SUBMIT_TIMEOUT = 50.0
 """Seconds to wait for the batch system to accept or refuse the first worker job."""
-SINFO_TIMEOUT = 20.0
 POOL_NAME = "nic-cpu-"
-HOPELESS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidAccount",
-            "InvalidQOS", "AccountNotAllowed", "DependencyNeverSatisfied"}
-"""SLURM's reasons for a pending job that will never start as it is."""
+
 
 
 @dataclass(frozen=True)
@@ -75,91 +79,11 @@ class BatchSettings:
     tls: bool = True  # temporary certificates when no others are given
 
 
-@dataclass(frozen=True)
-class PartitionOffer:
-    """What one node of a SLURM partition offers, as ``sinfo`` reports it."""
-
-    partition: str
-    cpus: int
-    memory_mb: int
-    gpus: int
-
-    def describe(self) -> str:
-        gpus = f"{self.gpus} GPUs" if self.gpus else "no GPUs"
-        return f"partition {self.partition}: {self.cpus} CPUs, {self.memory_mb / 1024:.1f} GiB, {gpus} per node"
-
-
 def _config(system: str) -> dict:
     """The dask-jobqueue config section of a batch system."""
     if system not in CLUSTERS:
         raise NicError(f"unknown batch system {system!r}: choose one of {', '.join(CLUSTERS)}")
     return dict(dask.config.get(f"jobqueue.{system}"))
-
-
-def gres_gpus(gres: str) -> int:
-    """GPUs per node in a ``sinfo`` GRES field: ``gpu:4``, ``gpu:a100:4(S:0-1)``,
-    ``gpu:a100:2,gpu:v100:2,mps:400`` (summed), ``(null)`` (none)."""
-    total = 0
-    for item in re.split(r",(?![^(]*\))", gres or ""):
-        parts = re.sub(r"\(.*?\)", "", item.strip()).split(":")
-        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
-            total += int(parts[-1])
-    return total
-
-
-def parse_sinfo(text: str, partition: str | None = None) -> PartitionOffer | None:
-    """The node of ``partition`` (None: the default one, marked ``*``) from ``sinfo -h -o
-    '%P|%c|%m|%G'`` rows. Rows of unlike nodes: the GPU nodes if any, and the smallest of them,
-    so that a job fits on every node it may be given."""
-    rows = []
-    for line in text.splitlines():
-        fields = line.strip().split("|")
-        if len(fields) != 4:
-            continue
-        name, cpus, memory, gres = fields
-        default = name.endswith("*")
-        name = name.rstrip("*")
-        if (partition is None and not default) or (partition is not None and name != partition):
-            continue
-        try:
-            rows.append(PartitionOffer(name, int(cpus.rstrip("+")), int(memory.rstrip("+")), gres_gpus(gres)))
-        except ValueError:
-            continue
-    if not rows:
-        return None
-    if any(r.gpus for r in rows):
-        rows = [r for r in rows if r.gpus]
-    return PartitionOffer(rows[0].partition, min(r.cpus for r in rows), min(r.memory_mb for r in rows),
-                          min(r.gpus for r in rows))
-
-
-def partition_offer(partition: str | None = None) -> PartitionOffer | None:
-    """What a node of a SLURM partition (None: the default partition) offers, or None when
-    ``sinfo`` is missing, fails, or does not know the partition."""
-    try:
-        done = subprocess.run(["sinfo", "-h", "-o", "%P|%c|%m|%G"], capture_output=True, text=True,
-                              timeout=SINFO_TIMEOUT, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return parse_sinfo(done.stdout, partition) if done.returncode == 0 else None
-
-
-def job_sizes(config: dict, gpus: int, offer: PartitionOffer | None) -> dict:
-    """Keywords for cores and memory the config leaves out, from the partition's node: all of it for
-    a CPU job, the GPUs' share of it for a GPU job (``job_mem`` in MB as SLURM counts them, so the
-    request never rounds up past the node)."""
-    sizes = {}
-    if offer is None:
-        return sizes
-    share = min(1.0, gpus / offer.gpus) if gpus and offer.gpus else 1.0
-    if not config.get("cores"):
-        sizes["cores"] = max(1, int(offer.cpus * share))
-    if not config.get("memory"):
-        memory_mb = max(1, int(offer.memory_mb * share))
-        sizes["memory"] = f"{memory_mb}MiB"
-        if not config.get("job-mem"):
-            sizes["job_mem"] = f"{memory_mb}M"
-    return sizes
 
 
 def resolve(settings: BatchSettings) -> BatchSettings:
@@ -224,7 +148,7 @@ def refusal_line(system: str, error: str, settings: BatchSettings, offer: Partit
     quoted = "; ".join(said) or error.strip().splitlines()[-1]
     section = f"jobqueue.{system} in ~/.config/dask/jobqueue.yaml"
     lowered = quoted.lower()
-    if "gres" in lowered or "gpu" in lowered or (offer is not None and not offer.gpus and settings.gpus_per_job):
+    if "gres" in lowered or "gpu" in lowered:
         where = f" ({offer.partition} has no GPUs)" if offer is not None and not offer.gpus else ""
         fix = f"pass --gpus-per-job 0 for CPU worker jobs{where}, or set queue in {section} to a GPU partition"
     elif "partition" in lowered or "queue" in lowered:
@@ -276,19 +200,6 @@ def wait_for_answer(submissions: Submissions, jobs: int, timeout: float = SUBMIT
     if submissions.refused:
         raise NicError(submissions.refused[0])
     submissions.started = True
-
-
-def slurm_job_states(job_ids) -> dict[str, tuple[str, str]] | None:
-    """Job id -> (state, reason) for the jobs ``squeue`` still lists (None when it does not answer)."""
-    try:
-        done = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T|%r"], capture_output=True,
-                              text=True, timeout=SINFO_TIMEOUT, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if done.returncode != 0 and "Invalid job id" not in done.stderr:
-        return None
-    rows = [line.split("|") for line in done.stdout.splitlines() if line.count("|") == 2]
-    return {job: (state, reason) for job, state, reason in rows}
 
 
 def _hopeless(submissions: Submissions, states: dict | None, log: str) -> str | None:

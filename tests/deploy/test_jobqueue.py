@@ -9,16 +9,8 @@ import dask
 import pytest
 
 from nic_pipeline.errors import NicError
-from nic_pipeline.runtime.jobqueue import (
-    BatchSettings,
-    PartitionOffer,
-    cpu_pool,
-    gres_gpus,
-    job_sizes,
-    make_cluster,
-    parse_sinfo,
-    refusal_line,
-)
+from nic_pipeline.runtime.jobqueue import BatchSettings, cpu_pool, make_cluster, refusal_line
+from nic_pipeline.runtime.slurm import PartitionOffer, gres_gpus, job_sizes, parse_sinfo
 from tests.deploy.conftest import job_environment, nic, slide_statuses
 
 JOB = {"cores": 4, "memory": "8GiB", "walltime": "01:00:00", "queue": "gpu"}
