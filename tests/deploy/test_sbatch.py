@@ -124,4 +124,4 @@ def test_gpu_worker_job_without_a_gpu_ends_with_one_line(slurm, tmp_path):
     job = sbatch(SLURM / "gpu-workers.sbatch", options=("--gres=none", *SMALL), env=env, log=log)
     text = _ended(job, log)
     assert job_state(job) == "FAILED", text
-    assert "nic: job {} has no GPU".format(job) in text and "--gres=gpu:N" in text, text
+    assert f"nic: job {job} has no GPU" in text and "--gres=gpu:N" in text, text

@@ -40,7 +40,8 @@ def jobqueue_config(tmp_path, **slurm) -> dict:
 
 def my_jobs(name: str = "dask-worker") -> list[str]:
     """Ids of this user's queued or running jobs of that name (a refused run must leave none)."""
-    done = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True, text=True, timeout=30)
+    done = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True, text=True, timeout=30,
+                          check=True)
     return done.stdout.split()
 
 
@@ -78,7 +79,7 @@ def test_job_sizes_come_from_the_partition(slurm, good_slides, tmp_path):
     what sinfo says a node offers, without GPUs, and it starts and compresses. (Without cores and
     memory it was an error; without --gpus-per-job 0, a refusal.)"""
     offer = subprocess.run(["sinfo", "-h", "-p", "ci", "-o", "%c %m %G"], capture_output=True, text=True,
-                           timeout=30).stdout.split()
+                           timeout=30, check=True).stdout.split()
     cpus, memory_mb = int(offer[0]), int(offer[1])
     done = nic("compress", good_slides[0], "--out", tmp_path / "s.zarr", "--cluster", "slurm", "--block", "8",
                env=jobqueue_config(tmp_path), timeout=400)
@@ -102,9 +103,9 @@ def test_plain_tcp_scheduler_is_named_in_one_line(good_slides, tmp_path):
     done = nic("compress", good_slides[0], "--out", tmp_path / "s.zarr", "--scheduler", "tcp://127.0.0.1:9",
                env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"}, timeout=120)
     warnings = [line for line in done.stderr.splitlines() if line.startswith("warning: ")]
-    assert warnings == ["warning: tcp://127.0.0.1:9 is plain TCP: anyone who can reach it can run code as you, and "
-                        "data crosses the network unencrypted; use a tls:// scheduler and certificates "
-                        "(deploy/README.md, \"Security on shared clusters\")"], done.stderr
+    assert warnings == [("warning: tcp://127.0.0.1:9 is plain TCP: anyone who can reach it can run code as you, and "
+                         "data crosses the network unencrypted; use a tls:// scheduler and certificates "
+                         "(deploy/README.md, \"Security on shared clusters\")")], done.stderr
     assert done.returncode == 2 and "cannot reach the Dask scheduler" in one_error_line(done)
 
 
@@ -118,17 +119,17 @@ def test_dashboard_port_in_use_costs_no_warning(good_slides, tmp_path):
         done = nic("compress", good_slides[0], "--out", tmp_path / "s.zarr", "--workers", "1", "--block", "8",
                    timeout=300)
     assert done.returncode == 0, done.stderr
-    link = re.search(r"^dashboard: http://127\.0\.0\.1:(\d+)/status$", done.stdout, re.M)
+    link = re.search(r"^dashboard: http://127\.0\.0\.1:(\d+)/status$", done.stdout, re.MULTILINE)
     assert link and link.group(1) != "8787", done.stdout
     assert "already in use" not in done.stdout + done.stderr and "Hosting the HTTP server" not in done.stderr
 
 
 @pytest.mark.parametrize("settings, expected", [
-    ({"cores": 64, "memory": "2GiB"}, r"no worker job can start: job \d+ is pending for good \(PartitionConfig\); "
-                                      r"lower cores, memory or walltime in jobqueue.slurm"),
+    ({"cores": 64, "memory": "2GiB"}, (r"no worker job can start: job \d+ is pending for good \(PartitionConfig\); "
+                                       r"lower cores, memory or walltime in jobqueue.slurm")),
     ({"cores": 1, "memory": "2GiB", "job-script-prologue": ["exit 3"]},
-     r"no worker job can start: job (\d+) ended \(failed\) before its worker joined; its output: .*/logs/dask-worker-\1\.err; "
-     r"fix what the job's output says"),
+     (r"no worker job can start: job (\d+) ended \(failed\) before its worker joined; its output: "
+      r".*/logs/dask-worker-\1\.err; fix what the job's output says")),
 ], ids=["never-starts", "ends-at-once"])
 def test_worker_jobs_that_never_bring_a_worker_end_in_one_line(slurm, good_slides, tmp_path, settings, expected):
     """sbatch accepts the job, but it can never start (more CPUs than any node has), or its script
