@@ -34,6 +34,7 @@ MIN_OD = 0.05  # mean optical density floor, -ln((I+1)/256): I > ~242 is backgro
 # summed over the channels. Saturation alone misses faded slides and the lace of fat.
 MIN_STAIN_OD = 0.30  # summed OD above the glass: stain however unsaturated (glass noise < 0.08; 0.2 takes ink edges)
 GLASS_NOISE_K = 6.0  # ... and above the glass median + this many robust SDs of the glass's summed OD
+GLASS_SAMPLE = 2**18  # the glass is measured on a regular sample of about this many pixels
 
 # Marker ink: H&E absorbs green most. Green/blue ink absorbs red more than green, red ink
 # absorbs blue about as much as green (eosin transmits blue). Ratios of optical density.
@@ -174,6 +175,8 @@ def _glass(rgb, od=None, sat=None):
         od = optical_density(rgb)
     if sat is None:
         sat = saturation(rgb)
+    step = max(1, int(math.sqrt(sat.size / GLASS_SAMPLE)))  # medians of a regular sample: a 3,000² image
+    od, sat = od[::step, ::step], sat[::step, ::step]      # takes 1/9 of the time, images <= 512² all
     glass = (sat < MIN_SATURATION) & (channel_mean(od) < GLASS_MAX_OD)
     if int(glass.sum()) < max(16, glass.size // 100):
         return xp.zeros(3, dtype=od.dtype), MIN_STAIN_OD
