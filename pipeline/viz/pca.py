@@ -17,6 +17,9 @@ import numpy as np
 
 from nic_pipeline.runtime.arrays import array_namespace
 
+EXACT_CHANNELS = 256
+"""Codes up to this many channels get a full eigendecomposition; wider ones only the top three."""
+
 
 def tissue_codes(features, tissue):
     """Codes (n, C) float64 of the cells that hold tissue codes, and that mask (ny, nx)."""
@@ -56,8 +59,7 @@ class PcaRgb:
         n, c = codes.shape
         mean = codes.mean(axis=0) if n else xp.zeros(c)
         centred = codes - mean
-        _, vectors = xp.linalg.eigh(centred.T @ centred / max(n - 1, 1))
-        components = vectors[:, ::-1][:, :3]
+        components = _top_components(xp, centred, 3)
         k = components.shape[1]
         pick = xp.argmax(xp.abs(components), axis=0)
         signs = xp.sign(components[pick, xp.arange(k)])
@@ -84,6 +86,28 @@ class PcaRgb:
         scaled = xp.where(hi - lo > 1e-12, scaled, 0.0)  # a missing component stays dark
         out[valid] = (scaled * 255 + 0.5).astype(xp.uint8)
         return out
+
+
+def _top_components(xp, centred, k: int):
+    """The ``k`` leading principal directions (C, <=k) of centred codes (n, C), largest first.
+
+    Foundation codes have 1,024-3,072 channels, where a full eigendecomposition of the C x C
+    covariance takes tens of seconds on a CPU. Up to ``EXACT_CHANNELS`` channels (the NIC codes)
+    it is done in full; above, with fewer cells than channels the n x n Gram matrix gives the same
+    directions; otherwise (NumPy) Lanczos iteration (ARPACK, a fixed start) finds only the top k."""
+    n, c = centred.shape
+    if c <= EXACT_CHANNELS or (xp is not np and n >= c):
+        return xp.linalg.eigh(centred.T @ centred)[1][:, ::-1][:, :k]
+    if n < c:
+        values, vectors = xp.linalg.eigh(centred @ centred.T)
+        values, vectors = values[::-1][:k], vectors[:, ::-1][:, :k]
+        keep = values > values[0] * 1e-12 if len(values) else values > 0
+        return (centred.T @ vectors[:, keep]) / xp.sqrt(values[keep])
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    covariance = LinearOperator((c, c), matvec=lambda v: centred.T @ (centred @ v), dtype=np.float64)
+    values, vectors = eigsh(covariance, k=k, which="LA", v0=np.ones(c), tol=1e-10)
+    return vectors[:, np.argsort(values)[::-1]]
 
 
 def pca_rgb(features, tissue, background: str = "white", percentiles=(1.0, 99.0)):
