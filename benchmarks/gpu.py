@@ -9,7 +9,10 @@ apart (one that fails is recorded and the run goes on): the card and versions; t
 tests, while synthetic 40x-like slides (0.25 µm/px, cached) render on every core; tissue detection
 and decode of the same tissue cells, CPU vs GPU, each in a fresh process (cuCIM picks its decoder
 once per process); the encoders alone at fp16 and fp32; GPU vs CPU codes of a small slide; end to
-end through the API on a warm cluster (its start timed apart) and as the ``nic compress`` command.
+end through the API on a warm cluster (its start timed apart) and as the ``nic compress`` command;
+last, with the budget left, the foundation presets alone (issue 23): random weights built on the
+GPU itself (no CPU copy, no meta tensors), fp16 and bf16 autocast, attention through PyTorch's
+``scaled_dot_product_attention`` (``benchmarks/vit_speed.py``). ``--presets-only`` runs just those.
 The JSON of results is rewritten after every step, so a run cut short keeps what it measured.
 """
 
@@ -37,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 import gpu_report  # noqa: E402
+import vit_speed  # noqa: E402
 from gpu_probes import MIN_TISSUE, NIC_PATCH  # noqa: E402
 from nic_pipeline import api  # noqa: E402
 from nic_pipeline.compress.codes import build_encoder, default_batch_size, encode_patches  # noqa: E402
@@ -50,6 +54,9 @@ from nic_pipeline.runtime.device import gpu_count, usable_cpus  # noqa: E402
 NIC = ("nic", NIC_PATCH)  # encoder, patch px (both encoders read at 0.5 µm/px)
 RESNET = ("resnet50-trunc", 224)
 PROBES = REPO / "benchmarks" / "gpu_probes.py"
+PRESETS = ("kaiko-vits16", "phikon", "uni", "virchow2", "uni2-h", "h-optimus-1", "prov-gigapath", "midnight")
+"""Foundation presets timed on the GPU, one per architecture class, smallest first (the budget may end first)."""
+PRESET_BATCH = 64
 GPU_BLOCK, CPU_BLOCK = 256, 32  # cells per block side: the pipeline's default; small enough to share among threads
 
 
@@ -355,9 +362,39 @@ def resume_and_wait(bench: Bench, synth) -> Path:
 # ------------------------------------------------------------------------------ the run
 
 
+def preset_rows(bench: Bench) -> None:
+    """Each preset at fp16 and bf16 autocast with SDPA attention, random weights built on the GPU."""
+    if bench.device != "cuda":  # the dry run has no GPU: these figures only mean something on one
+        return
+    bench.results["sdpa"] = {"flash": torch.backends.cuda.flash_sdp_enabled(),
+                             "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled()}
+    for name in bench.args.presets.split(","):
+        for precision in ("fp16", "bf16"):
+            key = f"preset-{name}-{precision}"
+            bench.step([key], 15, lambda key=key, name=name, precision=precision: bench.row(
+                key, **vit_speed.preset_rate(name, PRESET_BATCH, precision, "cuda", bench.sizes.seconds / 2)))
+
+
+def preset_table(results: dict) -> str:
+    """The presets' rows as a Markdown table (empty when none was measured)."""
+    rows = {k: v for k, v in results.get("rows", {}).items() if k.startswith("preset-")}
+    if not rows:
+        return ""
+    lines = ["", "Foundation presets alone (random weights, autocast, SDPA attention, batch "
+             f"{PRESET_BATCH}; `benchmarks/vit_speed.py`):", "",
+             "| preset | network | input px | code dim | precision | patches/s |", "|---|---|---|---|---|---|"]
+    for row in rows.values():
+        lines.append(f"| {row['model']} | {row['architecture']} | {row['size']} | {row['code_dim']} | "
+                     f"{row['precision']} | {row['rate']:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def run(bench: Bench) -> None:
     sizes, work = bench.sizes, bench.args.workdir
     machine(bench)
+    if bench.args.presets_only:
+        preset_rows(bench)
+        return
     wanted = {"slide": sizes.slide, "small": sizes.small} | ({} if bench.args.no_big else {"big": sizes.big})
     todo = [(str(slide_path(bench, s)), *s) for s in wanted.values() if not slide_path(bench, s).exists()]
     todo.sort(key=lambda item: item[1] * item[2])  # small, slide, big: the measurements wait only for the first two
@@ -384,6 +421,7 @@ def run(bench: Bench) -> None:
             key, **compress_command(bench, slide, encoder, key)))
     for key in ("mask-cpu.npy", "mask-gpu.npy", "coverage.npy"):
         (work / key).unlink(missing_ok=True)
+    preset_rows(bench)
 
 
 def main() -> None:
@@ -392,6 +430,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/nic-gpu-bench"), help="slides (cached), stores, results")
     parser.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 450)")
     parser.add_argument("--no-big", action="store_true", help="skip the 100,000 x 80,000 px slide")
+    parser.add_argument("--presets", default=",".join(PRESETS), help="foundation presets to time, comma-separated")
+    parser.add_argument("--presets-only", action="store_true", help="time only the foundation presets")
     args = parser.parse_args()
     if not args.dry_run and not gpu_count():
         print("no CUDA GPU here: benchmarks/gpu.py measures one (--dry-run runs its steps on the CPU)")
@@ -407,7 +447,12 @@ def main() -> None:
     finally:
         stop(bench.synth)
     bench.save()
-    section = gpu_report.render(bench.results)
+    if args.presets_only:  # a partial run: docs/ keep the full run's section; the table goes to $OUT
+        for folder in bench.outs:
+            (folder / "presets.md").write_text(preset_table(bench.results))
+        print(preset_table(bench.results), flush=True)
+        return
+    section = gpu_report.render(bench.results).rstrip("\n") + "\n" + preset_table(bench.results)
     docs = REPO / "docs" / "benchmarks.md"
     text = gpu_report.replace_section(docs.read_text(), section)
     for folder in bench.outs:
