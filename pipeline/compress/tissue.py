@@ -1,7 +1,8 @@
 """Tissue detection on a low-resolution image of a slide.
 
 A pixel is tissue when it is coloured (HSV saturation above an Otsu threshold that is clamped
-to an absolute range, and optical density above a floor), its colour is one that H&E can make
+to an absolute range, and optical density above a floor) or stained however pale (summed optical
+density above the glass's own, :func:`stain_od`), its colour is one that H&E can make
 (not red, green, blue or black marker ink, judged by ratios of optical density), and it
 survives a morphological clean-up (closing, removal of small specks, filling of small holes).
 The method, its parameters and its measured accuracy are in docs/tissue.md.
@@ -116,7 +117,8 @@ def pen_mask(rgb, mpp: float = DEFAULT_MASK_MPP, od=None, sat=None, glass=None):
 
     H&E absorbs green light most (haematoxylin purple, eosin pink). Green and blue inks absorb
     red more than green (OD_R / OD_G > 1.0). Red ink absorbs blue nearly as much as green:
-    OD_B / OD_G > 0.8, or > 0.75 where it also absorbs little red (OD_R / OD_G < 0.3, no
+    OD_B / OD_G > 0.8 (on an image that has ink by the other rules: :func:`_ink`), or > 0.75
+    where it also absorbs little red (OD_R / OD_G < 0.3, no
     haematoxylin) or is dark (mean OD > 0.9); H&E tissue on the fixtures stays at 0.45-0.7,
     eosin-rich tissue with a blue-absorbing eosin up to ~0.78. Thick ink of any colour is
     darker than tissue at low resolution (mean OD > 2). The glass OD
