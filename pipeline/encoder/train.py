@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from nic_models.encoders import file_sha256
 from nic_models.multitask import (NORMALISATION_NOTES, HeadSpec, MultiTaskNet, card_architecture, head_state, task_loss,
@@ -67,7 +67,31 @@ def build_model(config: dict, tasks: list[TaskData], device) -> MultiTaskNet:
                                   float(config["target_mpp"]))
     heads = [HeadSpec(t.name, t.head_kind, len(t.classes) if t.classes else 1) for t in tasks]
     torch.manual_seed(seed + 1)
-    return MultiTaskNet(encoder, heads).to(device)
+    model = MultiTaskNet(encoder, heads)
+    if config.get("init_heads") and encoder.spec.weights:
+        load_matching_heads(model, heads_file(encoder.spec.weights))
+    return model.to(device)
+
+
+def heads_file(weights: str | Path) -> Path:
+    """Where ``nic train-encoder`` writes the heads beside a trunk: ``<name>.heads.safetensors``."""
+    weights = Path(weights)
+    return weights.with_name(weights.name.removesuffix(".safetensors") + ".heads.safetensors")
+
+
+def load_matching_heads(model: MultiTaskNet, path: Path) -> list[str]:
+    """Start the heads from an earlier run's (``init_heads: true``, to continue a run): each task
+    whose head has the same shape there; the names of the heads taken."""
+    if not path.is_file():
+        raise NicError(f"init_heads: {path} not found (the init encoder has no heads file beside it)")
+    saved = load_file(str(path))
+    taken = []
+    for name, head in model.heads.items():
+        state = {k: saved.get(f"{name}.{k}") for k in ("weight", "bias")}
+        if all(v is not None and v.shape == getattr(head, k).shape for k, v in state.items()):
+            head.load_state_dict(state)
+            taken.append(name)
+    return taken
 
 
 def evaluate(model, tasks: list[TaskData], device, batch_size: int = 256) -> dict:

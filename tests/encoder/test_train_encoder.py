@@ -241,3 +241,23 @@ def test_validation_score_weights_tasks_by_sqrt_validation_groups():
     metrics = {"big": {"balanced_accuracy": 0.9}, "small": {"spearman": 0.1}}
     assert validation_score([big, small], metrics, {}) == pytest.approx((10 * 0.9 + 2 * 0.1) / 12)
     assert validation_score([big], {}, {"big": 0.7}) == pytest.approx(-0.7)
+
+
+def test_a_run_continued_with_init_heads_starts_from_its_own_heads(trained, tiny_data, tmp_path):
+    out, _ = trained
+    card = out / "a" / "tiny-mtl.json"
+    config = yaml.safe_load(_config(tmp_path, tiny_data).read_text())
+    config.update(init=str(card), init_heads=True)
+    path = tmp_path / "continue.yaml"
+    path.write_text(yaml.safe_dump(config))
+    from nic_pipeline.encoder.taskdata import build_task
+    from nic_pipeline.encoder.train import build_model
+
+    loaded = load_config(path)
+    tasks = [build_task(t, loaded) for t in loaded["tasks"]]
+    model = build_model(loaded, tasks, "cpu")
+    saved = load_file(str(out / "a" / "tiny-mtl.heads.safetensors"))
+    for name, head in model.heads.items():
+        assert np.array_equal(head.weight.detach().numpy(), saved[f"{name}.weight"])
+    fresh = build_model({**loaded, "init_heads": False}, tasks, "cpu")
+    assert not np.array_equal(fresh.heads["density"].weight.detach().numpy(), saved["density.weight"])
