@@ -125,6 +125,21 @@ def test_heatmaps_of_a_2560_channel_store(big_store, tmp_path):
         assert relevance.shape == (8, 8) and np.isfinite(relevance).any()
 
 
+def test_pca_rgb_of_wide_codes_finds_the_same_directions_as_a_full_decomposition(big_store):
+    from nic_pipeline.viz.pca import EXACT_CHANNELS, PcaRgb
+
+    store, _, _ = big_store
+    source = SlideSource(store)
+    codes = np.concatenate([source.bag(sid)[0] for sid in list_slides(store)]).astype(np.float64)
+    rng = np.random.default_rng(0)
+    wide = rng.normal(size=(1000, EXACT_CHANNELS + 44)) * np.linspace(3, 0.1, EXACT_CHANNELS + 44)
+    for sample in (codes, wide):  # fewer cells than channels (Gram matrix), then more (Lanczos)
+        centred = sample - sample.mean(0)
+        full = np.linalg.svd(centred, full_matrices=False)[2][:3].T
+        fitted = PcaRgb.fit(sample).components
+        np.testing.assert_allclose(np.abs((fitted * full).sum(0)), 1.0, atol=1e-6)
+
+
 def test_clam_export_writes_2560_d_features_to_h5_and_pt_files(big_store, tmp_path):
     store, labels_csv, _ = big_store
     written = export_h5(store, tmp_path / "clam")
