@@ -23,7 +23,8 @@ DEFAULTS = {
     "seed": 0,
     "data_root": None,
     "init": "scratch",  # "scratch" or a registry name / card / weights path to fine-tune from
-    "init_heads": False,  # true: start the heads from the init run's <name>.heads.safetensors (continue a run)
+    "init_heads": False,
+    "sample_stream": 0,  # another stream of batches for the same seed (a continued run; the split stays)  # true: start the heads from the init run's <name>.heads.safetensors (continue a run)
     "architecture": "nic-mtl4-tellez2020",  # registry entry whose architecture + spec are trained
     "device": "auto",
     "threads": 1,

@@ -73,6 +73,14 @@ def build_model(config: dict, tasks: list[TaskData], device) -> MultiTaskNet:
     return model.to(device)
 
 
+def sampling_rng(config: dict) -> np.random.Generator:
+    """The generator of training batches and augmentation: the seed's, or with ``sample_stream: N``
+    another stream of the same seed, so that a continued run draws new batches while its
+    validation split (made from the seed alone) stays the same."""
+    seed, stream = int(config["seed"]), int(config.get("sample_stream") or 0)
+    return np.random.default_rng([seed, stream] if stream else seed)
+
+
 def heads_file(weights: str | Path) -> Path:
     """Where ``nic train-encoder`` writes the heads beside a trunk: ``<name>.heads.safetensors``."""
     weights = Path(weights)
@@ -171,7 +179,7 @@ def train_encoder(config_path: str | Path, out_dir: str | Path, command: str | N
     command = command or f"nic train-encoder {config_path} --out {out_dir}"
     task_cfgs = _selected_tasks(config)
     device = _setup_torch(config)
-    rng = np.random.default_rng(int(config["seed"]))
+    rng = sampling_rng(config)
     tasks = [build_task(t, config, progress=progress) for t in task_cfgs]
     model = build_model(config, tasks, device)
     _check_geometry(model, config)

@@ -261,3 +261,11 @@ def test_a_run_continued_with_init_heads_starts_from_its_own_heads(trained, tiny
         assert np.array_equal(head.weight.detach().numpy(), saved[f"{name}.weight"])
     fresh = build_model({**loaded, "init_heads": False}, tasks, "cpu")
     assert not np.array_equal(fresh.heads["density"].weight.detach().numpy(), saved["density.weight"])
+
+
+def test_another_sample_stream_draws_other_batches_from_the_same_seed():
+    from nic_pipeline.encoder.train import sampling_rng
+
+    same = sampling_rng({"seed": 3}).integers(0, 10**6, 8)
+    assert np.array_equal(same, np.random.default_rng(3).integers(0, 10**6, 8))  # old runs reproduce
+    assert not np.array_equal(same, sampling_rng({"seed": 3, "sample_stream": 1}).integers(0, 10**6, 8))
