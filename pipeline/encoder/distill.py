@@ -26,10 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from nic_models.multitask import card_architecture
 from nic_models.registry import create_encoder, save_encoder
 from nic_pipeline.encoder import tiles as T
 from nic_pipeline.encoder.config import load_config, merge
 from nic_pipeline.encoder.taskdata import build_task
+from nic_pipeline.encoder.train import _jsonable, selected_tasks
 from nic_pipeline.errors import NicError
 
 DISTILL_DEFAULTS = {"student": "nic-mtl-v1", "grid": 2, "pcam_grid": 1, "epochs": 8, "batch": 128,
@@ -119,7 +121,7 @@ def distill_encoder(config_path: str | Path, teacher: str, out_dir: str | Path, 
         raise NicError(f"student {d['student']!r} writes {student.spec.code_dim}-d codes, teacher {teacher!r} "
                        f"{teacher_enc.spec.code_dim}-d: pick a student with the teacher's code size")
 
-    tasks = [build_task(t, config, progress=progress) for t in config["tasks"]]
+    tasks = [build_task(t, config, progress=progress) for t in selected_tasks(config)]
     x, y, held = [], [], []
     for task in tasks:
         grid = int(d["pcam_grid"] if task.name == "pcam" else d["grid"])
@@ -168,9 +170,6 @@ def distill_encoder(config_path: str | Path, teacher: str, out_dir: str | Path, 
 def _write_student(student, teacher, config: dict, out_dir, name: str | None, history: list, best_epoch: int,
                    n_train: int, n_val: int, seconds: float, command: str) -> dict:
     """Weights and card of the student; the card names the teacher and how well the student matches it."""
-    from nic_models.multitask import card_architecture
-    from nic_pipeline.encoder.train import _jsonable
-
     name = name or f"{teacher.spec.name}-fast"
     spec = student.spec
     architecture, kwargs = card_architecture(student.net, spec.patch_size)

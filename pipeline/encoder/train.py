@@ -119,7 +119,7 @@ def evaluate(model, tasks: list[TaskData], device, batch_size: int = 256) -> dic
     return results
 
 
-def _selected_tasks(config: dict) -> list[dict]:
+def selected_tasks(config: dict) -> list[dict]:
     """The config's tasks less those named in ``exclude_tasks``."""
     excluded = set(config.get("exclude_tasks") or [])
     task_cfgs = [t for t in config["tasks"] if t["name"] not in excluded]
@@ -177,7 +177,7 @@ def train_encoder(config_path: str | Path, out_dir: str | Path, command: str | N
     if overrides:
         config = merge(config, overrides)
     command = command or f"nic train-encoder {config_path} --out {out_dir}"
-    task_cfgs = _selected_tasks(config)
+    task_cfgs = selected_tasks(config)
     device = _setup_torch(config)
     rng = sampling_rng(config)
     tasks = [build_task(t, config, progress=progress) for t in task_cfgs]
