@@ -22,7 +22,7 @@ import math
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import click
@@ -82,6 +82,7 @@ class Cohort:
     size: int             # square slides, px at 0.5 µm/px
     seed: int = 0
     stride: int = CELL_PX  # nic compress --stride (64: overlapping patches, 4x the cells)
+    encoder: str = "nic"  # nic compress --encoder (another encoder of the NIC grid: 128 px at 0.5 µm/px)
 
     @property
     def slides_name(self) -> str:
@@ -90,7 +91,8 @@ class Cohort:
 
     @property
     def name(self) -> str:
-        return self.slides_name + ("" if self.stride == CELL_PX else f"-st{self.stride}")
+        return (self.slides_name + ("" if self.stride == CELL_PX else f"-st{self.stride}")
+                + ("" if self.encoder == "nic" else f"-enc-{self.encoder}"))
 
 
 SWEEP = (0.5, 0.2, 0.05, 0.02, 0.01, 0.005, 0.002)
@@ -177,6 +179,7 @@ def run_cohort(cohort: Cohort, work: Path, client, models=MODELS, folds: int = F
     from nic_pipeline.classify import train_cohort
     from nic_pipeline.compress.graph import compress
     from nic_pipeline.compress.jobs import plan_jobs
+    from nic_pipeline.compress.settings import EncoderSettings
 
     results = load_results(work)
     entry = results.get(cohort.name, {})
@@ -190,7 +193,8 @@ def run_cohort(cohort: Cohort, work: Path, client, models=MODELS, folds: int = F
     labels = synthesize(cohort, slides_dir)
     t1 = time.time()
     log(f"{cohort.name}: slides ready ({t1 - t0:.0f} s)")
-    report = compress(plan_jobs([slides_dir]), store, client, progress=False, stride=cohort.stride)
+    report = compress(plan_jobs([slides_dir]), store, client, EncoderSettings(name=cohort.encoder), progress=False,
+                      stride=cohort.stride)
     if report.failed:
         raise click.ClickException(f"{cohort.name}: {len(report.failed)} slide(s) failed to compress: "
                                    f"{report.failed[0].path}: {report.failed[0].error}")
@@ -222,14 +226,15 @@ def run_cohort(cohort: Cohort, work: Path, client, models=MODELS, folds: int = F
 
 def rows(results: dict) -> list[dict]:
     """One row per cohort with its spec, sizes and AUC per model, sorted for tables."""
-    out = [dict(name=k, **{"stride": CELL_PX, **v["cohort"]}, **v["sizes"],
+    out = [dict(name=k, **{"stride": CELL_PX, "encoder": "nic", **v["cohort"]}, **v["sizes"],
                 aucs={m: r["auc"] for m, r in v["models"].items()}) for k, v in results.items() if "sizes" in v]
     return sorted(out, key=lambda r: (r["texture"], r["size"], r["slides"], -r["stride"], -r["fraction"]))
 
 
 def shape_text(r: dict) -> str:
     """'40 × 8192²', with the stride when it is not the encoder's 128 px."""
-    return f"{r['slides']} × {r['size']}²" + ("" if r["stride"] == CELL_PX else f", stride {r['stride']}")
+    return (f"{r['slides']} × {r['size']}²" + ("" if r["stride"] == CELL_PX else f", stride {r['stride']}")
+            + ("" if r.get("encoder", "nic") == "nic" else f", {r['encoder']}"))
 
 
 def limit(series: list[tuple[float, float]], threshold: float = 0.9) -> float | None:
@@ -541,7 +546,9 @@ def cli():
               help=f"one or more of {', '.join(PLANS)}, or TEXTURE:FRACTION:SLIDES:SIZE[:STRIDE]")
 @click.option("--workers", default=2, show_default=True)
 @click.option("--models", default=",".join(MODELS), show_default=True)
-def run(work: Path, plans, workers: int, models: str):
+@click.option("--encoder", default="nic", show_default=True,
+              help="the encoder of every cohort of this run (stores and results are kept apart per encoder)")
+def run(work: Path, plans, workers: int, models: str, encoder: str):
     """Run the cohorts of the plans in order (finished ones are skipped)."""
     from nic_pipeline.runtime.cluster import connect
 
@@ -553,6 +560,7 @@ def run(work: Path, plans, workers: int, models: str):
         else:
             texture, fraction, slides, size, *stride = plan.split(":")
             cohorts.append(Cohort(texture, float(fraction), int(slides), int(size), stride=int(stride[0]) if stride else CELL_PX))
+    cohorts = [replace(c, encoder=encoder) for c in cohorts]
     log(f"{len(cohorts)} cohort(s): {', '.join(c.name for c in cohorts)}")
     with connect(workers=workers, dashboard=False) as client:
         for cohort in cohorts:
@@ -579,7 +587,7 @@ def probe(work: Path, cohorts):
     for name in cohorts or [k for k in load_results(work)]:
         if name in done or not (work / name / "cohort.zarr").exists():
             continue
-        done[name] = cell_probe(work / name / "cohort.zarr", work / re.sub(r"-st\d+$", "", name) / "slides")
+        done[name] = cell_probe(work / name / "cohort.zarr", work / re.sub(r"(-st\d+)?(-enc-.+)?$", "", name) / "slides")
         path.write_text(json.dumps(done, indent=2))
         log(f"{name}: {done[name]}")
 
