@@ -49,6 +49,10 @@ def test_runnable_shell_blocks(doc, tmp_path):
         done = subprocess.run(["bash", "-euo", "pipefail", "-c", body], cwd=where, env=env, capture_output=True,
                               text=True, timeout=900)
         assert done.returncode == 0, f"{doc.name}:\n{body}\n--- stdout\n{done.stdout[-2000:]}\n--- stderr\n{done.stderr[-3000:]}"
+    for code in blocks(doc, "python") if doc.name == "README.md" else []:  # after the commands, as a reader would
+        done = subprocess.run([sys.executable, "-c", code], cwd=where, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, f"{doc.name}:\n{code}\n--- stderr\n{done.stderr[-3000:]}"
     if where != tmp_path:
         untracked = subprocess.run(["git", "status", "--porcelain"], cwd=where, capture_output=True, text=True).stdout
         assert untracked == "", f"the README's commands left files in the clone:\n{untracked}"
