@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nic_models.licences import spdx_expression
 from nic_models.multitask import card_architecture
 from nic_models.registry import create_encoder, save_encoder
 from nic_pipeline.encoder import tiles as T
@@ -167,6 +168,20 @@ def distill_encoder(config_path: str | Path, teacher: str, out_dir: str | Path, 
                           command or f"nic distill-encoder {config_path} --teacher {teacher} --out {out_dir}")
 
 
+def student_licence(teacher, student, config: dict) -> dict:
+    """The student's licence: its start point's and its teacher's terms together (SPDX ``AND``),
+    and the tiles' licences beside them, as training cards have."""
+    ids = []
+    for spec in (teacher.spec, student.spec):
+        expression = spdx_expression(spec.licence) or "NOASSERTION"
+        ids += [i for i in expression.split(" AND ") if i not in ids]
+    return {"spdx": " AND ".join(ids),
+            "weights": f"distilled from {teacher.spec.name} ({teacher.spec.licence}), starting from "
+                       f"{student.spec.name} ({student.spec.licence})",
+            "data": "; ".join(sorted({s.get("licence", "unknown") for t in selected_tasks(config)
+                                      for s in t["sources"]}))}
+
+
 def _write_student(student, teacher, config: dict, out_dir, name: str | None, history: list, best_epoch: int,
                    n_train: int, n_val: int, seconds: float, command: str) -> dict:
     """Weights and card of the student; the card names the teacher and how well the student matches it."""
@@ -177,7 +192,7 @@ def _write_student(student, teacher, config: dict, out_dir, name: str | None, hi
     card_path = save_encoder(
         student.net, out_dir, name, architecture=architecture, architecture_kwargs=kwargs,
         patch_size=spec.patch_size, mpp=spec.mpp, code_dim=spec.code_dim, normalisation=spec.normalisation,
-        licence=f"{teacher.spec.licence} (distilled from {teacher.spec.name}; also the training tiles' terms)",
+        licence=student_licence(teacher, student, config),
         source={"distilled_from": teacher.spec.name, "teacher_sha256": teacher.weights_sha256,
                 "student_init": config["distill"]["student"], "command": command},
         citation=f"Distillation of {teacher.spec.name} into the NIC CNN (Tellez et al., TPAMI 2019). "

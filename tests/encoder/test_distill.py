@@ -92,3 +92,11 @@ def test_code_agreement_is_one_for_identical_codes():
     codes = np.random.default_rng(0).normal(size=(20, 8))
     assert code_agreement(codes, codes)["r2"] == pytest.approx(1.0)
     assert code_agreement(np.zeros_like(codes), codes)["r2"] < 0.1
+
+
+def test_a_students_licence_joins_its_teachers_and_its_start_points(setup):
+    root, config, teacher = setup
+    card = json.loads((root / "out" / "tiny-fast.json").read_text())
+    assert card["licence"]["spdx"].split(" AND ")[0] == "NOASSERTION"  # the random teacher declares none
+    assert "MIT" in card["licence"]["spdx"]  # nic-mtl4-tellez2020, the start point
+    assert card["licence"]["data"] == "generated"
