@@ -33,8 +33,8 @@ def _parse_params(pairs) -> dict:
               help="CSV slide_id,label[,group] (survival: slide_id,time,event[,group]).")
 @click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
 @click.option("--model", default=default_slide_model,
-              help="A registered slide model (default: the registry's DEFAULT_SLIDE_MODEL, abmil): nic-cnn, abmil, mean, max, topk, dsmil, clam-sb, transmil, local-max "
-                   "(docs/classify.md).")
+              help="A registered slide model: nic-cnn, abmil, mean, max, topk, dsmil, clam-sb, transmil, local-max "
+                   "(docs/classify.md; default: abmil, the registry's DEFAULT_SLIDE_MODEL).")
 @click.option("--task", type=click.Choice(["binary", "multiclass", "regression", "survival"]), default="binary",
               show_default=True)
 @click.option("--folds", type=click.IntRange(min=0), default=5, show_default=True, help="Cross-validation folds (<2: final model only).")
