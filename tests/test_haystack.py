@@ -51,6 +51,7 @@ def test_every_registered_head_is_in_the_study(haystack):
     assert haystack.MODELS[:4] == ("mean", "max", "abmil", "nic-cnn")
 
 
+@pytest.mark.slow
 def test_markdown_and_plot_from_results(haystack, tmp_path):
     results = {}
     for f, a in [(0.5, 1.0), (0.05, 0.93), (0.005, 0.6)]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDERS = {"nic_pipeline": "pipeline", "nic_models": "models"}
@@ -22,6 +24,7 @@ def test_the_package_list_names_every_package_folder():
     assert set(setuptools["packages"]) == on_disk
 
 
+@pytest.mark.slow
 def test_folders_named_pipeline_and_models_in_the_working_directory_shadow_nothing(tmp_path):
     for folder in ("pipeline", "models"):
         (tmp_path / folder).mkdir()

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from nic_pipeline.classify import train_cohort
 from nic_pipeline.classify.explain import explain_cohort, heatmap_auc, mask_to_grid, score_text
@@ -28,6 +29,7 @@ def test_lesion_mask_to_grid_fractions():
     assert heatmap_auc(heat, grid) == 1.0
 
 
+@pytest.mark.slow
 def test_heatmaps_share_one_scale_are_out_of_fold_and_name_the_score(cohort, client, tmp_path):
     store, labels, masks = cohort
     run = tmp_path / "run"

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from PIL import Image
 from torch import nn
@@ -42,6 +43,7 @@ def build_topk_mean(in_channels, n_outputs, k=8, **_):
     return TopKMean(in_channels, n_outputs, k)
 
 
+@pytest.mark.slow
 def test_a_head_registered_here_trains_predicts_and_explains(cohort, client, tmp_path):
     store, labels, masks = cohort
     assert "topk-mean" in list_slide_models() and get_slide_model_spec("topk-mean").input == "bag"
@@ -70,6 +72,7 @@ def test_bag_loop_pools_once_for_parameter_free_pooling(cohort):
     assert auc(frame["label"], scores) == 1.0  # the training slides are fit
 
 
+@pytest.mark.slow
 def test_dsmil_trains_predicts_and_explains_through_the_pipeline(cohort, client, tmp_path):
     """A built-in low-SNR head (issue 12) runs the whole bag path with its registry defaults
     except a short schedule: out-of-fold AUC, prediction, and heatmaps that find the lesion."""
@@ -99,6 +102,7 @@ def test_clam_instance_loss_trains_through_the_bag_loop(cohort):
         assert auc(lesion[cells[:, 0], cells[:, 1]], probability) >= 0.9, sid
 
 
+@pytest.mark.slow
 def test_transmil_trains_predicts_and_explains_through_the_pipeline(cohort, client, tmp_path):
     """TransMIL runs the whole bag path: out-of-fold AUC, prediction and class-token attention
     heatmaps that find the lesion. Smaller than the paper (dim 64, 32 landmarks; the paper's 512

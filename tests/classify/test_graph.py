@@ -29,6 +29,7 @@ FAST = {
 
 
 @pytest.mark.parametrize("model", ["nic-cnn", "abmil"])
+@pytest.mark.slow
 def test_cross_validation_in_parallel_finds_lesion_slides(cohort, client, tmp_path, model):
     store, labels, masks = cohort
     run = tmp_path / model
@@ -69,6 +70,7 @@ def test_cross_validation_in_parallel_finds_lesion_slides(cohort, client, tmp_pa
 
 
 @pytest.mark.parametrize("task", ["multiclass", "regression", "survival"])
+@pytest.mark.slow
 def test_other_tasks_with_the_mean_pooling_baseline(cohort, client, tmp_path, task):
     store, labels, _ = cohort
     frame = pd.read_csv(labels)
@@ -95,6 +97,7 @@ def test_other_tasks_with_the_mean_pooling_baseline(cohort, client, tmp_path, ta
         assert metrics["pooled"]["c_index"] > 0.75
 
 
+@pytest.mark.slow
 def test_cli_train_predict_heatmap(client, tmp_path):
     store, labels, masks = make_cohort(tmp_path / "small", n_slides=12)
     runner = CliRunner()
@@ -148,6 +151,7 @@ def test_cli_train_predict_heatmap(client, tmp_path):
     assert result.exit_code == 2 and "stepz" in result.output
 
 
+@pytest.mark.slow
 def test_slides_without_a_label_are_counted_in_metrics(cohort, client, tmp_path):
     store, labels, _ = cohort
     frame = pd.read_csv(labels)
@@ -166,6 +170,7 @@ def test_slides_without_a_label_are_counted_in_metrics(cohort, client, tmp_path)
     assert written["in_training_set"].sum() == N_SLIDES - 2 and list(scored.columns[:2]) == ["slide_id", "in_training_set"]
 
 
+@pytest.mark.slow
 def test_fixed_splits_train_on_train_and_score_test_and_val_apart(cohort, client, tmp_path):
     store, labels, _ = cohort
     ids = [f"slide-{i:03d}" for i in range(N_SLIDES)]
@@ -186,6 +191,7 @@ def test_fixed_splits_train_on_train_and_score_test_and_val_apart(cohort, client
         train_cohort(store, labels, tmp_path / "x", model="mean", client=client, splits=bad)
 
 
+@pytest.mark.slow
 def test_progress_inside_folds_reaches_the_client(cohort, client, tmp_path, capfd):
     store, labels, _ = cohort
     params = dict(crop=16, steps=40, batch_size=2, width=8)
@@ -197,6 +203,7 @@ def test_progress_inside_folds_reaches_the_client(cohort, client, tmp_path, capf
     assert 120 in reported  # every step of the 3 tasks was reported from the workers
 
 
+@pytest.mark.slow
 def test_a_long_cpu_run_is_announced_with_an_estimate(client):
     entry = get_slide_model_spec("nic-cnn")
     params = resolve_params(entry)

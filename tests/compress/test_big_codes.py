@@ -118,6 +118,7 @@ def test_every_slide_head_trains_scores_and_explains_2560_channel_codes(big_stor
         assert heat.shape == (8, 8) and np.isfinite(heat[valid]).all() and np.isnan(heat[~valid]).all()
 
 
+@pytest.mark.slow
 def test_heatmaps_of_a_2560_channel_store(big_store, tmp_path):
     store, labels_csv, slides = big_store
     labels = pd.read_csv(labels_csv)

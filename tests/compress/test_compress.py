@@ -53,6 +53,7 @@ def _done_blocks(store: Path, slide_id: str) -> int:
     return sum(1 for p in (store / slide_id / "features" / "c").rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_real_svs_block_equals_direct_encoding(tmp_path, external_cluster):
     svs = shared_path("slides", "CMU-1-Small-Region.svs")
     store = tmp_path / "cmu.zarr"
@@ -76,6 +77,7 @@ def test_real_svs_block_equals_direct_encoding(tmp_path, external_cluster):
     np.testing.assert_allclose(stored, direct.astype(np.float32), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_changes_nothing_in_the_output(tmp_path, external_cluster, synthetic_slide):
     from distributed import Client
 
@@ -115,6 +117,7 @@ def _kill_when_started(store: Path, slide_id: str, pid: int, after_done: int):
     return lambda: (thread.join(), outcome.get("killed"))[1]
 
 
+@pytest.mark.slow
 def test_a_killed_client_resumes_with_only_the_missing_blocks(tmp_path, external_cluster, synthetic_slide):
     from distributed import Client
 
@@ -152,6 +155,7 @@ def test_a_killed_client_resumes_with_only_the_missing_blocks(tmp_path, external
     assert again.slides[0].status == "skipped" and again.blocks_encoded == 0
 
 
+@pytest.mark.slow
 def test_other_encoder_settings_are_refused_for_an_existing_store(tmp_path, external_cluster, synthetic_slide):
     from distributed import Client
 
@@ -163,6 +167,7 @@ def test_other_encoder_settings_are_refused_for_an_existing_store(tmp_path, exte
                      block=16, progress=False)
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_slides_and_finishes_the_rest(tmp_path, synthetic_slide):
     """The embedded default cluster, through the CLI: a missing-µm/px slide and a zero-byte file
     fail with their reasons, the good slide completes, exit code 1; then the override fixes it."""
@@ -189,6 +194,7 @@ def test_cli_reports_bad_slides_and_finishes_the_rest(tmp_path, synthetic_slide)
     assert "TCGA-CR-7395-01A-01-TS1" in listing.stdout and "complete" in listing.stdout
 
 
+@pytest.mark.slow
 def test_the_compress_client_never_imports_torch(tmp_path, synthetic_slide):
     """`nic compress` with the embedded cluster: the client decides GPU or CPU workers without
     torch (seconds of every start); only the workers load it."""

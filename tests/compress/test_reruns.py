@@ -40,6 +40,7 @@ def _nic(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
                           cwd=cwd, env={**os.environ, **(env or {})}, timeout=600)
 
 
+@pytest.mark.slow
 def test_dashboard_has_one_group_per_task_kind_on_real_slide_names(tmp_path, external_cluster):
     """Keys are (kind, run, slide, ...): TCGA-… and CMU-… names do not split the dashboard's groups."""
     slides = [shared_path("slides", "CMU-1-Small-Region.svs"), shared_path("slides", "TCGA-CR-7395-01A-01-TS1.svs")]
@@ -52,6 +53,7 @@ def test_dashboard_has_one_group_per_task_kind_on_real_slide_names(tmp_path, ext
     assert {"detect-tissue", "encode-block", "finalize-slide"} <= set(prefixes)
 
 
+@pytest.mark.slow
 def test_relative_paths_are_resolved_on_the_client(tmp_path, external_cluster, synthetic_slide):
     """The workers run in another directory: --out and --weights relative to the user's folder work."""
     from nic_models.registry import weights_dir
@@ -75,6 +77,7 @@ def test_paths_the_workers_cannot_see_are_named(external_cluster):
         check_visible(client, ["/nowhere/slide.svs"], "input")
 
 
+@pytest.mark.slow
 def test_a_worker_with_other_package_versions_is_refused(tmp_path):
     """A worker whose environment has another nic-pipeline than the client's: refused before any task."""
     fake = tmp_path / "site"
@@ -89,6 +92,7 @@ def test_a_worker_with_other_package_versions_is_refused(tmp_path):
         stop(processes)
 
 
+@pytest.mark.slow
 def test_waiting_for_workers_ends_with_one_line(tmp_path, synthetic_slide):
     scheduler_file, processes = start_cluster(tmp_path, workers=False)
     try:
@@ -104,6 +108,7 @@ def test_waiting_for_workers_ends_with_one_line(tmp_path, synthetic_slide):
         "start workers (deploy/README.md) or lower --wait-workers"]
 
 
+@pytest.mark.slow
 def test_late_workers_of_another_kind_resume_and_the_store_says_which_ran(tmp_path, synthetic_slide):
     """Started on fp32 workers (a CPU without native bf16) and interrupted, finished on bf16 workers:
     the rerun resumes, and each block records the precision it ran with."""
@@ -132,6 +137,7 @@ def test_late_workers_of_another_kind_resume_and_the_store_says_which_ran(tmp_pa
     assert zarr.open_group(str(store), mode="r").attrs["compression"]["precision"] == "auto"
 
 
+@pytest.mark.slow
 def test_a_finished_slide_is_checked_again_on_rerun(tmp_path, external_cluster, synthetic_slide):
     """Lost and truncated shards are re-encoded on a plain rerun, flipped bits with --verify; a
     changed file fails unless --redo-changed."""
@@ -163,6 +169,7 @@ def test_a_finished_slide_is_checked_again_on_rerun(tmp_path, external_cluster, 
     assert not np.array_equal(_features(store), reference)
 
 
+@pytest.mark.slow
 def test_mpp_fills_in_missing_values_and_is_recorded(tmp_path, external_cluster):
     """--mpp applies to slides without µm/px only (--force-mpp: to all); a corrected value for a
     finished slide is not skipped silently."""
@@ -183,6 +190,7 @@ def test_mpp_fills_in_missing_values_and_is_recorded(tmp_path, external_cluster)
     assert describe_store(forced)[0]["mpp_source"] == "forced" and describe_store(forced)[0]["slide_mpp"] == 0.25
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_run_with_one_line_and_resumes(tmp_path, synthetic_slide):
     """ENOSPC: the run stops at once with one line, exit 1; on a bigger disk it resumes."""
     disk = tmp_path / "small"

@@ -46,6 +46,7 @@ def client():
         yield active
 
 
+@pytest.mark.slow
 def test_codes_are_those_of_the_normalised_patches_and_settings_are_recorded(tmp_path, slides, client):
     store = tmp_path / "macenko.zarr"
     jobs = plan_jobs([slides / "a.tif"])
@@ -87,6 +88,7 @@ def test_codes_are_those_of_the_normalised_patches_and_settings_are_recorded(tmp
     assert again.slides[0].status == "skipped"
 
 
+@pytest.mark.slow
 def test_a_cohort_target_is_the_median_and_is_kept_when_slides_are_added(tmp_path, slides, client):
     store = tmp_path / "reinhard.zarr"
     first = compress(plan_jobs([slides / "a.tif"]), store, client, SETTINGS, block=BLOCK, progress=False,
@@ -115,6 +117,7 @@ def test_bad_stain_options_are_named():
     assert "stain_norm" not in config.as_attrs()  # stores made without it read as before
 
 
+@pytest.mark.slow
 def test_cli_takes_the_stain_options(tmp_path, slides):
     store = tmp_path / "cli.zarr"
     run = subprocess.run([sys.executable, "-m", "nic_pipeline", "compress", str(slides / "b.tif"), "--out", str(store),

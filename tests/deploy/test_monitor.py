@@ -20,6 +20,7 @@ def _metrics(url: str, run: str) -> dict[str, float]:
             for sample in family.samples if sample.name.startswith("nic_") and sample.labels.get("run") == run}
 
 
+@pytest.mark.slow
 def test_published_progress_is_on_the_scheduler_metrics_page():
     with connect(workers=1, dashboard=False) as client:
         url = client.dashboard_link.replace("/status", "/metrics")
@@ -37,6 +38,7 @@ def test_published_progress_is_on_the_scheduler_metrics_page():
     assert 100 < metrics["nic_patches_per_second"] <= 300  # 300 patches in a little over one second
 
 
+@pytest.mark.slow
 def test_the_run_is_labelled_by_its_store_and_a_finishing_slide_keeps_the_patch_rate(tmp_path):
     """As the compression client reports: blocks add patches, then the slide's finish adds none."""
     store = tmp_path / "cohort-b.zarr"

@@ -51,6 +51,7 @@ def tls_cluster(tmp_path):
             proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_tls_scheduler_refuses_clients_without_the_certificate(tls_cluster, cohort, tmp_path):
     address, pem = tls_cluster
     assert address.startswith("tls://")

@@ -124,6 +124,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_a_heartbeat_cut_by_an_orderly_close_is_not_logged(tmp_path):
     """The race itself comes about 1 close in 20; its log record is made here, in a real worker,
     once before and once after the client marks the close as its own."""
@@ -151,6 +152,7 @@ if __name__ == "__main__":
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.3])
+@pytest.mark.slow
 def test_ctrl_c_during_the_close_lets_it_finish_then_interrupts(tmp_path, delay):
     script = tmp_path / "close.py"
     script.write_text(CTRL_C_AT_CLOSE)

@@ -138,6 +138,7 @@ def test_gpu_decoding_uses_nvimagecodec_and_matches_libjpeg(synthetic, tmp_path)
     assert gpu.shape == truth.shape and diff(gpu, truth).mean() < 1.0 and np.percentile(diff(gpu, truth), 99) <= 8
 
 
+@pytest.mark.slow
 def test_opening_slides_prints_no_cufile_noise_and_writes_nothing_here(tmp_path):
     """With torch's CUDA wheels installed and no GPU, cuFile printed 'dlopen error libcuda.so.1 …
     cuFile initialization failed' at every slide open and wrote cufile.log into the current folder."""

@@ -88,6 +88,7 @@ def test_mil_heads_get_gradients_everywhere(name):
 
 
 @pytest.mark.parametrize("name", ["topk", "dsmil", "clam-sb"])
+@pytest.mark.slow
 def test_mil_heads_find_the_one_signal_cell(name):
     """Known answer: trained on bags where one cell carries the label, each head separates
     fresh bags (AUC >= 0.9; 40 training bags of 60 noisy cells leave some overfitting) and
@@ -177,6 +178,7 @@ def test_clam_instance_loss_follows_the_bag_class_and_top_attention():
                          (in_class + sum(out_of_class)) / 3)
 
 
+@pytest.mark.slow
 def test_clam_instance_classifier_learns_to_call_the_signal_cell_positive():
     """Known answer for the clustering loss: trained as the bag loop trains it, CLAM's class-1
     instance classifier (which no bag loss reaches) gives the signal cell of at least 9 of 10
@@ -249,6 +251,7 @@ def test_transmil_pads_to_a_square_with_its_first_cells_and_folds_their_attentio
     assert torch.allclose(per_cell, torch.cat([per_token[:6] + per_token[10:], per_token[6:10]]), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_transmil_finds_the_one_signal_cell_given_enough_bags():
     """Known answer: TransMIL separates fresh bags (AUC >= 0.95) and its class token attends most
     to the signal cell (within the top 3 of 30 in every positive bag, first in most). A

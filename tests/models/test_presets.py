@@ -110,6 +110,7 @@ def timm_to_hf(state: dict, model) -> dict:
 
 
 @pytest.mark.parametrize("preset", BUILDABLE, ids=lambda p: p.name)
+@pytest.mark.slow
 def test_preset_builds_on_meta_with_the_shape_its_card_declares(preset):
     spec = get_spec(preset.name)
     assert spec.code_dim == preset.code_dim and spec.params == preset.params
@@ -148,6 +149,7 @@ def test_unavailable_presets_say_why_and_list_their_facts():
 # --------------------------------------------------------------------------- strict loading
 
 
+@pytest.mark.slow
 def test_layerscale_checkpoint_refused_by_a_plain_vit_and_loaded_by_the_right_entry(tmp_path, scratch_registry):
     torch.manual_seed(0)
     reference = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, init_values=1e-5).eval()
@@ -205,6 +207,7 @@ def _vendor_file(preset, tmp_path, seed=0):
 
 
 @pytest.mark.parametrize("name", SMALL_VIT)
+@pytest.mark.slow
 def test_small_presets_load_the_vendor_layout_and_match_the_reference(name, tmp_path):
     preset = next(p for p in PRESETS if p.name == name)
     reference, path = _vendor_file(preset, tmp_path)
@@ -233,6 +236,7 @@ def test_phikon_matches_transformers_vitmodel(tmp_path):
     np.testing.assert_allclose(got, want, atol=5e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_resnet50_imagenet_preset_resizes_256_to_224_and_matches_layer3(tmp_path):
     from torchvision.models import resnet50
 
@@ -273,6 +277,7 @@ def _hf_cache(root, repo_id, filename, payload_path):
     return sha
 
 
+@pytest.mark.slow
 def test_weights_from_the_hf_cache_by_repository_id_offline(tmp_path, monkeypatch):
     from nic_models.registry import weights_found, weights_sha256
 

@@ -80,6 +80,7 @@ def parse_errors(mode: str) -> int:
     return int(out.stdout)
 
 
+@pytest.mark.slow
 def test_threads_that_parse_at_once_do_not_trip_the_ast_constructor():
     """Three threads parsing with the GIL switching inside the AST constructor: this Python fails
     some parses with "AST constructor recursion depth mismatch", serialised none do."""

@@ -197,6 +197,7 @@ def test_cli_synth(tmp_path):
     assert bad.exit_code == 2 and "Invalid value for '--stain-jitter': 1.5 is not in the range 0<=x<1" in bad.output
 
 
+@pytest.mark.slow
 def test_long_strip_streams_in_bounded_memory(tmp_path):
     """40,000 x 512: level 0 alone would be 61 MB of pixels; tiles are streamed instead."""
     synth.write_synthetic_slide(tmp_path / "warm.tif", 300, 300)     # imports outside the trace
@@ -253,6 +254,7 @@ def test_lesion_class_guess():
     assert _guess_tile_mpp("/data/pcam/labels.csv") == 0.972
 
 
+@pytest.mark.slow
 def test_pcam_tiles_come_from_the_train_split_at_their_true_scale():
     """PCam: 96 px at 0.972 µm/px are 187 px at 0.5 µm/px; validation patches never reach a slide."""
     pcam = shared_path("pcam")
@@ -278,6 +280,7 @@ def test_a_tile_csv_without_train_rows_is_refused(tmp_path):
         list_tiles(tmp_path, labels)
 
 
+@pytest.mark.slow
 def test_pcam_haystack_cohort_from_the_cli(tmp_path):
     """`nic synth --texture tiles:pcam --tile-labels labels.csv`: a lymph-node cohort with metastases."""
     pcam = shared_path("pcam")
@@ -293,6 +296,7 @@ def test_pcam_haystack_cohort_from_the_cli(tmp_path):
     assert level0.shape == (1536, 1536, 3) and level0.std() > 20  # real texture, not a flat fill
 
 
+@pytest.mark.slow
 def test_tiles_texture_from_labels_csv(tmp_path):
     """LC25000 lung: lung_aca/lung_scc guessed as lesion, tiles at 1.7 µm/px upscaled."""
     labels = shared_path("lc25000_lung", "labels.csv")

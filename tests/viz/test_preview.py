@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import zarr
 from click.testing import CliRunner
 from PIL import Image
@@ -15,6 +16,7 @@ from nic_pipeline.synth import write_synthetic_slide
 from nic_pipeline.viz.preview import slide_plan
 
 
+@pytest.mark.slow
 def test_preview_shows_the_cells_compress_would_encode(tmp_path):
     slides = tmp_path / "slides"
     write_synthetic_slide(slides / "one.tif", 2048, 1536, mpp=0.5, seed=2)
@@ -33,6 +35,7 @@ def test_preview_shows_the_cells_compress_would_encode(tmp_path):
     np.testing.assert_allclose(tissue, stored, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_bad_file_is_reported_and_the_rest_drawn(tmp_path):
     write_synthetic_slide(tmp_path / "good.tif", 1024, 1024, mpp=0.5, seed=1)
     (tmp_path / "bad.tif").write_bytes(b"not a tiff")

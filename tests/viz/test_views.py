@@ -15,6 +15,7 @@ from nic_pipeline.viz.views import cohort_pca, save_store_views, slide_file
 from tests.classify.cohort import make_cohort
 
 
+@pytest.mark.slow
 def test_store_views_share_one_pca(tmp_path):
     store, _, _ = make_cohort(tmp_path, n_slides=3, grid=12, channels=4, lesion_size=3)
     pca = cohort_pca(store, ["slide-000", "slide-001", "slide-002"])
