@@ -338,12 +338,12 @@ def slide_tissue_mask(
     Raises SlideError when no tissue is found, unless ``require_tissue`` is False.
     """
     image = slide_image_at_mpp(slide, mask_mpp, max_strip_pixels=max_strip_pixels)
+    grayscale = is_grayscale(image)
     mask = to_numpy(tissue_mask(image, mpp=mask_mpp))
+    if grayscale:  # its dark texture passes the optical-density rule, but nothing here is stain
+        mask[:] = False
     found, seen = float(mask.mean()), second_opinion(image)
     if require_tissue and not mask.any():
-        xp = array_namespace(image)
-        grey = bool(xp.all(image[..., 0] == image[..., 1]) and xp.all(image[..., 1] == image[..., 2]))
-        grayscale = grey and bool(image.min() < 200)  # an image, not just a white (or glass-only) slide
         why = ("the slide is grayscale, and tissue is found by its stain colour (H&E)" if grayscale
                else f"a plain optical-density threshold sees {seen:.0%} of it stained (marker ink? a stain "
                     "unlike H&E?)" if seen >= SECOND_OPINION_MIN
@@ -354,6 +354,14 @@ def slide_tissue_mask(
                       f"threshold sees {seen:.1%} stained: check the mask (pale stain taken for glass, stain "
                       "taken for ink?)", TissueWarning, stacklevel=2)
     return mask, float(mask_mpp)
+
+
+def is_grayscale(image) -> bool:
+    """Whether an RGB image has no colour at all (R = G = B everywhere) and is not just white or
+    glass: a grayscale scan, which holds no H&E stain to find tissue by."""
+    xp = array_namespace(image)
+    grey = bool(xp.all(image[..., 0] == image[..., 1]) and xp.all(image[..., 1] == image[..., 2]))
+    return grey and bool(image.min() < 200)
 
 
 class TissueWarning(UserWarning):
