@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import gc
 import sys
-import warnings
 from importlib import import_module
 from pathlib import Path
 
 import click
 
 from nic_pipeline.errors import NicError
+from nic_pipeline.runtime.process import warnings_in_one_line
 
 EXISTING_PATH = click.Path(exists=True, path_type=Path)
 
@@ -21,16 +21,11 @@ def default_slide_model() -> str:
     return import_module("nic_models.slide_models.registry").DEFAULT_SLIDE_MODEL
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    """Warnings for users as one line, without Python's file, line and source."""
-    return f"warning: {message}\n"
-
-
 class NicGroup(click.Group):
     """A click group that turns :class:`NicError` into a one-line message and exit code 2."""
 
     def invoke(self, ctx):
-        warnings.formatwarning = _one_line_warning
+        warnings_in_one_line()
         try:
             return super().invoke(ctx)
         except NicError as err:

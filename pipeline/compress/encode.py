@@ -28,12 +28,11 @@ from distributed.metrics import context_meter
 
 from nic_pipeline.compress.grid import Block, Grid
 from nic_pipeline.compress.settings import EncoderSettings
-from nic_pipeline.runtime.arrays import array_namespace
-from nic_pipeline.runtime.process import keep_freed_memory, serialise_ast_parsing
 from nic_pipeline.compress.stain import normaliser
 from nic_pipeline.compress.store import CompressionConfig, block_name, open_slide_group, write_block
 from nic_pipeline.io import open_slide
-
+from nic_pipeline.runtime.arrays import array_namespace
+from nic_pipeline.runtime.process import keep_freed_memory, serialise_ast_parsing, warnings_in_one_line
 
 BAND_PX = 512
 """Height of the strips a block is read in, at the grid's µm/px: a multiple of the usual 256 and
@@ -134,6 +133,7 @@ class NicWorker(WorkerPlugin):
         atexit.register(gc.freeze)
         keep_freed_memory()  # batches reuse the heap instead of faulting in fresh pages
         serialise_ast_parsing()  # warm() imports torch beside tasks that import scikit-image
+        warnings_in_one_line()  # a slide's warning (e.g. tissue detection's second opinion) reaches the log as one line
 
     def teardown(self, worker=None):
         with self._lock:

@@ -10,6 +10,7 @@ import ast
 import ctypes
 import functools
 import threading
+import warnings
 
 GLIBC_MMAP_MAX = 32 * 1024 * 1024  # the largest mmap threshold glibc accepts on 64-bit
 WORKER_TRIM_THRESHOLD = 256 * 1024 * 1024
@@ -57,3 +58,15 @@ def serialise_ast_parsing() -> None:
 
     serialised._serialised = True
     ast.parse = serialised
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning for users as one line, without Python's file, line and source."""
+    return f"warning: {message}\n"
+
+
+def warnings_in_one_line() -> None:
+    """Warnings of this process (the ``nic`` command, or a worker that reports a slide) as one
+    ``warning:`` line each, like the command's own messages."""
+    warnings.formatwarning = one_line_warning
+
