@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from distributed import Client
 
 from nic_pipeline.synth import write_synthetic_slide
+
+DASK = str(Path(sys.executable).with_name("dask"))
+"""The `dask` command of this interpreter's environment (found without activating the venv)."""
 
 
 def start_cluster(folder, n_workers: int = 2, env: dict | None = None, workers: bool = True):
@@ -18,7 +23,7 @@ def start_cluster(folder, n_workers: int = 2, env: dict | None = None, workers: 
     scheduler_file = folder / "scheduler.json"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     processes = [subprocess.Popen(
-        ["dask", "scheduler", "--scheduler-file", str(scheduler_file), "--port", "0", "--dashboard-address", ":0"],
+        [DASK, "scheduler", "--scheduler-file", str(scheduler_file), "--port", "0", "--dashboard-address", ":0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
     )]
     deadline = time.time() + 60
@@ -32,7 +37,7 @@ def start_cluster(folder, n_workers: int = 2, env: dict | None = None, workers: 
 def start_workers(scheduler_file, folder, n_workers: int, env: dict):
     """`dask worker` processes (single-threaded) joining the scheduler; waits until they have."""
     process = subprocess.Popen(
-        ["dask", "worker", "--scheduler-file", str(scheduler_file), "--nworkers", str(n_workers), "--nthreads", "1",
+        [DASK, "worker", "--scheduler-file", str(scheduler_file), "--nworkers", str(n_workers), "--nthreads", "1",
          "--local-directory", str(folder), "--no-dashboard"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True, cwd=str(folder),
     )
