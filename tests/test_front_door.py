@@ -38,7 +38,7 @@ def test_every_door_reads_the_one_default_slide_model():
         option = next(p for p in main.commands[command].params if p.name == "model")
         assert option.get_default(click.Context(main.commands[command])) == DEFAULT_SLIDE_MODEL
         if command == "train":  # its help names the value, which `nic train --help` shows
-            assert f"DEFAULT_SLIDE_MODEL, {DEFAULT_SLIDE_MODEL})" in option.help
+            assert f"default: {DEFAULT_SLIDE_MODEL}, the registry's DEFAULT_SLIDE_MODEL" in option.help
 
 
 def test_compress_defaults_have_one_home():
