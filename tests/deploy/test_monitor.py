@@ -20,6 +20,16 @@ def _metrics(url: str, run: str) -> dict[str, float]:
             for sample in family.samples if sample.name.startswith("nic_") and sample.labels.get("run") == run}
 
 
+
+def _wait_for_slides(url: str, run: str, slides_done: int, seconds: float = 20) -> dict:
+    """The run's metrics once the scheduler's page shows ``slides_done`` (or after ``seconds``)."""
+    deadline = time.monotonic() + seconds
+    metrics = _metrics(url, run)
+    while metrics.get("nic_slides_done") != slides_done and time.monotonic() < deadline:
+        time.sleep(0.2)
+        metrics = _metrics(url, run)
+    return metrics
+
 @pytest.mark.slow
 def test_published_progress_is_on_the_scheduler_metrics_page():
     with connect(workers=1, dashboard=False) as client:
@@ -27,11 +37,7 @@ def test_published_progress_is_on_the_scheduler_metrics_page():
         publish_progress(client, "run-a", slides_done=1, slides_total=4, patches_done=100)
         time.sleep(1.0)
         publish_progress(client, "run-a", slides_done=3, slides_total=4, patches_done=400)
-        deadline = time.monotonic() + 20
-        metrics = _metrics(url, "run-a")
-        while metrics.get("nic_slides_done") != 3 and time.monotonic() < deadline:
-            time.sleep(0.2)
-            metrics = _metrics(url, "run-a")
+        metrics = _wait_for_slides(url, "run-a", 3)
     assert metrics["nic_slides_done"] == 3 and metrics["nic_slides_total"] == 4
     assert metrics["nic_run_progress"] == 0.75
     assert metrics["nic_patches_encoded_total"] == 400
@@ -48,11 +54,7 @@ def test_the_run_is_labelled_by_its_store_and_a_finishing_slide_keeps_the_patch_
         time.sleep(1.0)
         publish_progress(client, store, slides_done=0, slides_total=2, patches_done=500)  # a block
         publish_progress(client, store, slides_done=1, slides_total=2, patches_done=500)  # its slide finishes
-        deadline = time.monotonic() + 20
-        metrics = _metrics(url, "cohort-b.zarr")
-        while metrics.get("nic_slides_done") != 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
-            metrics = _metrics(url, "cohort-b.zarr")
+        metrics = _wait_for_slides(url, "cohort-b.zarr", 1)
     assert metrics["nic_slides_done"] == 1 and metrics["nic_patches_encoded_total"] == 500
     assert 200 < metrics["nic_patches_per_second"] <= 500  # not 0.0: 500 patches in a little over a second
 
