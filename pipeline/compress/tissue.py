@@ -21,7 +21,7 @@ import warnings
 
 import numpy as np
 
-from nic_pipeline.runtime.arrays import array_namespace, is_cupy, ndimage, skimage, to_numpy
+from nic_pipeline.runtime.arrays import array_namespace, ndimage, skimage, to_numpy
 from nic_pipeline.errors import SlideError
 
 DEFAULT_MASK_MPP = 8.0

@@ -25,7 +25,6 @@ from nic_pipeline.errors import NicError
 from nic_pipeline.compress.grid import Grid, iter_blocks
 from nic_pipeline.io import open_slide
 from nic_pipeline.compress.store import list_slides
-from nic_pipeline.synth import write_synthetic_slide
 
 from tests.conftest import shared_path
 
@@ -84,7 +83,7 @@ def test_a_killed_worker_changes_nothing_in_the_output(tmp_path, external_cluste
     jobs = plan_jobs([synthetic_slide])
     reference, interrupted = tmp_path / "reference.zarr", tmp_path / "interrupted.zarr"
     with Client(scheduler_file=external_cluster) as client:
-        full = compress(jobs, reference, client, SETTINGS, block=4, progress=False)
+        compress(jobs, reference, client, SETTINGS, block=4, progress=False)
         pids = list(client.run(os.getpid).values())
         killer = _kill_when_started(interrupted, "synth_kill", pids[0], 3)
         report = compress(jobs, interrupted, client, SETTINGS, block=4, progress=False)
@@ -124,7 +123,7 @@ def test_a_killed_client_resumes_with_only_the_missing_blocks(tmp_path, external
     reference, resumed = tmp_path / "reference.zarr", tmp_path / "resumed.zarr"
     jobs = plan_jobs([synthetic_slide])
     with Client(scheduler_file=external_cluster) as client:
-        full = compress(jobs, reference, client, SETTINGS, block=4, progress=False)
+        compress(jobs, reference, client, SETTINGS, block=4, progress=False)
     total = full.blocks_encoded
 
     command = [sys.executable, "-m", "nic_pipeline", "compress", str(synthetic_slide), "--out", str(resumed),

@@ -157,7 +157,7 @@ def test_clam_feature_files_take_their_patching_from_patches(tmp_path):
     starts at the tissue's bounding box (here 1234, 777) and a level_dim of the whole slide."""
     start = np.array([1234, 777])
     coords = start + np.array([(0, 0), (256, 0), (512, 256), (0, 512)])
-    feats = write_bag(tmp_path / "clam/feats/h5_files/s1.h5", coords)
+    write_bag(tmp_path / "clam/feats/h5_files/s1.h5", coords)
     write_bag(tmp_path / "clam/feats/patches/s1.h5", coords, features=np.zeros((4, 1)),
               coords_attrs={"patch_size": 256, "patch_level": 0, "downsample": [1.0, 1.0],
                             "level_dim": [6000, 4000], "name": "s1"})
