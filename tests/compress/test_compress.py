@@ -123,8 +123,7 @@ def test_a_killed_client_resumes_with_only_the_missing_blocks(tmp_path, external
     reference, resumed = tmp_path / "reference.zarr", tmp_path / "resumed.zarr"
     jobs = plan_jobs([synthetic_slide])
     with Client(scheduler_file=external_cluster) as client:
-        compress(jobs, reference, client, SETTINGS, block=4, progress=False)
-    total = full.blocks_encoded
+        total = compress(jobs, reference, client, SETTINGS, block=4, progress=False).blocks_encoded
 
     command = [sys.executable, "-m", "nic_pipeline", "compress", str(synthetic_slide), "--out", str(resumed),
                "--scheduler-file", external_cluster, "--block", "4", "--precision", "bf16"]
