@@ -2,6 +2,10 @@
 
     python benchmarks/scale.py [--slides 1000] [--size 1024] [--workers 2] [--workdir /tmp/nic-scale]
                                [--cluster embedded|separate] [--out docs/benchmarks.md] [--no-write]
+    python benchmarks/scale.py --cluster netns --hosts 8 --slides 10000 --size 512
+
+``--cluster netns`` (root, Linux): one scheduler host and ``--hosts`` worker hosts in network
+namespaces, the first pass killed half way and resumed; see ``benchmarks/scale_netns.py``.
 
 A cohort of ``--slides`` synthetic slides of ``--size``² px (made once by a process pool, then
 cached in the work folder) is compressed through :func:`nic_pipeline.api.compress` (preflight
@@ -43,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.compress import machine, replace_section  # noqa: E402
 from nic_pipeline.api import compress  # noqa: E402
-from nic_pipeline.compress.graph import plan_jobs  # noqa: E402
+from nic_pipeline.compress.jobs import plan_jobs  # noqa: E402
 from nic_pipeline.compress.store import consolidate, open_cohort  # noqa: E402
 from nic_pipeline.runtime.cluster import _worker_environment, connect  # noqa: E402
 
@@ -226,7 +230,7 @@ def time_opening(store: Path) -> dict:
     import numpy as np
     import xarray as xr
 
-    from nic_pipeline.classify.core import SlideSource, list_store_slides
+    from nic_pipeline.classify.source import SlideSource, list_store_slides
 
     start = time.perf_counter()
     root = open_cohort(store)
@@ -258,7 +262,12 @@ def main() -> None:
     parser.add_argument("--slides", type=int, default=1000)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--cluster", choices=["embedded", "separate"], default="embedded")
+    parser.add_argument("--cluster", choices=["embedded", "separate", "netns"], default="embedded")
+    parser.add_argument("--hosts", type=int, default=8, help="--cluster netns: worker hosts (one worker each)")
+    parser.add_argument("--distinct", type=int, default=100,
+                        help="--cluster netns: distinct synthetic slides; --slides are hard links to them")
+    parser.add_argument("--no-kill", dest="kill", action="store_false",
+                        help="--cluster netns: let the first pass finish instead of killing it half way")
     parser.add_argument("--plan", type=int, default=10_000, help="also time planning this many slides (0: skip)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/nic-scale"))
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
@@ -266,6 +275,8 @@ def main() -> None:
     args = parser.parse_args()
 
     cohort = args.workdir / f"cohort-{args.size}"
+    if args.cluster == "netns":
+        return main_netns(args, cohort)
     paths = make_cohort(cohort, args.slides, args.size)
     load = os.getloadavg()[0]
     start = time.perf_counter()
@@ -305,6 +316,20 @@ def main() -> None:
         found = [json.loads((args.workdir / f"scale-{c}.json").read_text()) for c in ("embedded", "separate")
                  if (args.workdir / f"scale-{c}.json").exists()]
         replace_section(args.out, "## Scale", scale_section(found))
+
+
+def main_netns(args, cohort: Path) -> None:
+    """``--cluster netns``: the many-host run of :mod:`benchmarks.scale_netns`; its results go to
+    ``scale-netns-<hosts>h-<slides>.json`` and a table at the end of the "Scale" section."""
+    from benchmarks import scale_netns
+
+    sources = make_cohort(cohort, min(args.slides, args.distinct), args.size)
+    results = scale_netns.run(args, sources, TaskCounter)
+    out = args.workdir / f"scale-netns-{args.hosts}h-{args.slides}.json"
+    out.write_text(json.dumps(results, indent=1, default=str))
+    print(f"results: {out}", flush=True)
+    if not args.no_write:
+        scale_netns.put_netns_table(args.out, scale_netns.netns_table(scale_netns.load_found(args.workdir)))
 
 
 def per_task_ms(run: dict, key: str) -> str:
