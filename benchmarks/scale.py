@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.compress import machine, replace_section  # noqa: E402
 from nic_pipeline.api import compress  # noqa: E402
 from nic_pipeline.compress.jobs import plan_jobs  # noqa: E402
-from nic_pipeline.compress.store import consolidate, open_cohort  # noqa: E402
+from nic_pipeline.compress.store import open_cohort  # noqa: E402
 from nic_pipeline.runtime.cluster import _worker_environment, connect  # noqa: E402
 
 
@@ -304,9 +304,14 @@ def main() -> None:
         for proc in reversed(procs):
             proc.terminate()
             proc.wait()
-    start = time.perf_counter()
-    consolidate(store)
-    consolidating = time.perf_counter() - start
+    try:  # stores may no longer consolidate (an incremental index is replacing it)
+        from nic_pipeline.compress.store import consolidate
+    except ImportError:
+        consolidating = None
+    else:
+        start = time.perf_counter()
+        consolidate(store)
+        consolidating = time.perf_counter() - start
     results = {"first": first, "rerun": rerun, "idle_scheduler_cpu": idle, "files": files_per_slide(store), "opening": time_opening(store),
                "planning": planning, "consolidate": consolidating, "load": load, "machine": machine(),
                "when": time.strftime("%Y-%m-%d %H:%M"), "args": {k: str(v) for k, v in vars(args).items()}}
@@ -393,7 +398,7 @@ def scale_section(found: list[dict]) -> str:
         "",
         f"Store: {files['mean']:.1f} files per slide on average (max {files['max']}), {files['root_files']} at the "
         f"root; the consolidated metadata (inline in the root `zarr.json`) is {files['root_metadata_mb']:.1f} MB "
-        f"for {files['slides']:,} slides; consolidating took {last['consolidate']:.1f} s ({last['args']['cluster']} run).",
+        f"for {files['slides']:,} slides; " + (f"consolidating took {last['consolidate']:.1f} s ({last['args']['cluster']} run)." if last.get('consolidate') is not None else "no consolidation step."),
         "",
         f"Opening the store for training, every slide's attributes and tissue grid ({n:,} slides, warm page cache, "
         "local disk):",
