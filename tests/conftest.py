@@ -25,6 +25,19 @@ def _has_gpu() -> bool:
 HAS_GPU = _has_gpu()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def no_warm_cluster(tmp_path_factory):
+    """No test runs on a warm cluster its developer left running (`nic cluster start`): the
+    warm-cluster file is one that does not exist, unless a test names its own."""
+    previous = os.environ.get("NIC_CLUSTER_FILE")
+    os.environ["NIC_CLUSTER_FILE"] = str(tmp_path_factory.mktemp("no-warm-cluster") / "cluster.json")
+    yield
+    if previous is None:
+        os.environ.pop("NIC_CLUSTER_FILE", None)
+    else:
+        os.environ["NIC_CLUSTER_FILE"] = previous
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="no CUDA GPU on this machine")
     for item in items:

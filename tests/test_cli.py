@@ -10,7 +10,7 @@ def test_every_pipeline_step_has_a_command():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
     for command in ("info", "synth", "compress", "inspect", "view", "encoders", "train-encoder", "embed", "probe",
-                    "train", "predict", "heatmap", "demo"):
+                    "train", "predict", "heatmap", "demo", "cluster"):
         assert f"  {command} " in result.output
 
 

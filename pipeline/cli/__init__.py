@@ -6,7 +6,7 @@ Expected failures (:class:`~nic_pipeline.errors.NicError`) print one line and ex
 one line and exits 130.
 """
 
-from nic_pipeline.cli import classify, compress, demo, distill, encoder, interop, slides, viz  # noqa: F401 - registers them
+from nic_pipeline.cli import classify, cluster, compress, demo, distill, encoder, interop, slides, viz  # noqa: F401 - registers them
 from nic_pipeline.cli.group import main, run
 
 __all__ = ["main", "run"]

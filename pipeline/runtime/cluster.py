@@ -5,8 +5,10 @@ worker per GPU when GPUs and dask-cuda are present (each declaring a ``GPU`` res
 worker processes otherwise. Naming a scheduler address or scheduler file submits to an existing
 cluster instead (``dask scheduler`` + ``dask worker`` / ``dask cuda worker`` on HPC nodes), and
 naming a batch system (``--cluster slurm``) submits worker jobs through dask-jobqueue
-(:mod:`nic_pipeline.runtime.jobqueue`). Connections use TLS when certificates are given (flags, or
-``distributed.comm.tls`` in the Dask config); the embedded cluster's dashboard listens on localhost only.
+(:mod:`nic_pipeline.runtime.jobqueue`). With none named, the warm cluster that ``nic cluster start``
+left running is used when it answers (:mod:`nic_pipeline.runtime.warm`). Connections use TLS when
+certificates are given (flags, or ``distributed.comm.tls`` in the Dask config); the embedded
+cluster's dashboard listens on localhost only.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from nic_pipeline.errors import NicError
 from nic_pipeline.runtime.device import nvml_gpu_count
 from nic_pipeline.runtime.jobqueue import BatchSettings, batch_cluster, resolve
 from nic_pipeline.runtime.preflight import warn_unencrypted
+from nic_pipeline.runtime.warm import warm_client
 
 # Two runs that start at once may both find 8787 free; the second then gets another port from
 # distributed with a 3-line warning. The link `nic` prints names the port it got.
@@ -367,8 +370,10 @@ def connect(
     dashboard: bool = True,
     security: Security | None = None,
     batch: BatchSettings | None = None,
+    warm: bool = True,
 ) -> Iterator[Client]:
-    """A client on the named cluster, on worker jobs of a batch system, or on an embedded local
+    """A client on the named cluster, on worker jobs of a batch system, on the warm cluster of
+    ``nic cluster start`` (when ``warm`` and it answers; one line says so), or on an embedded local
     cluster; clusters started here are closed (their jobs cancelled) on exit."""
     if sum(bool(x) for x in (scheduler, scheduler_file, batch)) > 1:
         raise NicError("name one of --scheduler, --scheduler-file or --cluster")
@@ -381,6 +386,11 @@ def connect(
         batch = resolve(batch)  # GPUs per job, from the partition when not given
         with batch_cluster(batch, security, dashboard_address(dashboard)) as cluster, Client(cluster) as client:
             wait_for_batch_workers(client, gpu=batch.gpus_per_job > 0)
+            yield client
+        return
+    running = warm_client() if warm else None
+    if running is not None:
+        with running as client:
             yield client
         return
     flag = closing_flag()
