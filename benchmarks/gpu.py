@@ -46,7 +46,7 @@ from nic_pipeline import api  # noqa: E402
 from nic_pipeline.compress.codes import build_encoder, default_batch_size, encode_patches  # noqa: E402
 from nic_pipeline.compress.encode import EncoderSettings  # noqa: E402
 from nic_pipeline.compress.dataset import open_slide_tensor  # noqa: E402
-from nic_pipeline.compress.store import describe_store  # noqa: E402
+from nic_pipeline.compress.catalog import describe_store  # noqa: E402
 from nic_pipeline.io.cucim_backend import nvimgcodec_version  # noqa: E402
 from nic_pipeline.runtime.cluster import connect  # noqa: E402
 from nic_pipeline.runtime.device import gpu_count, usable_cpus  # noqa: E402

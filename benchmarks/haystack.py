@@ -160,7 +160,7 @@ def store_mb(store: Path) -> float:
 def cohort_sizes(slides_dir: Path, store: Path) -> dict:
     """Tissue cells per slide (store) and lesion size (synth masks) of a cohort, for the doc."""
     from nic_pipeline.compress.dataset import open_slide_tensor
-    from nic_pipeline.compress.store import list_slides
+    from nic_pipeline.compress.catalog import list_slides
 
     meta = json.loads((slides_dir / "synth.json").read_text())
     cells = [float((open_slide_tensor(store, sid)["tissue"].values > 0).sum()) for sid in list_slides(store)]

@@ -146,7 +146,7 @@ def main(work: Path, slides: int, size: int, fraction: float, jitter: float, mod
     from nic_pipeline.compress.encode import EncoderSettings
     from nic_pipeline.compress.graph import compress
     from nic_pipeline.compress.jobs import plan_jobs
-    from nic_pipeline.compress.store import list_slides
+    from nic_pipeline.compress.catalog import list_slides
     from nic_pipeline.runtime.cluster import connect
 
     work.mkdir(parents=True, exist_ok=True)

@@ -81,7 +81,6 @@ def traced_cli(trace: Path, argv: list[str]) -> None:
 
     stamp(cluster, "start_local_cluster")
     stamp(api, "preflight")
-    stamp(graph, "consolidate")
     api.run_compress = graph.compress = stamp(graph, "compress", compress_traced)
     try:
         cli.main(argv, standalone_mode=False)
@@ -141,7 +140,7 @@ def breakdown(run: dict, floor: float) -> dict:
         "detect-tissue": sum(t["stop"] - t["start"] for t in detect),
         "detect end to first encode": first_encode - max(t["stop"] for t in detect),
         "encode phase": last_encode - first_encode,
-        "finalize + consolidate + manifest": events["compress end"] - last_encode,
+        "finalize + manifest": events["compress end"] - last_encode,
         "cluster shutdown": events["cli end"] - events["compress end"],
         "interpreter exit": run["wall"] - (events["cli end"] - t0),
         "-- encoder load per worker (began after compress start + took, s; torch import included)":
@@ -149,7 +148,6 @@ def breakdown(run: dict, floor: float) -> dict:
         "-- encode busy per worker": ", ".join(f"{v:.1f}" for v in sorted(busy.values())),
         "-- encode phase rate / floor": run["patches"] / (last_encode - first_encode) / floor,
         "-- finalize": sum(t["stop"] - t["start"] for t in final),
-        "-- consolidate": events["consolidate end"] - events["consolidate start"],
     }
 
 

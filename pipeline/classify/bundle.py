@@ -108,7 +108,7 @@ class SlideModel:
     def crop_origins(self, source: SlideSource, slide_id: str) -> list[tuple[int, int]]:
         """Test-time crops: a tiling of the grid (centred when smaller than a crop), tissue only."""
         size = self.config["params"]["crop"]
-        _, ny, nx = source.meta(slide_id)["shape"]
+        _, ny, nx = source.shape(slide_id)
         tissue = source.tissue(slide_id)
         origins = [(y, x) for y in _axis_origins(ny, size) for x in _axis_origins(nx, size)
                    if tissue[max(y, 0):y + size, max(x, 0):x + size].sum() > 0]
@@ -196,7 +196,7 @@ def _bag_scores(bundle: SlideModel, source: SlideSource, slide_id: str) -> torch
 
 def _grid_relevance(bundle: SlideModel, source: SlideSource, slide_id: str, index: int) -> np.ndarray:
     """``module.relevance`` of each test-time crop, averaged where crops overlap."""
-    _, ny, nx = source.meta(slide_id)["shape"]
+    _, ny, nx = source.shape(slide_id)
     size = bundle.config["params"]["crop"]
     total = np.zeros((ny, nx), np.float64)
     count = np.zeros((ny, nx), np.float64)
@@ -214,7 +214,7 @@ def _grid_relevance(bundle: SlideModel, source: SlideSource, slide_id: str, inde
 
 def _bag_relevance(bundle: SlideModel, source: SlideSource, slide_id: str, index: int) -> np.ndarray:
     """``module.instance_scores`` of the tissue cells, placed on the grid."""
-    _, ny, nx = source.meta(slide_id)["shape"]
+    _, ny, nx = source.shape(slide_id)
     heat = np.full((ny, nx), np.nan, np.float32)
     with torch.no_grad():
         bag, cells = _slide_bag(bundle, source, slide_id)

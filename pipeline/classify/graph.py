@@ -151,12 +151,11 @@ def _store_info(source: SlideSource, slide_ids) -> dict:
     """Encoder and geometry of the store; NicError when the slides do not share a code size."""
     dims = {}
     for sid in slide_ids:
-        meta = source.meta(sid)
-        dims.setdefault(meta["shape"][0], sid)
+        dims.setdefault(source.shape(sid)[0], sid)
     if len(dims) > 1:
         raise NicError(f"{source.store}: slides have different code sizes {sorted(dims)} "
                        f"(e.g. {list(dims.values())[:2]}); compress the cohort with one encoder")
-    attrs = source.meta(slide_ids[0])["attrs"]
+    attrs = source.attrs(slide_ids[0])
     keep = ("encoder", "encoder_sha256", "mpp", "patch_size", "stride")
     return {k: attrs[k] for k in keep if k in attrs} | {"code_dim": next(iter(dims))}
 

@@ -11,7 +11,9 @@ from collections import OrderedDict
 
 import numpy as np
 
-from nic_pipeline.compress.store import block_name, check_slide, list_slides, open_cohort, slide_damage
+from nic_pipeline.compress.catalog import list_slides
+from nic_pipeline.compress.index import is_current, read_index
+from nic_pipeline.compress.store import block_name, check_slide, open_cohort, slide_damage
 from nic_pipeline.errors import NicError
 
 
@@ -19,6 +21,8 @@ def list_store_slides(store) -> list[str]:
     """Slide ids of the complete slides in a store."""
     try:
         return list_slides(store, complete_only=True)
+    except NicError:
+        raise
     except Exception as err:  # noqa: BLE001 - zarr raises several types for a missing store
         raise NicError(f"{store}: not a readable Zarr store ({err})") from err
 
@@ -26,9 +30,9 @@ def list_store_slides(store) -> list[str]:
 class SlideSource:
     """Reads slide tensors from a store one slide (or one crop) at a time.
 
-    The store is opened once, from its consolidated metadata (one read for the whole cohort,
-    where opening each slide's group would cost a few file reads per slide); arrays are read
-    with Zarr directly. Whole slides are kept in a least-recently-used cache bounded by
+    A slide's shape and attributes come from the store's index while its line is current (one
+    read for the whole cohort, then a ``stat`` per file of the slide, where opening each slide's
+    group and checking it would cost a few reads per slide); arrays are read with Zarr directly. Whole slides are kept in a least-recently-used cache bounded by
     ``cache_mb`` (float16 as stored), so small cohorts are read once while cohorts larger than
     memory stream from Zarr. A slide larger than the cache is never loaded whole for crops:
     crops are read directly.
@@ -42,9 +46,10 @@ class SlideSource:
         self._tissue: dict[str, np.ndarray] = {}
         self._meta: dict[str, dict] = {}
         self._root = None
+        self._index: dict[str, dict] | None = None
 
     def group(self, slide_id: str):
-        """The slide's Zarr group (from the cohort's consolidated metadata when there is one)."""
+        """The slide's Zarr group, read from its own metadata."""
         if self._root is None:
             self._root = open_cohort(self.store)
         try:
@@ -63,6 +68,26 @@ class SlideSource:
         except Exception as err:  # noqa: BLE001 - zarr/codecs raise many types for damaged chunks
             raise NicError(f"{self.store}: cannot read {name!r} of slide {slide_id!r} "
                            f"({type(err).__name__}: {err}); the store is damaged: recompress this slide") from err
+
+    def _entry(self, slide_id: str) -> dict | None:
+        """The slide's index line while its files are unchanged (checked once), else None."""
+        if self._index is None:
+            self._index = read_index(self.store)
+        entry = self._index.get(slide_id)
+        if entry is not None and entry.get("checked") is None:
+            entry["checked"] = is_current(self.store, entry)
+        return entry if entry is not None and entry["checked"] else None
+
+    def shape(self, slide_id: str) -> tuple[int, int, int]:
+        """(C, ny, nx) of the slide's code grid."""
+        entry = self._entry(slide_id)
+        return tuple(entry["shape"]) if entry else self.meta(slide_id)["shape"]
+
+    def attrs(self, slide_id: str) -> dict:
+        """The slide's attributes (encoder, µm/px, grid, source; per-block records only from
+        :meth:`meta`)."""
+        entry = self._entry(slide_id)
+        return entry["attrs"] if entry else self.meta(slide_id)["attrs"]
 
     def meta(self, slide_id: str) -> dict:
         """Shape (C, ny, nx), attrs and cell-centre coordinates of a slide; a NicError when a shard

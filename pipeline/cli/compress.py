@@ -109,7 +109,7 @@ def view(store, out_dir, slides_dir):
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def inspect(store, as_json):
     """List the slides of a store: status, grid shape, tissue cells, encoder."""
-    from nic_pipeline.compress.store import describe_store
+    from nic_pipeline.compress.catalog import describe_store
 
     rows = describe_store(store)
     if as_json:

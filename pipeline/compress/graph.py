@@ -35,10 +35,13 @@ import zarr
 from distributed import as_completed, span
 
 from nic_models.registry import get_spec, weights_sha256
+from nic_pipeline.compress.catalog import index_entry
 from nic_pipeline.compress.encode import NicWorker, encode_block, warm_encoder
 from nic_pipeline.compress.grid import DEFAULT_BLOCK, DEFAULT_MIN_TISSUE, Grid, cell_coverage
-from nic_pipeline.compress.settings import EncoderSettings
+from nic_pipeline.compress.index import IndexWriter
 from nic_pipeline.compress.jobs import SlideJob, slide_mpp
+from nic_pipeline.compress.settings import EncoderSettings
+from nic_pipeline.compress.stain_fit import source_stain_attrs, with_stain_target
 from nic_pipeline.compress.store import (
     COMPLETE,
     IN_PROGRESS,
@@ -46,7 +49,6 @@ from nic_pipeline.compress.store import (
     block_done,
     blocks_with_tissue,
     check_slide,
-    consolidate,
     create_slide,
     delete_block,
     find_slide_group,
@@ -56,12 +58,11 @@ from nic_pipeline.compress.store import (
     record_failures,
     record_run,
     remove_slide,
-    source_changed,
     slide_block,
     slide_damage,
+    source_changed,
     source_fingerprint,
 )
-from nic_pipeline.compress.stain_fit import source_stain_attrs, with_stain_target
 from nic_pipeline.compress.tissue import DEFAULT_MASK_MPP, slide_tissue_mask
 from nic_pipeline.errors import NicError, SlideError
 from nic_pipeline.io import open_slide
@@ -171,7 +172,7 @@ def _finished_slide(store: str, group: zarr.Group, job: SlideJob, options: RunOp
         return None
     damaged = check_slide(group, verify=options.verify)
     if not damaged:
-        return {"skipped": True}
+        return {"skipped": True, "entry": index_entry(store, job.slide_id)}
     for blk, _ in damaged:
         if block_done(group, blk):
             delete_block(group, blk)
@@ -225,7 +226,7 @@ def finalize_slide(store: str, slide_id: str, *block_results: dict) -> dict:
     if errors:
         return errors[0]
     mark_complete(open_slide_group(store, slide_id))
-    return {"patches": sum(r["patches"] for r in block_results)}
+    return {"patches": sum(r["patches"] for r in block_results), "entry": index_entry(store, slide_id)}
 
 
 class _Run:
@@ -238,6 +239,7 @@ class _Run:
         self.token = uuid.uuid4().hex[:8]
         self.window = window
         self.pending = as_completed()
+        self.index = IndexWriter(store, self.token)
         self.results: dict[str, SlideResult] = {}
         self.jobs: dict[str, SlideJob] = {}
         self.gpu = gpu_resources(client)
@@ -307,6 +309,7 @@ class _Run:
             self.finish(result, "stopped" if value.get("fatal") else "failed", value["error"])
         elif kind == "detect-tissue":
             if value.get("skipped"):
+                self.index.add(value["entry"])
                 self.finish(result, "skipped")
                 return
             result.tissue_cells, result.blocks_skipped = value["tissue_cells"], value["blocks_skipped"]
@@ -319,6 +322,7 @@ class _Run:
             self.patches_bar.update(value["patches"])
             self.publish()
         else:
+            self.index.add(value["entry"])
             self.finish(result, "complete")
 
     def run(self, jobs: list[SlideJob]) -> None:
@@ -376,14 +380,16 @@ def compress(
     # best effort: loads while the first slides' tissue is found; a worker lost meanwhile is no error
     client.run(warm_encoder, settings, workers=encoding, on_error="ignore")
     run = _Run(client, store, config, settings, options, window or max(4, 2 * len(workers)), progress)
-    run.run(jobs)
+    try:
+        run.run(jobs)
+    finally:
+        run.index.close()
     report = CompressReport(store, run.token, list(run.results.values()), time.perf_counter() - started, run.fatal)
     if report.fatal:  # the disk is full: writing more would only fail again
         return report
     record_failures(root, {s.slide_id: s.error for s in report.failed},
                     [s.slide_id for s in report.slides if s.status in ("complete", "skipped")])
     record_run(root, run_manifest(report, config, settings, client))
-    consolidate(store)
     return report
 
 

@@ -26,13 +26,13 @@ import h5py
 import numpy as np
 import torch
 
+from nic_pipeline.compress.catalog import describe_store, index_entry
 from nic_pipeline.compress.grid import DEFAULT_BLOCK, Grid
+from nic_pipeline.compress.index import IndexWriter
 from nic_pipeline.compress.store import (
     COMPLETE,
     CompressionConfig,
-    consolidate,
     create_slide,
-    describe_store,
     open_cohort,
     open_store,
     source_fingerprint,
@@ -345,6 +345,7 @@ def import_h5(paths, store: str | os.PathLike, encoder: str | None = None, mpp: 
     per file. Cells with a patch get its code and tissue 1; the rest stay empty. A file that does
     not fit is refused with its reason and the others are imported."""
     report, known = ImportReport(), slides_by_id(slides) if slides else {}
+    index = IndexWriter(store, "import-h5")
     for path in h5_inputs(paths):
         try:
             bag = read_bag(path, Path(patches_dir) if patches_dir else None)
@@ -355,8 +356,8 @@ def import_h5(paths, store: str | os.PathLike, encoder: str | None = None, mpp: 
             report.refused[str(path)] = str(err).removeprefix(f"{path}: ")
             continue
         report.imported.append(bag.slide_id)
-    if report.imported:
-        consolidate(store)
+        index.add(index_entry(str(store), bag.slide_id))
+    index.close()
     return report
 
 

@@ -2,8 +2,9 @@
 
 Layout of ``STORE.zarr``::
 
-    zarr.json                root attributes: compression settings, failed slides, run manifests,
-                             and (after each run) the consolidated metadata of every slide
+    zarr.json                root attributes: compression settings, failed slides, run manifests
+    _index/*.jsonl           one line per finished slide, appended as slides finish: what
+                             listing and opening the cohort need (:mod:`.index`)
     <slide_id>/zarr.json     the slide's settings, source, µm/px and its origin, grid, status,
                              and the device and precision each block was encoded with
     <slide_id>/features      (feature, y, x) float16; ONE shard file per block of cells, inner
@@ -168,6 +169,7 @@ def open_store(path: str | os.PathLike, config: CompressionConfig) -> zarr.Group
         root = zarr.open_group(str(path), mode="a", zarr_format=3, use_consolidated=False)
     except (zarr.errors.ContainsArrayError, ValueError, OSError) as err:
         raise NicError(f"{path}: cannot open as a Zarr store for writing ({err})") from err
+    _drop_consolidated(root)
     existing = root.attrs.get("compression")
     wanted = config.as_attrs()
     if existing is None:
@@ -182,10 +184,20 @@ def open_store(path: str | os.PathLike, config: CompressionConfig) -> zarr.Group
     return root
 
 
+def _drop_consolidated(root: zarr.Group) -> None:
+    """Remove the consolidated copy of every slide's metadata that older versions wrote into the
+    root's ``zarr.json`` at the end of each run: this run changes the slides, and the copy would
+    go stale (and it grows with the cohort, about 6 MB per 1,000 slides)."""
+    found = sync(root.store.get("zarr.json", prototype=default_buffer_prototype()))
+    if found is not None and b'"consolidated_metadata"' in found.to_bytes():
+        root.attrs.put(dict(root.attrs))  # rewrites the zarr.json of a group opened without the copy
+
+
 def open_cohort(path: str | os.PathLike) -> zarr.Group:
-    """The store's root for reading: one read of the consolidated metadata when a run has left it."""
+    """The store's root for reading; each slide's group is read from its own metadata when asked
+    for (never from a consolidated copy, which a later run would have left stale)."""
     try:
-        return zarr.open_group(str(path), mode="r", zarr_format=3)
+        return zarr.open_group(str(path), mode="r", zarr_format=3, use_consolidated=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as err:
         raise NicError(f"{path}: not a compressed-slide store ({err})") from err
 
@@ -221,7 +233,7 @@ def create_slide(root, slide_id: str, grid: Grid, config: CompressionConfig,
     zarr.json.
     """
     if isinstance(root, zarr.Group):
-        store, path = root.store, _child_path(root, slide_id)
+        store, path = root.store, child_path(root, slide_id)
     else:
         store, path = str(root), slide_id
     group = find_slide_group(store, path)
@@ -346,6 +358,7 @@ def mark_complete(group: zarr.Group) -> None:
     sync(group.store.delete_dir(f"{group['features'].store_path.path}/_blocks"))
 
 
+
 def block_name(block: Block) -> str:
     return f"{block.index[0]}.{block.index[1]}"
 
@@ -435,103 +448,5 @@ def record_run(root: zarr.Group, manifest: dict, keep: int = 50) -> None:
     root.attrs["runs"] = [*runs, manifest]
 
 
-def consolidate(store: str | os.PathLike) -> None:
-    """Write every slide's metadata into the root, so readers open the cohort with one read.
-
-    (Zarr warns that consolidated metadata is not yet part of the v3 specification; xarray and
-    zarr-python read it, and a reader without it reads each slide's own metadata instead.)
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(str(store), zarr_format=3)
-
-
-def _child_path(root: zarr.Group, name: str) -> str:
+def child_path(root: zarr.Group, name: str) -> str:
     return f"{root.path}/{name}".strip("/")
-
-
-def _groups(root: zarr.Group) -> list[str]:
-    """The slide groups of a store (Zarr warns about folders that are no node; they are listed
-    by :func:`lost_groups` instead)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Object at .* is not recognized")
-        try:
-            return sorted(name for name, _ in root.groups())
-        except Exception:  # noqa: BLE001 - a slide's zarr.json that does not parse (no consolidated copy)
-            for name in _children(root):
-                damage = slide_damage(root.store, _child_path(root, name))
-                if damage:
-                    raise NicError(f"slide {name!r} is damaged ({damage}); {MEND}") from None
-            raise
-
-
-def lost_groups(root: zarr.Group) -> list[str]:
-    """Folders of the store that look like slides but lost their zarr.json (a damaged store)."""
-    return sorted(name for name in _children(root) if "." not in name and not name.startswith("_")
-                  and not sync(root.store.exists(f"{_child_path(root, name)}/zarr.json")))
-
-
-def _children(root: zarr.Group) -> list[str]:
-    """Every entry of the store's folder but its own zarr.json, read from the files."""
-    return sorted(name for name in sync(_list(root.store.list_dir(root.path))) if name != "zarr.json")
-
-
-async def _list(iterator) -> list[str]:
-    return [name.rstrip("/") async for name in iterator]
-
-
-def list_slides(store: str | os.PathLike, complete_only: bool = True) -> list[str]:
-    """Slide ids in a store, sorted; only the complete ones unless told otherwise."""
-    root = open_cohort(store)
-    return [s for s in _groups(root) if not complete_only or slide_status(root, s) == COMPLETE]
-
-
-def describe_store(store: str | os.PathLike) -> list[dict]:
-    """One row per slide, failed ones included: id, status, grid, encoded cells, encoder, source.
-    Read from each slide's own metadata (not the consolidated copy, which a killed run leaves stale)."""
-    try:
-        root = zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as err:
-        raise NicError(f"{store}: not a compressed-slide store ({err})") from err
-    failed = dict(root.attrs.get("failed", {}))
-    rows = []
-    for slide_id in _children(root):
-        path = _child_path(root, slide_id)
-        if not sync(root.store.exists(f"{path}/zarr.json")):
-            continue  # a lost zarr.json: listed below
-        damage = slide_damage(root.store, path)
-        if damage:
-            failed.pop(slide_id, None)
-            rows.append(_failed_row(slide_id, f"damaged: {damage}; {MEND}"))
-            continue
-        try:
-            group = open_slide_group(root.store, path, mode="r")
-        except (zarr.errors.ContainsArrayError, zarr.errors.NodeTypeValidationError, ValueError):
-            continue  # an array, not a slide
-        attrs = group.attrs
-        status = attrs.get("status", IN_PROGRESS)
-        if status != COMPLETE and slide_id in failed:
-            status = FAILED
-        rows.append({
-            "slide_id": slide_id, "status": status, "grid_shape": list(attrs.get("grid_shape", [])),
-            "tissue_cells": _tissue_cells(group) if "status" in attrs else 0,
-            "encoder": attrs.get("encoder"), "encoder_sha256": attrs.get("encoder_sha256"), "mpp": attrs.get("mpp"),
-            "patch_size": attrs.get("patch_size"), "stride": attrs.get("stride"),
-            "slide_mpp": attrs.get("slide_mpp"), "mpp_source": attrs.get("mpp_source"),
-            "precisions": sorted({b.get("precision") for b in attrs.get("blocks", {}).values()} - {None}),
-            "decoders": sorted({b.get("decoder") for b in attrs.get("blocks", {}).values()} - {None}),
-            "source_path": attrs.get("source_path"), "error": failed.pop(slide_id, None),
-        })
-    failed.update({slide_id: f"its zarr.json is lost: {MEND}" for slide_id in lost_groups(root) if slide_id not in failed})
-    rows += [_failed_row(slide_id, reason) for slide_id, reason in sorted(failed.items())]
-    return rows
-
-
-def _failed_row(slide_id: str, reason: str) -> dict:
-    return {"slide_id": slide_id, "status": FAILED, "grid_shape": [], "tissue_cells": 0, "encoder": None,
-            "encoder_sha256": None, "mpp": None, "patch_size": None, "stride": None, "slide_mpp": None,
-            "mpp_source": None, "precisions": [], "decoders": [], "source_path": None, "error": reason}
-
-
-def _tissue_cells(group: zarr.Group) -> int:
-    return int((group["tissue"][...] >= group.attrs.get("min_tissue", 0.0)).sum())

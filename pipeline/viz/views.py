@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from nic_pipeline.compress.dataset import open_slide_tensor
-from nic_pipeline.compress.store import list_slides, open_cohort
+from nic_pipeline.compress.catalog import list_slides
+from nic_pipeline.compress.store import open_cohort
 from nic_pipeline.viz import figure
 from nic_pipeline.viz.figure import check_folders_hold_slides, slide_files_by_id
 from nic_pipeline.viz.pca import PcaRgb, pca_rgb, sample_codes

@@ -32,7 +32,8 @@ from nic_pipeline.classify.labels import encode_targets
 from nic_pipeline.classify.source import SlideSource
 from nic_pipeline.compress.api import compress
 from nic_pipeline.compress.interop import export_h5
-from nic_pipeline.compress.store import CHUNK, list_slides
+from nic_pipeline.compress.catalog import list_slides
+from nic_pipeline.compress.store import CHUNK
 from nic_pipeline.synth import CohortSpec, write_cohort
 
 CODE_DIM = 2560

@@ -16,16 +16,16 @@ import pytest
 import xarray as xr
 import zarr
 
-from nic_pipeline.runtime.cluster import connect
-from nic_pipeline.compress.graph import compress
-from nic_pipeline.compress.jobs import plan_jobs
+from nic_pipeline.compress.catalog import list_slides
 from nic_pipeline.compress.codes import encode_patches
 from nic_pipeline.compress.encode import EncoderSettings, NicWorker, read_cells
-from nic_pipeline.errors import NicError
+from nic_pipeline.compress.graph import compress
 from nic_pipeline.compress.grid import Grid, iter_blocks
+from nic_pipeline.compress.index import is_current, read_index
+from nic_pipeline.compress.jobs import plan_jobs
+from nic_pipeline.errors import NicError
 from nic_pipeline.io import open_slide
-from nic_pipeline.compress.store import list_slides
-
+from nic_pipeline.runtime.cluster import connect
 from tests.conftest import shared_path
 
 SETTINGS = EncoderSettings(precision="bf16")
@@ -146,6 +146,7 @@ def test_a_killed_client_resumes_with_only_the_missing_blocks(tmp_path, external
         rerun = compress(jobs, resumed, client, SETTINGS, block=4, progress=False)
     assert rerun.slides[0].status == "complete"
     assert rerun.blocks_encoded == total - done_before
+    assert is_current(resumed, read_index(resumed)["synth_kill"])  # the rerun indexed what the killed run had not
     assert _store_bytes(resumed, "synth_kill") == _store_bytes(reference, "synth_kill")
 
     with Client(scheduler_file=external_cluster) as client:  # a third run has nothing left to do

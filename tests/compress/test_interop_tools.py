@@ -24,7 +24,7 @@ import pytest
 from nic_pipeline.classify.source import SlideSource
 from nic_pipeline.compress.grid import iter_blocks
 from nic_pipeline.compress.interop import export_h5, import_h5
-from nic_pipeline.compress.store import consolidate, create_slide, mark_complete, open_store, write_block
+from nic_pipeline.compress.store import create_slide, mark_complete, open_store, write_block
 from tests.compress.test_interop import CONFIG, GRID, SOURCE, write_bag
 
 CLAM_DIR = os.environ.get("NIC_CLAM_DIR")
@@ -58,7 +58,6 @@ def cohort(tmp_path):
         for block in iter_blocks(GRID.shape, 4):
             write_block(group, block, codes[(slice(None), *block.slices)])
         mark_complete(group)
-    consolidate(path)
     return path
 
 

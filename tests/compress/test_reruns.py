@@ -20,7 +20,7 @@ from distributed import Client
 from nic_pipeline.compress.encode import EncoderSettings
 from nic_pipeline.compress.graph import RunOptions, compress
 from nic_pipeline.compress.jobs import plan_jobs
-from nic_pipeline.compress.store import describe_store
+from nic_pipeline.compress.catalog import describe_store
 from nic_pipeline.errors import NicError
 from nic_pipeline.runtime.preflight import check_versions, check_visible
 from nic_pipeline.synth import write_synthetic_slide

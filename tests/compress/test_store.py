@@ -9,16 +9,14 @@ import pytest
 import xarray as xr
 import zarr
 
+from nic_pipeline.compress.catalog import describe_store, list_slides
 from nic_pipeline.compress.grid import Grid, iter_blocks
 from nic_pipeline.compress.store import (
     COMPLETE,
     CompressionConfig,
     block_done,
     check_slide,
-    consolidate,
     create_slide,
-    describe_store,
-    list_slides,
     mark_complete,
     open_cohort,
     open_store,
@@ -168,7 +166,7 @@ def test_reopening_with_other_settings_is_refused(tmp_path):
         open_store(tmp_path / "s.zarr", dataclasses.replace(CONFIG, encoder_sha256="other"))
 
 
-def test_failures_are_kept_and_listed_and_consolidated_metadata_opens_the_cohort(tmp_path, source):
+def test_failures_are_kept_and_listed_and_a_slide_opens_in_xarray(tmp_path, source):
     store = tmp_path / "s.zarr"
     root = open_store(store, CONFIG)
     for name in ("a", "b"):
@@ -177,14 +175,22 @@ def test_failures_are_kept_and_listed_and_consolidated_metadata_opens_the_cohort
     record_failures(root, {"bad": "truncated file", "b": "an earlier failure"}, succeeded=[])
     record_failures(root, {}, succeeded=["b"])  # b succeeded in a later run
     assert root.attrs["failed"] == {"bad": "truncated file"}
-    consolidate(store)
-    cohort = open_cohort(store)
-    assert cohort.metadata.consolidated_metadata is not None
-    assert {"a", "a/features", "b"} <= set(cohort.metadata.consolidated_metadata.flattened_metadata)
     rows = {r["slide_id"]: r for r in describe_store(store)}
     assert rows["bad"]["status"] == "failed" and rows["bad"]["error"] == "truncated file"
     assert rows["a"]["status"] == COMPLETE
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the README's snippet, without a consolidated-metadata warning
-        ds = xr.open_zarr(store, group="a")
+        ds = xr.open_zarr(store, group="a", consolidated=False)
     assert ds["features"].shape == (8, 6, 10)
+
+
+def test_a_run_drops_the_root_copy_of_every_slide_that_older_versions_left(tmp_path, source):
+    store = tmp_path / "s.zarr"
+    create_slide(open_store(store, CONFIG), "a", GRID, CONFIG, np.ones(GRID.shape, np.float32), source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(store), zarr_format=3)  # what every run of an older version did
+    assert b"consolidated_metadata" in (store / "zarr.json").read_bytes()
+    open_store(store, CONFIG)
+    assert b"consolidated_metadata" not in (store / "zarr.json").read_bytes()
+    assert open_store(store, CONFIG).attrs["compression"] == CONFIG.as_attrs()

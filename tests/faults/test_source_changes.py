@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import tifffile
 
-from nic_pipeline.compress.store import consolidate
 from tests.faults.conftest import BLOCK
 from tests.faults.helpers import nic, noise, tissue_tiles
 
@@ -79,7 +78,6 @@ def changed(tmp_path_factory, finished_store, good_slides):
         if keep_mtime:
             os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     shutil.rmtree(store / "good1")
-    consolidate(store)
     slides = [root / f"{slide_id}.tif" for slide_id in CHANGES]
     args = ("--out", store, "--workers", "2", "--block", BLOCK)
     return dict(root=root, store=store, plain=nic("compress", *slides, *args),

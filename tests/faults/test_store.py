@@ -11,7 +11,6 @@ import shutil
 import numpy as np
 import pytest
 
-from nic_pipeline.compress.store import consolidate
 from tests.faults.conftest import BLOCK, features
 from tests.faults.helpers import nic, noise
 
@@ -61,7 +60,6 @@ def damaged(tmp_path_factory, finished_store, good_slides):
         shutil.copytree(store / "good1", store / slide_id)
         shutil.copyfile(good_slides[1] if slide_id == "changed" else good_slides[0], root / f"{slide_id}.tif")
     shutil.rmtree(store / "good1")
-    consolidate(store)  # a finished store: every slide complete
     damage(store, clean)
     slides = [root / f"{slide_id}.tif" for slide_id in SLIDES]
     before = nic("inspect", store)

@@ -10,7 +10,6 @@ import shutil
 
 import pytest
 
-from nic_pipeline.compress.store import consolidate
 from tests.faults.conftest import BLOCK
 from tests.faults.helpers import nic, noise, one_error_line
 
@@ -37,12 +36,11 @@ PLAIN, VERIFIED = ("meta", "feat"), ("tissue",)
 
 
 def copies(clean, store, slide_ids) -> None:
-    """A finished store holding one copy of the clean slide under each id, consolidated as a run leaves it."""
+    """A finished store holding one copy of the clean slide under each id, as a run leaves it."""
     shutil.copytree(clean, store)
     for slide_id in slide_ids:
         shutil.copytree(store / "good1", store / slide_id)
     shutil.rmtree(store / "good1")
-    consolidate(store)
 
 
 def slide_files(group) -> dict[str, bytes]:

@@ -11,7 +11,6 @@ import shutil
 
 import pytest
 
-from nic_pipeline.compress.store import consolidate
 from tests.faults.helpers import nic, noise, one_error_line
 
 pytestmark = pytest.mark.slow
@@ -22,13 +21,12 @@ TRAIN = ("--model", "mean", "--folds", "2", "--workers", "1")
 
 @pytest.fixture(scope="module")
 def cohort_store(tmp_path_factory, finished_store):
-    """A finished store of 8 slides (copies of one compressed slide), consolidated as a run leaves it."""
+    """A finished store of 8 slides (copies of one compressed slide), as a run leaves it."""
     store = tmp_path_factory.mktemp("train") / "cohort.zarr"
     shutil.copytree(finished_store[0], store)
     for slide_id in SLIDES:
         shutil.copytree(store / "good1", store / slide_id)
     shutil.rmtree(store / "good1")
-    consolidate(store)
     return store
 
 

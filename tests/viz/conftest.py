@@ -13,7 +13,6 @@ import zarr
 from nic_pipeline.classify.fit import fit
 from nic_pipeline.classify.labels import encode_targets, load_labels, target_spec
 from nic_pipeline.classify.source import SlideSource
-from nic_pipeline.compress.store import consolidate
 from nic_pipeline.synth import write_synthetic_slide
 from tests.classify.cohort import CELL_PX, SLIDE_MPP, make_cohort
 
@@ -37,7 +36,6 @@ def run(tmp_path_factory):
     for sid in ids[:2]:  # slide files for two slides, where the store says they are
         path = write_synthetic_slide(slides / f"{sid}.tif", GRID * CELL_PX, GRID * CELL_PX, mpp=SLIDE_MPP, seed=3).path
         zarr.open_group(str(store), path=sid, mode="r+").attrs["source_path"] = str(path)
-    consolidate(store)
     return dict(store=store, labels=labels_csv, masks=masks, run=run_dir, ids=ids, slides=slides, root=root)
 
 

@@ -7,7 +7,6 @@ import pytest
 import zarr
 from PIL import Image
 
-from nic_pipeline.compress.store import consolidate
 from nic_pipeline.errors import NicError
 from nic_pipeline.synth import write_synthetic_slide
 from nic_pipeline.viz.pca import PcaRgb
@@ -32,7 +31,6 @@ def test_thumbnails_come_from_the_recorded_source_and_a_wrong_slides_folder_is_a
     store, _, _ = make_cohort(tmp_path, n_slides=1, grid=12, channels=4, lesion_size=3)
     slide = write_synthetic_slide(tmp_path / "slide-000.tif", 1536, 1536, mpp=0.5, seed=1).path
     zarr.open_group(str(store), path="slide-000", mode="r+").attrs["source_path"] = str(slide)
-    consolidate(store)
     assert slide_file(store, "slide-000", {}) == slide
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "other.tif").write_bytes(b"")
