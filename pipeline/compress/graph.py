@@ -6,13 +6,16 @@ one row per kind whatever the slide names, and two jobs on one cluster never sha
 ``detect-tissue``
     check a finished slide (source, µm/px, shards) or open the slide, settle its µm/px, find the
     tissue on a low-resolution level, lay the grid, create the slide's group, list blocks to do;
+    a slide with one block (or none) left is encoded and finalized in this same task: the
+    scheduler spends 2.5-5 ms of CPU per task whatever it does (docs/benchmarks.md, "Scale"),
+    and biopsy-sized slides are one block;
 ``encode-block``
     read the block's tissue cells, encode them, write the block's shard (one file per block);
 ``finalize-slide``
     check that every block is written, record how each was encoded, mark the slide complete.
 
 The client streams: at most ``window`` slides are in flight, each slide's blocks go in with
-one ``client.map``. Tasks return only small metadata; pixels and codes stay on the workers and
+one ``client.map``, all under one span per run (the dashboard's metrics). Tasks return only small metadata; pixels and codes stay on the workers and
 in the store. Finished slides and written blocks are skipped on rerun, so an interrupted job,
 run again, finishes with the same bytes as an uninterrupted one.
 """
@@ -29,7 +32,6 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
-import dask
 import numpy as np
 import zarr
 from distributed import as_completed, span
@@ -182,9 +184,10 @@ def _finished_slide(store: str, group: zarr.Group, job: SlideJob, options: RunOp
 
 @expected_errors_as_results
 def detect_tissue(store: str, job: SlideJob, config: CompressionConfig, options: RunOptions = RunOptions(),
-                  device: str = "auto") -> dict:
+                  settings: EncoderSettings = EncoderSettings()) -> dict:
     """Task: settle the slide's µm/px, find its tissue, lay the grid, create its group; returns the
-    grid and the blocks still to encode (or ``skipped`` for an intact finished slide).
+    grid and the blocks still to encode (or ``skipped`` for an intact finished slide). With one
+    block or none left, encodes and finalizes it here and returns what ``finalize-slide`` would.
 
     On a GPU worker the low-resolution level is read with cuCIM into GPU memory and the mask runs
     on CuPy, through the same functions as on the CPU.
@@ -196,7 +199,7 @@ def detect_tissue(store: str, job: SlideJob, config: CompressionConfig, options:
         finished = _finished_slide(store, group, job, options)
         if finished:
             return finished
-    with open_slide(job.path, device=resolve_array_device(device)) as slide:
+    with open_slide(job.path, device=resolve_array_device(settings.device)) as slide:
         mpp, mpp_source = slide_mpp(slide.mpp, job)
         grid = Grid(*slide.dimensions, mpp, config.mpp, config.patch_size, config.stride)
         if 0 in grid.shape:
@@ -212,8 +215,12 @@ def detect_tissue(store: str, job: SlideJob, config: CompressionConfig, options:
     group = create_slide(store, job.slide_id, grid, dataclasses.replace(config, block=block), tissue, attrs)
     blocks = blocks_with_tissue(tissue, group.attrs["block"], config.min_tissue)  # a resumed slide keeps its own
     todo = [(blk, n) for blk, n in blocks if not block_done(group, blk)]
-    return {"grid": grid, "todo": todo, "blocks_skipped": len(blocks) - len(todo),
-            "tissue_cells": sum(n for _, n in blocks)}
+    found = {"grid": grid, "todo": todo, "blocks_skipped": len(blocks) - len(todo),
+             "tissue_cells": sum(n for _, n in blocks)}
+    if len(todo) > 1:
+        return found
+    encoded = [encode_block(store, job.path, job.slide_id, grid, blk, config, settings) for blk, _ in todo]
+    return {**found, "todo": [], "blocks_encoded": len(encoded), **finalize_slide(store, job.slide_id, *encoded)}
 
 
 encode_block_task = expected_errors_as_results(encode_block)
@@ -248,7 +255,6 @@ class _Run:
                                         growing=True)  # known slide by slide, once tissue is found
         self.in_flight = 0
         self.published = 0.0
-        self.annotations: dict[str, dict] = {}
         self.fatal: str | None = None
 
     def key(self, kind: str, slide_id: str, *rest) -> tuple:
@@ -256,25 +262,22 @@ class _Run:
 
     def start(self, job: SlideJob) -> None:
         self.in_flight += 1
-        with span("nic-compress", self.token, job.slide_id):  # the dashboard's metrics, per slide
-            self.annotations[job.slide_id] = dask.get_annotations()
-            future = self.client.submit(detect_tissue, self.store, job, self.config, self.options, self.settings.device,
-                                        key=self.key("detect-tissue", job.slide_id), resources=self.gpu, pure=False)
+        future = self.client.submit(detect_tissue, self.store, job, self.config, self.options, self.settings,
+                                    key=self.key("detect-tissue", job.slide_id), resources=self.gpu, pure=False)
         self.pending.add(future)
 
     def submit_blocks(self, job: SlideJob, detected: dict) -> None:
         # largest first (in patches): the last tasks are then short, and the workers finish together
         blocks = [blk for blk, _ in sorted(detected["todo"], key=lambda todo: -todo[1])]
         n = len(blocks)
-        with dask.annotate(**self.annotations.pop(job.slide_id)):  # the same span as its detect-tissue
-            futures = self.client.map(
-                encode_block_task, [self.store] * n, [job.path] * n, [job.slide_id] * n, [detected["grid"]] * n,
-                blocks, [self.config] * n, [self.settings] * n,
-                key=[self.key("encode-block", job.slide_id, *blk.index) for blk in blocks], resources=self.gpu,
-                pure=False,
-            )
-            final = self.client.submit(finalize_slide, self.store, job.slide_id, *futures,
-                                       key=self.key("finalize-slide", job.slide_id), pure=False)
+        futures = self.client.map(
+            encode_block_task, [self.store] * n, [job.path] * n, [job.slide_id] * n, [detected["grid"]] * n,
+            blocks, [self.config] * n, [self.settings] * n,
+            key=[self.key("encode-block", job.slide_id, *blk.index) for blk in blocks], resources=self.gpu,
+            pure=False,
+        )
+        final = self.client.submit(finalize_slide, self.store, job.slide_id, *futures,
+                                   key=self.key("finalize-slide", job.slide_id), pure=False)
         self.pending.update(futures)
         self.pending.add(final)
 
@@ -282,7 +285,6 @@ class _Run:
         if result.status in ("complete", "skipped", "failed", "stopped"):
             return
         result.status, result.error = status, error
-        self.annotations.pop(result.slide_id, None)
         self.in_flight -= 1
         self.slides_bar.update(1)
         self.publish(force=True)
@@ -313,17 +315,27 @@ class _Run:
                 self.finish(result, "skipped")
                 return
             result.tissue_cells, result.blocks_skipped = value["tissue_cells"], value["blocks_skipped"]
-            self.patches_bar.total += sum(n for _, n in value["todo"])
+            self.patches_bar.total += sum(n for _, n in value["todo"]) + value.get("patches", 0)
             self.patches_bar.refresh()
-            self.submit_blocks(job, value)
+            if "entry" in value:  # one block or none: encoded and finalized in the same task
+                self.blocks_done(result, value["blocks_encoded"], value["patches"])
+                self.complete(result, value["entry"])
+            else:
+                self.submit_blocks(job, value)
         elif kind == "encode-block":
-            result.blocks_encoded += 1
-            result.patches += value["patches"]
-            self.patches_bar.update(value["patches"])
-            self.publish()
+            self.blocks_done(result, 1, value["patches"])
         else:
-            self.index.add(value["entry"])
-            self.finish(result, "complete")
+            self.complete(result, value["entry"])
+
+    def blocks_done(self, result: SlideResult, blocks: int, patches: int) -> None:
+        result.blocks_encoded += blocks
+        result.patches += patches
+        self.patches_bar.update(patches)
+        self.publish()
+
+    def complete(self, result: SlideResult, entry: dict) -> None:
+        self.index.add(entry)
+        self.finish(result, "complete")
 
     def run(self, jobs: list[SlideJob]) -> None:
         queue = deque()
@@ -335,7 +347,9 @@ class _Run:
             else:
                 queue.append(job)
         self.slides_bar.total = len(queue)
-        with self.slides_bar, self.patches_bar:
+        # one span per run: the dashboard's metrics of this run (a span per slide is never freed by
+        # the scheduler, and a task group's tasks all land on the span of its first slide anyway)
+        with self.slides_bar, self.patches_bar, span("nic-compress", self.token):
             while queue and self.in_flight < self.window:
                 self.start(queue.popleft())
             for future in self.pending:

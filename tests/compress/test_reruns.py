@@ -54,6 +54,26 @@ def test_dashboard_has_one_group_per_task_kind_on_real_slide_names(tmp_path, ext
 
 
 @pytest.mark.slow
+def test_a_one_block_slide_is_one_task_and_writes_the_same_codes(tmp_path, external_cluster):
+    """A slide of one block is encoded and finalized inside its detect-tissue task (the scheduler's
+    cost is per task); its codes equal those of the same slide split into four block tasks."""
+    from distributed import get_task_stream
+
+    slide = write_synthetic_slide(tmp_path / "small.tif", 1024, 1024, mpp=0.5, seed=5).path
+    kinds = {}
+    with Client(scheduler_file=external_cluster) as client:
+        for block in (8, 4):
+            with get_task_stream(client) as stream:
+                report = compress(plan_jobs([slide]), str(tmp_path / f"b{block}.zarr"), client, SETTINGS,
+                                  block=block, progress=False)
+            assert report.slides[0].status == "complete" and report.patches > 0
+            kinds[block] = sorted(str(t["key"][0]) for t in stream.data)
+    assert kinds[8] == ["detect-tissue"]
+    assert kinds[4].count("encode-block") >= 2 and kinds[4].count("finalize-slide") == 1
+    np.testing.assert_array_equal(_features(tmp_path / "b8.zarr", "small"), _features(tmp_path / "b4.zarr", "small"))
+
+
+@pytest.mark.slow
 def test_relative_paths_are_resolved_on_the_client(tmp_path, external_cluster, synthetic_slide):
     """The workers run in another directory: --out and --weights relative to the user's folder work."""
     from nic_models.registry import weights_dir
