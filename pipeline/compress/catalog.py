@@ -42,10 +42,11 @@ async def _list(iterator) -> list[str]:
     return [name.rstrip("/") async for name in iterator]
 
 
-def lost_groups(root: zarr.Group) -> list[str]:
-    """Folders of the store that look like slides but lost their zarr.json (a damaged store)."""
+def lost_groups(root: zarr.Group, known: set[str] = frozenset()) -> list[str]:
+    """Folders of the store that look like slides but lost their zarr.json (a damaged store);
+    ``known``: names already read as slides, not checked again."""
     return sorted(name for name in _children(root) if "." not in name and not name.startswith("_")
-                  and not sync(root.store.exists(f"{child_path(root, name)}/zarr.json")))
+                  and name not in known and not sync(root.store.exists(f"{child_path(root, name)}/zarr.json")))
 
 
 def _status(root: zarr.Group, name: str) -> str | None:
@@ -96,7 +97,8 @@ def describe_store(store: str | os.PathLike) -> list[dict]:
         row = _row_from_group(root, slide_id, failed)
         if row is not None:
             rows.append(row)
-    failed.update({slide_id: f"its zarr.json is lost: {MEND}" for slide_id in lost_groups(root) if slide_id not in failed})
+    lost = lost_groups(root, known={row["slide_id"] for row in rows})
+    failed.update({slide_id: f"its zarr.json is lost: {MEND}" for slide_id in lost if slide_id not in failed})
     rows += [_failed_row(slide_id, reason) for slide_id, reason in sorted(failed.items())]
     return rows
 
