@@ -211,6 +211,8 @@ def main() -> None:
                         help="--block values for the command (0: the CLI's default)")
     parser.add_argument("--cli-sizes", nargs="+", type=int, default=[24000, 48000],
                         help="slide sides (px) the command is timed on")
+    parser.add_argument("--cli-warm", action="store_true",
+                        help="with --cli: also time the command on a warm cluster (nic cluster start)")
     parser.add_argument("--cli-copies", nargs="+", type=int, default=[1],
                         help="inputs of N copies of each slide (a cohort; 1: the slide alone)")
     parser.add_argument("--floor-seconds", type=float, default=6.0, help="length of each encoder probe with --cli")

@@ -145,6 +145,7 @@ def rss_summary(samples: list) -> dict:
     """Start / middle / end MB of a series (from the first sample with a slide done, when the
     client is set up), its peak, and its slope in MB per 1,000 slides (a least-squares line of
     RSS against slides done, over those samples)."""
+    samples = [s for s in samples if s[1] > 0]  # a killed process reads 0 until it is reaped
     if not samples:
         return {}
     moving = [(s[2], s[1]) for s in samples if s[2] > 0]
@@ -350,7 +351,10 @@ def run(args, cohort_paths: list[Path], counter_cls) -> dict:
     logs.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
     hosts = ["sched", *(f"node{i + 1}" for i in range(args.hosts))]
+    commit = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h"], capture_output=True, text=True,
+                            check=False).stdout.strip()
     results: dict = {"hosts": args.hosts, "slides": args.slides, "size": args.size, "load_start": load_start,
+                     "commit": commit,
                      "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M"),
                      "args": {k: str(v) for k, v in vars(args).items()}}
     from nic_pipeline.runtime.cluster import _worker_environment
@@ -449,6 +453,7 @@ def netns_table(found: list[dict]) -> str:
     found = sorted(found, key=lambda r: (r["hosts"], r["slides"]))
     last = max(found, key=lambda r: r["when"])
     rows = {
+        "code (commit)": lambda r: r.get("commit", "?"),
         "hosts (scheduler + workers)": lambda r: f"1 + {r['hosts']}",
         "slides": lambda r: f"{r['slides']:,}",
         "first pass (CLI, killed): tasks, wall, tasks/s": lambda r: (
@@ -459,8 +464,11 @@ def netns_table(found: list[dict]) -> str:
             f"{r['combined']['tasks']:,}, {r['combined']['wall']:.1f} s, {r['combined']['tasks_per_s']:.1f}"),
         "scheduler CPU per task, less idle (first / rerun)": lambda r: (
             f"{_ms(r['first'], 'scheduler_busy_cpu')} / {_ms(r['rerun'], 'scheduler_busy_cpu')}"),
-        "client RSS start / mid / end / peak, first pass (CLI)": lambda r: _rss(r["first"]["rss"]),
-        "client RSS start / mid / end / peak, rerun (this process)": lambda r: _rss(r["rerun"]["rss"]),
+        "scheduler CPU per slide, less idle (first / rerun)": lambda r: (
+            f"{1000 * r['first']['scheduler_busy_cpu'] / max(1, r['first']['counts'].get('detect-tissue', 0)):.1f} ms / "
+            f"{1000 * r['rerun']['scheduler_busy_cpu'] / r['slides']:.1f} ms"),
+        "client RSS start / mid / end / peak, first pass (CLI)": lambda r: _rss(rss_summary(r["first"]["rss_series"])),
+        "client RSS start / mid / end / peak, rerun (this process)": lambda r: _rss(rss_summary(r["rerun"]["rss_series"])),
         "files per slide": lambda r: f"{r['store']['files_per_slide']:.1f} (max {r['store']['max_files']})",
         "root zarr.json": lambda r: f"{r['store']['root_zarr_json_mb']:.3f} MB",
         "`_index/`": lambda r: (f"{r['store']['index_mb']:.2f} MB, {r['store']['index_files']} files"

@@ -121,6 +121,19 @@ def run_cli(slide: Path, store: Path, env: dict, block: int | None, trace: Path 
     return result
 
 
+def run_warm(slide: Path, store: Path, env: dict, block: int | None, workdir: Path) -> dict:
+    """The same command on a warm cluster (``nic cluster start --workers 2`` beforehand, with the
+    same environment): one command to load the encoder on its workers, then the timed one."""
+    env = {**env, "NIC_CLUSTER_FILE": str(workdir / "warm-cluster.json")}
+    nic = [sys.executable, "-m", "nic_pipeline", "cluster"]
+    subprocess.run([*nic, "start", "--workers", "2"], env=env, cwd=REPO, check=True, capture_output=True, timeout=300)
+    try:
+        run_cli(slide, store, env, block)  # loads the encoder on the warm workers
+        return run_cli(slide, store, env, block)
+    finally:
+        subprocess.run([*nic, "stop"], env=env, cwd=REPO, check=False, capture_output=True, timeout=120)
+
+
 def breakdown(run: dict, floor: float) -> dict:
     """Seconds of each stage of a traced run, from the command's start to its exit."""
     events, tasks, t0 = run["trace"]["events"], run["trace"]["tasks"], run["start"]
@@ -200,11 +213,12 @@ def measure(source: Path, slide: Path, xs, ys, policy: str, block: int, env: dic
     store = args.workdir / f"cli-{policy}.zarr"
     plain = run_cli(source, store, env, block)
     traced = run_cli(source, store, env, block, trace=args.workdir / f"trace-{policy}.json")
+    warm = run_warm(source, store, env, block, args.workdir) if args.cli_warm else None
     after = floor_now(slide, xs, ys, policy, args.floor_seconds)
     floor = (before["floor"] + after["floor"]) / 2
     run = {"asked_block": block, "plain": plain, "traced_wall": traced["wall"], "traced_cpu": traced["cpu"],
            "floor": floor, "cpu_per_patch": min(before["cpu_per_patch"], after["cpu_per_patch"]),
-           "floors": [before, after], "breakdown": breakdown(traced, floor)}
+           "floors": [before, after], "breakdown": breakdown(traced, floor), "warm": warm}
     print(source.name, policy, block, plain["patches"] / plain["wall"] / floor, run["breakdown"], flush=True)
     return run
 
@@ -212,6 +226,11 @@ def measure(source: Path, slide: Path, xs, ys, policy: str, block: int, env: dic
 def _input(record: dict) -> str:
     copies = record.get("copies", 1)
     return f"{record['size']:,}²" if copies == 1 else f"{copies} x {record['size']:,}²"
+
+
+def _warm(run: dict) -> str:
+    warm = run.get("warm")
+    return f"{warm['wall']:.1f}, **{warm['patches'] / warm['wall'] / run['floor']:.2f}**" if warm else "-"
 
 
 def cli_section(records: list[dict]) -> str:
@@ -233,8 +252,8 @@ def cli_section(records: list[dict]) -> str:
         "",
         "| input | policy | block (cells) | blocks | precision used | floor before / after (patches/s) | load avg | "
         "patches | wall (s) | patches/s | whole command / floor | traced run: wall (s), / floor | "
-        "CPU (s) | CPU floor (s) | CPU efficiency |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "CPU (s) | CPU floor (s) | CPU efficiency | warm cluster (`--cli-warm`): wall (s), / floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rec in records:
         for run in rec["runs"]:
@@ -247,7 +266,7 @@ def cli_section(records: list[dict]) -> str:
                 f"{floors[0]['load']:.1f} / {floors[1]['load']:.1f} | {plain['patches']:,} | {plain['wall']:.1f} | "
                 f"{rate:,.0f} | **{rate / run['floor']:.2f}** | "
                 f"{run['traced_wall']:.1f}, {plain['patches'] / run['traced_wall'] / run['floor']:.2f} | "
-                f"{plain['cpu']:.0f} | {ideal_cpu:.0f} | {ideal_cpu / plain['cpu']:.2f} |")
+                f"{plain['cpu']:.0f} | {ideal_cpu:.0f} | {ideal_cpu / plain['cpu']:.2f} | {_warm(run)} |")
     lines += ["", "Where the time goes in the traced run (the same command through `nic_pipeline.cli.main`, with time "
               "stamps around its stages and Dask's task stream; seconds; ideal = patches / floor):", ""]
     for rec in records:

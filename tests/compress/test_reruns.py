@@ -48,7 +48,7 @@ def test_dashboard_has_one_group_per_task_kind_on_real_slide_names(tmp_path, ext
         report = compress(plan_jobs(slides, mpp=0.25), str(tmp_path / "real.zarr"), client, SETTINGS, block=8,
                           progress=False)
         prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
-    assert [s.status for s in report.slides] == ["complete", "complete"]
+    assert [s.status for s in report.slides] == ["complete", "complete"], [(s.slide_id, s.error) for s in report.slides]
     assert set(prefixes) <= {"detect-tissue", "encode-block", "finalize-slide"}, prefixes
     assert {"detect-tissue", "encode-block", "finalize-slide"} <= set(prefixes)
 
