@@ -32,7 +32,8 @@ class SlideSource:
 
     A slide's shape and attributes come from the store's index while its line is current (one
     read for the whole cohort, then a ``stat`` per file of the slide, where opening each slide's
-    group and checking it would cost a few reads per slide); arrays are read with Zarr directly. Whole slides are kept in a least-recently-used cache bounded by
+    group and checking it would cost a few reads per slide); arrays are read with Zarr directly.
+    Whole slides are kept in a least-recently-used cache bounded by
     ``cache_mb`` (float16 as stored), so small cohorts are read once while cohorts larger than
     memory stream from Zarr. A slide larger than the cache is never loaded whole for crops:
     crops are read directly.
@@ -47,6 +48,7 @@ class SlideSource:
         self._meta: dict[str, dict] = {}
         self._root = None
         self._index: dict[str, dict] | None = None
+        self._current: dict[str, bool] = {}
 
     def group(self, slide_id: str):
         """The slide's Zarr group, read from its own metadata."""
@@ -74,9 +76,9 @@ class SlideSource:
         if self._index is None:
             self._index = read_index(self.store)
         entry = self._index.get(slide_id)
-        if entry is not None and entry.get("checked") is None:
-            entry["checked"] = is_current(self.store, entry)
-        return entry if entry is not None and entry["checked"] else None
+        if entry is not None and slide_id not in self._current:
+            self._current[slide_id] = is_current(self.store, entry)
+        return entry if entry is not None and self._current[slide_id] else None
 
     def shape(self, slide_id: str) -> tuple[int, int, int]:
         """(C, ny, nx) of the slide's code grid."""

@@ -15,9 +15,11 @@ one row per kind whatever the slide names, and two jobs on one cluster never sha
     check that every block is written, record how each was encoded, mark the slide complete.
 
 The client streams: at most ``window`` slides are in flight, each slide's blocks go in with
-one ``client.map``, all under one span per run (the dashboard's metrics). Tasks return only small metadata; pixels and codes stay on the workers and
-in the store. Finished slides and written blocks are skipped on rerun, so an interrupted job,
-run again, finishes with the same bytes as an uninterrupted one.
+one ``client.map``, all under one span per run (the dashboard's metrics), and each finished
+slide's index line is appended to the store (:mod:`nic_pipeline.compress.index`). Tasks return
+only small metadata; pixels and codes stay on the workers and in the store. Finished slides and
+written blocks are skipped on rerun, so an interrupted job, run again, finishes with the same
+bytes as an uninterrupted one.
 """
 
 from __future__ import annotations

@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import warnings
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path

@@ -18,7 +18,6 @@ from nic_pipeline.compress.store import (
     check_slide,
     create_slide,
     mark_complete,
-    open_cohort,
     open_store,
     record_failures,
     slide_block,
