@@ -33,7 +33,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -46,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.compress import machine, replace_section  # noqa: E402
+from benchmarks.scale_netns import Progress, RssSeries  # noqa: E402
 from nic_pipeline.api import compress  # noqa: E402
 from nic_pipeline.compress.jobs import plan_jobs  # noqa: E402
 from nic_pipeline.compress.store import open_cohort  # noqa: E402
@@ -139,27 +139,6 @@ def _counter_summary(name: str, dask_scheduler=None) -> dict:
     return dask_scheduler.plugins[name].summary()
 
 
-class PeakRss:
-    """Peak resident memory of this process, sampled every 50 ms in a thread."""
-
-    def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self):
-        me = psutil.Process()
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, me.memory_info().rss)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def measured_run(jobs, store: Path, client) -> dict:
     """One ``compress`` call, with its tasks and the CPU of client and scheduler around it."""
     counter = f"{TaskCounter.name}-{time.time_ns()}"  # a fresh count per run
@@ -167,7 +146,7 @@ def measured_run(jobs, store: Path, client) -> dict:
     me = psutil.Process()
     rss_before = me.memory_info().rss
     cpu0, main0, sched0 = me.cpu_times(), time.thread_time(), client.run_on_scheduler(_scheduler_cpu)
-    with PeakRss() as rss:
+    with RssSeries(os.getpid(), Progress(), interval=0.05) as rss:
         start = time.perf_counter()
         report = compress(jobs, store, client, progress=False, wait_workers=len(client.scheduler_info()["workers"]))
         wall = time.perf_counter() - start
@@ -183,7 +162,7 @@ def measured_run(jobs, store: Path, client) -> dict:
         "scheduler_thread_cpu": sched1["thread"] - sched0["thread"],
         "scheduler_process_cpu": sched1["process"] - sched0["process"],
         "scheduler_separate": sched0["pid"] != os.getpid(),
-        "client_peak_mb": max(rss.peak, rss_before) / 2**20, "client_rss_before_mb": rss_before / 2**20,
+        "client_peak_mb": max([s[1] for s in rss.samples] + [rss_before / 2**20]), "client_rss_before_mb": rss_before / 2**20,
         "failed": [(s.slide_id, s.error) for s in report.failed][:3],
     }
 
