@@ -46,9 +46,11 @@ VARIANTS = {"abmil-long": ("abmil", dict(epochs=200, lr=5e-4)),
 DATA = Path("/work/shared/data")
 KATHER = DATA / "tiles" / "kather2016_samples"
 PCAM = DATA / "pcam"
-# texture name -> (nic synth --texture, --tile-labels)
-TEXTURES = {"synthetic": ("synthetic", None), "kather2016": (f"tiles:{KATHER}", None),
-            "pcam": (f"tiles:{PCAM}", PCAM / "labels.csv")}
+# texture name -> (nic synth --texture, --tile-labels, --tile-split); "pcam-valid" draws PCam's
+# validation patches, which encoders trained on PCam train (nic-mtl-v2, v3) never saw
+TEXTURES = {"synthetic": ("synthetic", None, None), "kather2016": (f"tiles:{KATHER}", None, None),
+            "pcam": (f"tiles:{PCAM}", PCAM / "labels.csv", None),
+            "pcam-valid": (f"tiles:{PCAM}", PCAM / "labels.csv", "valid")}
 # nic-cnn on a shared CPU: the defaults (crop 128, width 128, 2000 steps) cost ~25 min per fold,
 # so the study uses a shortened, narrower schedule (stated in docs/haystack.md); the crop is the
 # slide's grid plus 16 cells (capped at 64), so a training crop holds (nearly) the whole slide
@@ -112,6 +114,8 @@ PLANS: dict[str, list["Cohort"]] = {
     "pcam-sweep": [Cohort("pcam", f, 40, 8192) for f in (0.1, 0.001, 0.03, 0.005)],
     "pcam-stride": [Cohort("pcam", f, 40, 4096, stride=st) for f in (0.01, 0.1) for st in (CELL_PX, 64)],
     "pcam-count": [Cohort("pcam", 0.01, n, 4096) for n in (40, 160, 320)],
+    # the targets again on slides of held-out PCam tiles, for encoders trained on PCam train
+    "pcam-valid-targets": [Cohort("pcam-valid", f, 40, 8192) for f in (0.01, 0.002)],
 }
 
 
@@ -144,8 +148,9 @@ def synthesize(cohort: Cohort, slides_dir: Path) -> Path:
 
     labels = slides_dir / "labels.csv"
     if not labels.exists():
-        texture, tile_labels = TEXTURES[cohort.texture]
-        spec = CohortSpec(n_slides=cohort.slides, width=cohort.size, height=cohort.size, mpp=0.5,
+        texture, tile_labels, tile_split = TEXTURES[cohort.texture]
+        spec = CohortSpec(**({"tile_split": tile_split} if tile_split else {}),
+                          n_slides=cohort.slides, width=cohort.size, height=cohort.size, mpp=0.5,
                           lesion_fraction=cohort.fraction, positive_fraction=0.5, seed=cohort.seed,
                           texture=texture, tile_labels=tile_labels)
         write_cohort(slides_dir, spec)
@@ -174,7 +179,7 @@ def cohort_sizes(slides_dir: Path, store: Path) -> dict:
             "realized_fraction_mean": float(np.mean(realized)) if realized else 0.0}
 
 
-def run_cohort(cohort: Cohort, work: Path, client, models=MODELS, folds: int = FOLDS) -> None:
+def run_cohort(cohort: Cohort, work: Path, client, models=MODELS, folds: int = FOLDS, redraw: bool = True) -> None:
     """Synthesize, compress and cross-validate every model of one cohort; skip what is done."""
     from nic_pipeline.classify import train_cohort
     from nic_pipeline.compress.graph import compress
@@ -218,7 +223,8 @@ def run_cohort(cohort: Cohort, work: Path, client, models=MODELS, folds: int = F
         results[cohort.name] = entry
         save_results(work, results)
         log(f"{cohort.name}: {model} AUC {pooled.get('auc'):.3f} ({time.time() - t:.0f} s)")
-        write_report(work)
+        if redraw:
+            write_report(work)
 
 
 # --------------------------------------------------------------------------- report
@@ -256,7 +262,7 @@ PROBE_LINES = {"slide_auc_max_cell": ("cell-label probe, best cell", "--"),
 
 def plot(results: dict, path: Path = FIGURE, probes: dict | None = None) -> None:
     """AUC against lesion fraction (log x), one panel per texture, and for PCam a panel of AUC
-    against the slide count: colour = model, marker = cohort shape (slides × size, stride)."""
+    against the slide count: colour = model, marker = cohort shape (slides × size, stride, encoder)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,14 +273,15 @@ def plot(results: dict, path: Path = FIGURE, probes: dict | None = None) -> None
     textures = [t for t in TEXTURES if any(r["texture"] == t for r in table)]
     if not textures:
         return
-    counted = [r for r in table if r["texture"] == "pcam" and r["fraction"] == COUNT_FRACTION and r["stride"] == CELL_PX]
+    counted = [r for r in table if r["texture"] == "pcam" and r["fraction"] == COUNT_FRACTION and r["stride"] == CELL_PX
+               and r["encoder"] == "nic"]
     with_count = len({r["slides"] for r in counted}) > 1
     panels = len(textures) + with_count
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 6.2), squeeze=False, sharey=True)
     models = columns(table)
     palette = list(plt.get_cmap("tab10").colors) + ["gold", "navy", "teal", "lime"]
     colors = {m: palette[i % len(palette)] for i, m in enumerate(models)}
-    shapes = sorted({(r["slides"], r["size"], r["stride"]) for r in table})
+    shapes = sorted({(r["slides"], r["size"], r["stride"], r["encoder"]) for r in table})
     markers = dict(zip(shapes, ("o", "s", "D", "^", "v", "P", "X", "h", "<", ">", "*", "p") * 3))
 
     def draw(ax, points, x_of, line, marker, color, style="-", **kw):
@@ -292,10 +299,11 @@ def plot(results: dict, path: Path = FIGURE, probes: dict | None = None) -> None
 
     for ax, texture in zip(axes[0], textures):
         for shape in shapes:
-            sub = [r for r in table if r["texture"] == texture and (r["slides"], r["size"], r["stride"]) == shape]
+            sub = [r for r in table if r["texture"] == texture
+                   and (r["slides"], r["size"], r["stride"], r["encoder"]) == shape]
             draw_cohorts(ax, sub, lambda r: r["fraction"], len(sub) > 1, markers[shape],
-                         "-" if shape[2] == CELL_PX else "--")
-        if texture == "pcam":
+                         "-" if shape[2] == CELL_PX and shape[3] == "nic" else "--")
+        if texture.startswith("pcam"):
             ax.plot(list(TARGETS), list(TARGETS.values()), "r*", ms=14, zorder=5)
         ax.set_xscale("log")
         ax.set_xlim(7e-4, 0.7)
@@ -305,7 +313,7 @@ def plot(results: dict, path: Path = FIGURE, probes: dict | None = None) -> None
         ax = axes[0][-1]
         for size in sorted({r["size"] for r in counted}):
             sub = [r for r in counted if r["size"] == size]
-            draw_cohorts(ax, sub, lambda r: r["slides"], True, markers[(min(r["slides"] for r in sub), size, CELL_PX)])
+            draw_cohorts(ax, sub, lambda r: r["slides"], True, markers[(min(r["slides"] for r in sub), size, CELL_PX, "nic")])
         ax.set_xscale("log", base=2)
         counts = sorted({r["slides"] for r in counted})
         ax.set_xticks(counts, [str(n) for n in counts])
@@ -322,7 +330,7 @@ def plot(results: dict, path: Path = FIGURE, probes: dict | None = None) -> None
                + [Line2D([], [], color="black", ls=style, label=label) for label, style in PROBE_LINES.values()]
                + [Line2D([], [], color="r", marker="*", ls="none", ms=12, label="target (issue 12, 40 × 8192²)")]
                + [Line2D([], [], color="grey", marker=markers[sh], ls="none", label=shape_text(
-                   dict(slides=sh[0], size=sh[1], stride=sh[2]))) for sh in shapes])
+                   dict(slides=sh[0], size=sh[1], stride=sh[2], encoder=sh[3]))) for sh in shapes])
     fig.legend(handles=handles, loc="lower center", ncol=min(8, len(handles)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.03 * (1 + len(handles) // 8), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -548,7 +556,9 @@ def cli():
 @click.option("--models", default=",".join(MODELS), show_default=True)
 @click.option("--encoder", default="nic", show_default=True,
               help="the encoder of every cohort of this run (stores and results are kept apart per encoder)")
-def run(work: Path, plans, workers: int, models: str, encoder: str):
+@click.option("--report/--no-report", "redraw", default=True, show_default=True,
+              help="redraw docs/img/haystack_auc.png and docs/haystack.md's results block from WORK after each result")
+def run(work: Path, plans, workers: int, models: str, encoder: str, redraw: bool):
     """Run the cohorts of the plans in order (finished ones are skipped)."""
     from nic_pipeline.runtime.cluster import connect
 
@@ -564,16 +574,20 @@ def run(work: Path, plans, workers: int, models: str, encoder: str):
     log(f"{len(cohorts)} cohort(s): {', '.join(c.name for c in cohorts)}")
     with connect(workers=workers, dashboard=False) as client:
         for cohort in cohorts:
-            run_cohort(cohort, work, client, tuple(models.split(",")))
-    write_report(work)
+            run_cohort(cohort, work, client, tuple(models.split(",")), redraw=redraw)
+    if redraw:
+        write_report(work)
     log("finished")
 
 
 @cli.command()
 @click.option("--work", type=click.Path(path_type=Path), required=True)
-def report(work: Path):
+@click.option("--write/--print-only", default=True, show_default=True,
+              help="print the results block without redrawing the figure and docs/haystack.md")
+def report(work: Path, write: bool):
     """Redraw docs/img/haystack_auc.png and the results block of docs/haystack.md."""
-    write_report(work)
+    if write:
+        write_report(work)
     click.echo(markdown(load_results(work), load_probes(work)))
 
 

@@ -59,6 +59,9 @@ def info(slide, as_json, mpp):
 )
 @click.option("--tile-labels", type=click.Path(exists=True, path_type=Path), default=None,
               help="CSV path,label for --texture tiles:DIR (default: class = parent folder).")
+@click.option("--tile-split", default=None,
+              help="Rows of a --tile-labels CSV's split column to draw tiles from (default: its training rows; "
+                   "'valid': tiles that an encoder trained on the training rows never saw).")
 @click.option("--lesion-classes", default=None,
               help="Comma-separated tile classes that count as lesion (default: a guess from the class names).")
 @click.option("--pen-marks/--no-pen-marks", default=False, show_default=True, help="Draw pen-mark artifacts.")
@@ -69,7 +72,7 @@ def info(slide, as_json, mpp):
 @click.option("--stain-jitter", type=FiniteFloat(min=0, max=1, max_open=True), default=0.0, show_default=True,
               help="Per-slide stain variation: scale the H and E vectors by U(1-s, 1+s) from the seed (0: off).")
 def synth(out_dir, n_slides, width, height, mpp, lesion_fraction, positive_fraction, seed, texture,
-          tile_labels, lesion_classes, pen_marks, artifacts, tile_mpp, stain_jitter):
+          tile_labels, tile_split, lesion_classes, pen_marks, artifacts, tile_mpp, stain_jitter):
     """Write a synthetic cohort of pyramidal H&E-like slides, lesion masks and labels.csv."""
     from nic_pipeline.synth import CohortSpec, write_cohort
 
@@ -83,6 +86,7 @@ def synth(out_dir, n_slides, width, height, mpp, lesion_fraction, positive_fract
         seed=seed,
         texture=texture,
         tile_labels=tile_labels,
+        **({"tile_split": tile_split} if tile_split else {}),
         lesion_classes=tuple(lesion_classes.split(",")) if lesion_classes else None,
         pen_marks=pen_marks,
         artifacts=artifacts,

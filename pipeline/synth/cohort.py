@@ -19,6 +19,7 @@ from nic_pipeline.io.masks import mask_path, read_mask, write_mask
 from nic_pipeline.runtime.progress import progress_bar
 from nic_pipeline.synth.fields import MASK_DOWNSAMPLE
 from nic_pipeline.synth.slide import SlideTruth, write_synthetic_slide
+from nic_pipeline.synth.tiles import TRAIN_SPLIT
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class CohortSpec:
     seed: int = 0
     texture: str = "synthetic"
     tile_labels: Path | None = None
+    tile_split: str = TRAIN_SPLIT    # rows of the tile CSV's `split` column to draw from
     lesion_classes: tuple[str, ...] | None = None
     pen_marks: bool = False
     tile_mpp: float | None = None
@@ -92,7 +94,7 @@ def write_cohort(out_dir, spec: CohortSpec, progress: bool = False):
             spec.lesion_fraction if labels[i] else 0.0, spec.texture, spec.pen_marks,
             tile_labels=spec.tile_labels, lesion_classes=spec.lesion_classes, tile_mpp=spec.tile_mpp,
             artifacts=spec.artifacts, jpeg_quality=spec.jpeg_quality, progress=progress,
-            workers=spec.workers, stain_jitter=spec.stain_jitter,
+            workers=spec.workers, stain_jitter=spec.stain_jitter, tile_split=spec.tile_split,
         )
         write_masks(truth)
         rows.append({"slide_id": slide_id, "label": truth.label, "lesion_fraction": truth.lesion_fraction})

@@ -15,7 +15,7 @@ from threadpoolctl import threadpool_limits
 from nic_pipeline.errors import NicError
 from nic_pipeline.synth.fields import MASK_DOWNSAMPLE, build_fields
 from nic_pipeline.synth.render import Renderer
-from nic_pipeline.synth.tiles import TilePools, parse_texture
+from nic_pipeline.synth.tiles import TRAIN_SPLIT, TilePools, parse_texture
 from nic_pipeline.synth.writer import write_pyramid
 
 
@@ -52,12 +52,13 @@ def write_synthetic_slide(path, width: int, height: int, mpp: float = 0.5, seed:
                           lesion_classes: tuple[str, ...] | None = None, tile_mpp: float | None = None,
                           artifacts: bool = False, jpeg_quality: int = 90,
                           progress: bool = False, workers: int | None = None,
-                          stain_jitter: float = 0.0) -> SlideTruth:
+                          stain_jitter: float = 0.0, tile_split: str = TRAIN_SPLIT) -> SlideTruth:
     """Write one pyramidal tiled-JPEG Aperio-style TIFF and return its ground truth.
 
     ``lesion_fraction`` is the lesion area as a share of the tissue area (0 = negative
     slide). ``stain_jitter`` (0 <= s < 1) scales the H and E vectors per slide by ``U(1-s, 1+s)``
-    from the seed (:mod:`nic_pipeline.synth.stain`). Same arguments -> byte-identical file (whatever
+    from the seed (:mod:`nic_pipeline.synth.stain`). ``tile_split`` picks the rows of a tile CSV's
+    ``split`` column that ``tiles:DIR`` textures draw from. Same arguments -> byte-identical file (whatever
     ``workers``, the number of rendering threads; default: up to 2 CPU cores).
     """
     if width < 1 or height < 1:
@@ -73,19 +74,20 @@ def write_synthetic_slide(path, width: int, height: int, mpp: float = 0.5, seed:
     with threadpool_limits(limits=1, user_api="blas"):     # tiny matmuls: threads only cost
         return _write_slide(path, width, height, mpp, seed, lesion_fraction, texture, pen_marks,
                             tile_labels, lesion_classes, tile_mpp, artifacts, jpeg_quality, progress,
-                            workers if workers is not None else min(2, os.cpu_count() or 1), stain_jitter)
+                            workers if workers is not None else min(2, os.cpu_count() or 1), stain_jitter,
+                            tile_split)
 
 
 def _write_slide(path, width, height, mpp, seed, lesion_fraction, texture, pen_marks,
                  tile_labels, lesion_classes, tile_mpp, artifacts, jpeg_quality, progress, workers,
-                 stain_jitter) -> SlideTruth:
+                 stain_jitter, tile_split) -> SlideTruth:
     """Build the fields and the texture, stream the pyramid to ``path``, return the truth."""
     fields = build_fields(width, height, mpp, seed, lesion_fraction, pen_marks, artifacts)
     tile_dir = parse_texture(texture, tile_labels)
     pools = None
     if tile_dir is not None:
         pools = TilePools(tile_dir, tile_labels, lesion_classes, tile_mpp, mpp, seed,
-                          need_lesion=bool(fields.lesion_mask.any()))
+                          need_lesion=bool(fields.lesion_mask.any()), tile_split=tile_split)
     renderer = Renderer(fields, width, height, mpp, seed, pools, stain_jitter)
     dims = write_pyramid(path, renderer, jpeg_quality, progress, workers)
     tissue_px = int(fields.tissue_mask.sum())

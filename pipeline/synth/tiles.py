@@ -3,8 +3,9 @@ slide's µm/px, and feather-blended mosaics of them over any region at downsampl
 
 Tiles come from class sub-folders or a ``path,label`` CSV; tumour-like class names make the
 lesion pool, background-like names are dropped, the rest is normal tissue. A CSV with a
-``split`` column (PCam's ``labels.csv``) gives only its ``train`` rows, so that slides never show
-the tiles held out for validation.
+``split`` column (PCam's ``labels.csv``) gives only the rows of one split: ``train`` by default, so
+that slides never show the tiles held out for validation; ``valid`` for slides that an encoder
+trained on the ``train`` rows has never seen (``--tile-split valid``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ LESION_WORDS = ("tumor", "tumour", "tum", "aca", "scc", "carcinoma", "cancer", "
 BACKGROUND_WORDS = ("empty", "back", "background", "blank", "glass")
 # PCam: Camelyon16 scans at 40x (0.243 µm/px) downsampled 4x (Veeling et al. 2018)
 KNOWN_TILE_MPP = {"kather2016": 0.495, "nct_crc": 0.5, "nct-crc": 0.5, "lc25000": 1.7, "pcam": 0.972}
-TRAIN_SPLIT = "train"         # rows of a tile CSV's `split` column that slides may use
+TRAIN_SPLIT = "train"         # default rows of a tile CSV's `split` column that slides may use
 # Real tiles kept per role (normal / lesion) per slide: enough that an 8192² slide of 186 px
 # PCam tiles (~1,500 tissue tiles) shows each tile about 3 times, not 50 (a haystack of a few
 # repeated normal tiles is unrealistically uniform); ~100 MB of pixels per role at most.
@@ -54,18 +55,20 @@ def _is_background(label: str) -> bool:
     return any(w in low for w in BACKGROUND_WORDS)
 
 
-def list_tiles(directory: Path, tile_labels: Path | None = None) -> list[tuple[Path, str]]:
+def list_tiles(directory: Path, tile_labels: Path | None = None,
+               split: str = TRAIN_SPLIT) -> list[tuple[Path, str]]:
     """(path, class) of every tile: class sub-folders of DIR, or a path,label[,group][,split] CSV
-    (only its ``train`` rows when it has a split column)."""
+    (only its ``split`` rows when it has a split column)."""
     directory = Path(directory)
     if tile_labels is not None:
         table = pd.read_csv(tile_labels)
         if not {"path", "label"} <= set(table.columns):
             raise NicError(f"{tile_labels}: needs columns path,label (got {', '.join(table.columns)})")
         if "split" in table.columns:
-            table = table[table["split"].astype(str) == TRAIN_SPLIT]
+            splits = sorted(set(table["split"].astype(str)))
+            table = table[table["split"].astype(str) == split]
             if table.empty:
-                raise NicError(f"{tile_labels}: no rows with split '{TRAIN_SPLIT}'")
+                raise NicError(f"{tile_labels}: no rows with split '{split}' (it has {', '.join(splits)})")
         out = []
         for p, label in zip(table["path"], table["label"]):
             path = Path(p)
@@ -109,8 +112,9 @@ class TilePools:
 
     OVERLAP = 0.12
 
-    def __init__(self, directory, tile_labels, lesion_classes, tile_mpp, mpp, seed, need_lesion):
-        entries = list_tiles(directory, tile_labels)
+    def __init__(self, directory, tile_labels, lesion_classes, tile_mpp, mpp, seed, need_lesion,
+                 tile_split=TRAIN_SPLIT):
+        entries = list_tiles(directory, tile_labels, tile_split)
         self.tile_mpp = tile_mpp if tile_mpp else _guess_tile_mpp(f"{directory} {tile_labels or ''}")
         classes = dict(entries)
         rng = np.random.default_rng([seed, 31337])

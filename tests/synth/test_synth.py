@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tracemalloc
 
@@ -280,6 +281,18 @@ def test_a_tile_csv_without_train_rows_is_refused(tmp_path):
         list_tiles(tmp_path, labels)
 
 
+def test_tile_split_valid_draws_only_the_held_out_rows(tmp_path):
+    """--tile-split valid: slides for an encoder trained on the train rows show none of them."""
+    tiles = sorted(shared_path("tiles", "kather2016_samples", "02_STROMA").iterdir())[:3]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label,split\n" + "".join(
+        f"{t},stroma,{split}\n" for t, split in zip(tiles, ("train", "valid", "valid"))))
+    assert [p for p, _ in list_tiles(tmp_path, labels, "valid")] == tiles[1:]
+    assert [p for p, _ in list_tiles(tmp_path, labels)] == tiles[:1]
+    with pytest.raises(NicError, match="no rows with split 'test' \\(it has train, valid\\)"):
+        list_tiles(tmp_path, labels, "test")
+
+
 @pytest.mark.slow
 def test_pcam_haystack_cohort_from_the_cli(tmp_path):
     """`nic synth --texture tiles:pcam --tile-labels labels.csv`: a lymph-node cohort with metastases."""
@@ -287,8 +300,9 @@ def test_pcam_haystack_cohort_from_the_cli(tmp_path):
     out = tmp_path / "hay"
     result = CliRunner().invoke(main, ["synth", str(out), "--slides", "2", "--width", "1536", "--height", "1536",
                                        "--lesion-fraction", "0.1", "--texture", f"tiles:{pcam}",
-                                       "--tile-labels", str(pcam / "labels.csv")])
+                                       "--tile-labels", str(pcam / "labels.csv"), "--tile-split", "valid"])
     assert result.exit_code == 0, result.output
+    assert json.loads((out / "synth.json").read_text())["spec"]["tile_split"] == "valid"
     labels = pd.read_csv(out / "labels.csv")
     assert labels["label"].tolist().count(1) == 1
     assert labels.loc[labels["label"] == 1, "lesion_fraction"].item() == pytest.approx(0.1, rel=0.15)
