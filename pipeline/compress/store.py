@@ -176,9 +176,11 @@ def open_store(path: str | os.PathLike, config: CompressionConfig) -> zarr.Group
     elif existing != wanted:
         changed = sorted(k for k in {*wanted, *existing} if existing.get(k) != wanted.get(k))
         details = ", ".join(f"{k}: store has {existing.get(k)!r}, this run {wanted.get(k)!r}" for k in changed)
+        resume = (f", or pass --encoder {existing['encoder']} to finish it with the encoder it was made with"
+                  if "encoder" in changed and existing.get("encoder") else "")
         raise NicError(
             f"{path} was written with other compression settings ({details}); "
-            "write to a new store (--out) instead of mixing them"
+            f"write to a new store (--out) instead of mixing them{resume}"
         )
     return root
 

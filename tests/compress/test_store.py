@@ -163,6 +163,9 @@ def test_reopening_with_other_settings_is_refused(tmp_path):
     open_store(tmp_path / "s.zarr", CONFIG)  # same settings: fine
     with pytest.raises(NicError, match="encoder_sha256"):
         open_store(tmp_path / "s.zarr", dataclasses.replace(CONFIG, encoder_sha256="other"))
+    with pytest.raises(NicError, match="pass --encoder nic-test to finish it") as refused:  # e.g. a new default
+        open_store(tmp_path / "s.zarr", dataclasses.replace(CONFIG, encoder="nic-other", encoder_sha256="other"))
+    assert "encoder: store has 'nic-test', this run 'nic-other'" in str(refused.value)
 
 
 def test_failures_are_kept_and_listed_and_a_slide_opens_in_xarray(tmp_path, source):
