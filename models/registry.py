@@ -49,8 +49,10 @@ from nic_models.specs import DIHEDRAL_SUFFIX, EncoderSpec, normalisation_mean_st
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-DEFAULT_ENCODER = "nic-mtl-v1"
-"""The encoder behind the ``nic`` alias (switch it here, and only here)."""
+DEFAULT_ENCODER = "nic-mtl-v3-no-monuseg-fast"
+"""The encoder behind the ``nic`` alias (switch it here, and only here). nic-mtl-v3-no-monuseg-fast:
+the NIC CNN (v1's speed) distilled from the licence-clean ImageNet-trunk v3; commercial use allowed.
+Until 2026-12 it was nic-mtl-v1 (trained on MoNuSeg: non-commercial); docs/encoders.md has both."""
 
 DEFAULT_ALIAS = "nic"
 

@@ -21,8 +21,10 @@ def test_encoders_lists_the_registry_and_marks_the_default():
         assert name in result.output
     default_line = next(line for line in result.output.splitlines() if line.startswith(DEFAULT_ENCODER + " "))
     assert default_line.endswith("(= nic)")
-    assert "MIT AND CC-BY-NC-SA-4.0 · non-commercial use only · commercial use: no" in default_line
+    assert "Apache-2.0 AND MIT · commercial use: yes" in default_line
     assert default_line.count("(") == default_line.count(")")  # nothing cut mid-bracket
+    v1 = next(line for line in result.output.splitlines() if line.startswith("nic-mtl-v1 "))
+    assert "MIT AND CC-BY-NC-SA-4.0 · non-commercial use only · commercial use: no" in v1
     for clean in ("nic-mtl-v2-no-monuseg", "nic-mtl4-tellez2020", "efficientnet-lite0-imagenet"):
         line = next(line for line in result.output.splitlines() if line.startswith(clean + " "))
         assert "commercial use: yes" in line and "non-commercial" not in line, line

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from nic_models import registry
 from nic_models.encoders import DihedralMean, Encoder, NicCNN
+from nic_models.licences import licence_line
 from nic_models.registry import (
     DEFAULT_ENCODER,
     EncoderSpec,
@@ -149,8 +150,9 @@ def test_registry_names_specs_and_default_alias():
     assert {"nic", "nic-mtl4-tellez2020", "nic-bigan-tellez2019", "resnet50-trunc"} <= set(names)
     enc = create_encoder("nic")
     assert isinstance(enc, Encoder) and not enc.training
-    assert enc.spec.name == DEFAULT_ENCODER == "nic-mtl-v1"
-    assert enc.weights_sha256 == sha256(weights_dir() / "nic-mtl-v1.safetensors")
+    assert enc.spec.name == DEFAULT_ENCODER == "nic-mtl-v3-no-monuseg-fast"
+    assert enc.weights_sha256 == sha256(weights_dir() / "nic-mtl-v3-no-monuseg-fast.safetensors")
+    assert licence_line(enc.spec.licence, enc.spec.commercial).endswith("commercial use: yes")  # issue 22
     for name in H5:
         s = get_spec(name)
         assert (s.patch_size, s.stride, s.mpp, s.code_dim, s.normalisation) == (128, 128, 0.5, 128, "nic")

@@ -14,6 +14,9 @@ def test_the_shipped_cards_say_non_commercial_where_their_weights_are():
         "nic-mtl-v1": "MIT AND CC-BY-NC-SA-4.0 · non-commercial use only · commercial use: no",
         "nic-mtl-v2": "MIT AND CC-BY-NC-SA-4.0 · non-commercial use only · commercial use: no",
         "nic-mtl-v2-no-monuseg": "MIT · commercial use: yes",  # its note says "no non-commercial data"
+        "nic-mtl-v3": "Apache-2.0 AND CC-BY-NC-SA-4.0 · non-commercial use only · commercial use: no",
+        "nic-mtl-v3-no-monuseg": "Apache-2.0 · commercial use: yes",
+        "nic-mtl-v3-no-monuseg-fast": "Apache-2.0 AND MIT · commercial use: yes",  # the default `nic`
         "nic-mtl4-tellez2020": "MIT · commercial use: yes",
         "efficientnet-lite0-imagenet": "Apache-2.0 · commercial use: yes",
     }.items():
@@ -56,5 +59,8 @@ def test_the_docs_name_the_real_default_and_the_clean_encoders():
     assert f"EncoderSpec(name='{DEFAULT_ENCODER}'" in models_doc
     licence = (root / "README.md").read_text().split("## Licence", 1)[1]
     assert "nic-mtl-v2-no-monuseg" in licence and "efficientnet-lite0-imagenet" in licence
-    assert "MIT AND CC-BY-NC-SA-4.0" in licence and 'license = "MIT AND CC-BY-NC-SA-4.0"' in (
-        root / "pyproject.toml").read_text()
+    assert f"`{DEFAULT_ENCODER}` (the default `nic`)" in licence
+    expression = "MIT AND Apache-2.0 AND CC-BY-NC-SA-4.0"  # code, the v3 weights, the MoNuSeg-trained weights
+    assert expression in licence and f'license = "{expression}"' in (root / "pyproject.toml").read_text()
+    assert (root / "models" / "weights" / "LICENSE-efficientnet-lite0-imagenet").read_text().count(
+        "Apache License") >= 2

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from distributed import Client
 
+from nic_models.registry import DEFAULT_ENCODER
 from nic_pipeline.runtime import warm
 from nic_pipeline.synth import write_synthetic_slide
 
@@ -111,7 +112,7 @@ def test_start_status_two_compressions_on_the_same_workers_then_stop(cluster_env
     assert after_second == after_first  # the same processes, and no encoder loaded again
     assert all(loads == 1 for _, loads in after_second.values())
     status = json.loads(nic(env, "cluster", "status", "--json").stdout)
-    assert [w["encoders"][0].split(" (")[0] for w in status["workers"].values()] == ["nic-mtl-v1"] * 2
+    assert [w["encoders"][0].split(" (")[0] for w in status["workers"].values()] == [DEFAULT_ENCODER] * 2
 
     stopped = nic(env, "cluster", "stop")
     assert stopped.returncode == 0 and f"stopped {record['address']}" in stopped.stdout
