@@ -313,7 +313,8 @@ def plot(results: dict, path: Path = FIGURE, probes: dict | None = None) -> None
         ax = axes[0][-1]
         for size in sorted({r["size"] for r in counted}):
             sub = [r for r in counted if r["size"] == size]
-            draw_cohorts(ax, sub, lambda r: r["slides"], True, markers[(min(r["slides"] for r in sub), size, CELL_PX, "nic")])
+            first = (min(r["slides"] for r in sub), size, CELL_PX, "nic")
+            draw_cohorts(ax, sub, lambda r: r["slides"], True, markers[first])
         ax.set_xscale("log", base=2)
         counts = sorted({r["slides"] for r in counted})
         ax.set_xticks(counts, [str(n) for n in counts])
