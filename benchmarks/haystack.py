@@ -28,6 +28,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from nic_models.registry import get_spec
 from nic_models.slide_models import get_slide_model_spec, list_slide_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,7 +209,8 @@ def run_cohort(cohort: Cohort, work: Path, client, models=MODELS, folds: int = F
     entry = load_results(work).get(cohort.name, {})
     if "sizes" not in entry:
         entry.update(cohort=asdict(cohort), sizes=cohort_sizes(slides_dir, store), models={},
-                     synth_s=round(t1 - t0, 1), compress_s=round(t2 - t1, 1), store_mb=round(store_mb(store), 1))
+                     synth_s=round(t1 - t0, 1), compress_s=round(t2 - t1, 1), store_mb=round(store_mb(store), 1),
+                     encoder_resolved=get_spec(cohort.encoder).name)  # "nic" names whatever the default is
     for model in todo:
         t = time.time()
         metrics = train_cohort(store, labels, base / "runs" / model, model=VARIANTS.get(model, (model,))[0],
