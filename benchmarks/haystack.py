@@ -30,6 +30,7 @@ import numpy as np
 
 from nic_models.registry import get_spec
 from nic_models.slide_models import get_slide_model_spec, list_slide_models
+from nic_pipeline.synth.tiles import TRAIN_SPLIT
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "haystack.md"
@@ -49,8 +50,8 @@ KATHER = DATA / "tiles" / "kather2016_samples"
 PCAM = DATA / "pcam"
 # texture name -> (nic synth --texture, --tile-labels, --tile-split); "pcam-valid" draws PCam's
 # validation patches, which encoders trained on PCam train (nic-mtl-v2, v3) never saw
-TEXTURES = {"synthetic": ("synthetic", None, None), "kather2016": (f"tiles:{KATHER}", None, None),
-            "pcam": (f"tiles:{PCAM}", PCAM / "labels.csv", None),
+TEXTURES = {"synthetic": ("synthetic", None, TRAIN_SPLIT), "kather2016": (f"tiles:{KATHER}", None, TRAIN_SPLIT),
+            "pcam": (f"tiles:{PCAM}", PCAM / "labels.csv", TRAIN_SPLIT),
             "pcam-valid": (f"tiles:{PCAM}", PCAM / "labels.csv", "valid")}
 # nic-cnn on a shared CPU: the defaults (crop 128, width 128, 2000 steps) cost ~25 min per fold,
 # so the study uses a shortened, narrower schedule (stated in docs/haystack.md); the crop is the
@@ -150,10 +151,9 @@ def synthesize(cohort: Cohort, slides_dir: Path) -> Path:
     labels = slides_dir / "labels.csv"
     if not labels.exists():
         texture, tile_labels, tile_split = TEXTURES[cohort.texture]
-        spec = CohortSpec(**({"tile_split": tile_split} if tile_split else {}),
-                          n_slides=cohort.slides, width=cohort.size, height=cohort.size, mpp=0.5,
+        spec = CohortSpec(n_slides=cohort.slides, width=cohort.size, height=cohort.size, mpp=0.5,
                           lesion_fraction=cohort.fraction, positive_fraction=0.5, seed=cohort.seed,
-                          texture=texture, tile_labels=tile_labels)
+                          texture=texture, tile_labels=tile_labels, tile_split=tile_split)
         write_cohort(slides_dir, spec)
     return labels
 

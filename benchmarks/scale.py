@@ -162,7 +162,7 @@ def measured_run(jobs, store: Path, client) -> dict:
         "scheduler_thread_cpu": sched1["thread"] - sched0["thread"],
         "scheduler_process_cpu": sched1["process"] - sched0["process"],
         "scheduler_separate": sched0["pid"] != os.getpid(),
-        "client_peak_mb": max([s[1] for s in rss.samples] + [rss_before / 2**20]), "client_rss_before_mb": rss_before / 2**20,
+        "client_peak_mb": max(rss.peak_mb, rss_before / 2**20), "client_rss_before_mb": rss_before / 2**20,
         "failed": [(s.slide_id, s.error) for s in report.failed][:3],
     }
 

@@ -131,6 +131,11 @@ class RssSeries:
         while not self._stop.wait(self.interval):
             self._sample()
 
+    @property
+    def peak_mb(self) -> float:
+        """The highest RSS sampled, MB (0 before the first sample)."""
+        return max((mb for _, mb, _ in self.samples), default=0.0)
+
     def __enter__(self):
         self._thread.start()
         return self
